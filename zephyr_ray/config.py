@@ -1,0 +1,385 @@
+"""The recipe: one YAML file, one typed section per stage, validated at load.
+
+Errors name the file, the line and the key path (``tiny-cpu.yaml:12: train_dpo.beta: ...``), one line per problem,
+so a user fixes every mistake in one pass. Defaults are the Zephyr paper's settings where the paper states them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Field(gt=0)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSource(_Section):
+    """Where a stage reads rows from: a hub dataset id, a local JSONL/Parquet file or directory."""
+
+    path: str
+    split: str = "train"
+    name: str | None = Field(default=None, description="the hub dataset's configuration name")
+    limit: int | None = Field(default=None, gt=0, description="read only the first N rows (smoke runs)")
+
+
+class Sampling(_Section):
+    """vLLM sampling parameters for one generator."""
+
+    temperature: float = Field(default=0.7, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=512, gt=0)
+    seed: int | None = None
+
+
+class Engine(_Section):
+    """A model served by vLLM inside a Ray Data or Ray Serve replica."""
+
+    model: str = Field(description="hub id or local model directory")
+    max_model_len: int = Field(default=4096, gt=0)
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=64, gt=0, description="rows per Ray Data batch sent to one engine")
+    concurrency: int = Field(default=1, gt=0, description="number of engine replicas")
+    trust_remote_code: bool = Field(default=False, description="run code shipped with the model: only if you trust it")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM as they are")
+
+
+class Hardware(_Section):
+    """What the recipe runs on; ``engines.py`` turns this into vLLM kwargs, placement bundles and DeepSpeed configs."""
+
+    accelerator: Literal["cpu", "gpu"] = "gpu"
+    num_workers: int = Field(default=16, gt=0, description="Ray Train workers (one per GPU)")
+    cpus_per_worker: int = Field(default=1, gt=0)
+
+
+class Training(_Section):
+    """What dSFT and dDPO share. ``global_batch_size`` is the unit; per-device batch and accumulation are derived."""
+
+    model: str | None = Field(default=None, description="model to train; by default the previous stage's output")
+    learning_rate: float = Field(gt=0.0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    global_batch_size: int = Field(gt=0)
+    max_per_device_batch_size: int = Field(default=8, gt=0, description="largest micro batch one worker runs")
+    num_epochs: float = Field(default=1.0, gt=0.0)
+    max_length: int = Field(default=2048, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    trl_args: dict[str, Any] = Field(
+        default_factory=dict, description="further fields of TRL's SFTConfig/DPOConfig, passed through as they are"
+    )
+
+
+class Lora(_Section):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class SynthesizeConfig(_Section):
+    """UltraChat-style self-chat: the teacher answers, a user simulator writes the next user turn."""
+
+    seeds: DatasetSource | None = Field(default=None, description="seed prompts; omit to use `dataset` as it is")
+    dataset: DatasetSource | None = Field(default=None, description="an existing dialogue set instead of synthesis")
+    teacher: Engine | None = None
+    user_simulator: Engine | None = Field(default=None, description="defaults to the teacher")
+    num_turns: int = Field(default=3, gt=0)
+    sampling: Sampling = Sampling()
+    min_chars: int = Field(default=1, ge=0)
+    max_chars: int = Field(default=32000, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SynthesizeConfig:
+        if self.dataset is None and (self.seeds is None or self.teacher is None):
+            raise ValueError("give either `dataset`, or `seeds` and `teacher`")
+        if self.min_chars >= self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must be below max_chars ({self.max_chars})")
+        return self
+
+
+class TrainSFTConfig(Training):
+    """dSFT with TRL's SFTTrainer."""
+
+    packing: bool = True
+    assistant_only_loss: bool = False
+    lora: Lora | None = None
+
+
+class PoolModel(_Section):
+    name: str
+    engine: Engine
+    sampling: Sampling = Sampling()
+
+
+class CompleteConfig(_Section):
+    """Every prompt gets one completion from each model of the pool."""
+
+    prompts: DatasetSource | None = None
+    models: list[PoolModel] = Field(default_factory=list)
+    principles: bool = Field(default=True, description="draw an UltraFeedback principle system prompt per completion")
+    seed: int = 0
+
+    @field_validator("models")
+    @classmethod
+    def _pool(cls, models: list[PoolModel]) -> list[PoolModel]:
+        if models and len(models) < 2:
+            raise ValueError(f"the pool needs at least 2 models to compare, got {len(models)}")
+        names = [m.name for m in models]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"pool model names must be unique, repeated: {duplicated}")
+        return models
+
+
+class Endpoint(_Section):
+    """An OpenAI-compatible endpoint (GPT-4-class judges). The key is read from the environment, never stored."""
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    qps: float = Field(default=2.0, gt=0.0)
+    max_retries: int = Field(default=3, ge=0)
+
+
+class JudgeConfig(_Section):
+    kind: Literal["rubric", "logprob", "reward_model", "openai"] = "rubric"
+    engine: Engine | None = None
+    endpoint: Endpoint | None = None
+    sampling: Sampling = Sampling(temperature=0.0, max_tokens=512)
+
+    @model_validator(mode="after")
+    def _backend(self) -> JudgeConfig:
+        if self.kind == "openai" and self.endpoint is None:
+            raise ValueError("kind 'openai' needs an `endpoint`")
+        if self.kind != "openai" and self.engine is None:
+            raise ValueError(f"kind '{self.kind}' needs an `engine`")
+        return self
+
+
+class BinarizeConfig(_Section):
+    score: Literal["overall", "mean_aspects"] = Field(
+        default="mean_aspects", description="the paper ranks by the mean of the aspects; the released set by overall"
+    )
+    rejected: Literal["random", "lowest"] = "random"
+    min_completions: int = Field(default=2, ge=2)
+    seed: int = 42
+
+
+class TrainDPOConfig(Training):
+    """dDPO with TRL's DPOTrainer; the dSFT model is the frozen reference."""
+
+    beta: float = Field(default=0.1, gt=0.0)
+    loss_type: str = "sigmoid"
+    max_prompt_length: int = Field(default=1024, gt=0)
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> TrainDPOConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
+            )
+        return self
+
+
+class EvaluateConfig(_Section):
+    questions: DatasetSource | None = None
+    judge: JudgeConfig | None = None
+    baseline: str | None = Field(default=None, description="model or output set for the pairwise win rate")
+
+
+class ServeConfig(_Section):
+    model: str | None = Field(default=None, description="model directory; by default the recipe's final model")
+    model_id: str = "zephyr"
+    max_model_len: int = Field(default=4096, gt=0)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, gt=0)
+    target_ongoing_requests: int = Field(default=16, gt=0)
+    api_key_env: str = "ZEPHYR_RAY_API_KEY"
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class Recipe(_Section):
+    """A whole Zephyr-style run: what to train, on what, with which settings."""
+
+    name: str
+    description: str = ""
+    hardware: Hardware = Hardware()
+    synthesize: SynthesizeConfig | None = None
+    train_sft: TrainSFTConfig | None = None
+    complete: CompleteConfig | None = None
+    judge: JudgeConfig | None = None
+    binarize: BinarizeConfig | None = None
+    train_dpo: TrainDPOConfig | None = None
+    evaluate: EvaluateConfig | None = None
+    serve: ServeConfig | None = None
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> Recipe:
+        problems = batch_problems(self.model_dump())
+        if problems:
+            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+        return self
+
+
+def batch_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, message) for each training stage whose global batch cannot be split over the workers.
+
+    Works on raw recipe data too, so this check still reports when other keys of the recipe are invalid.
+    """
+    hardware = data.get("hardware") or {}
+    workers = hardware.get("num_workers", Hardware().num_workers) if isinstance(hardware, dict) else None
+    problems = []
+    for stage in ("train_sft", "train_dpo"):
+        section = data.get(stage)
+        if not isinstance(section, dict):
+            continue
+        sizes = (section.get("global_batch_size"), workers, section.get("max_per_device_batch_size", 8))
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+            continue  # reported as a field error
+        try:
+            derive_batch(*sizes)
+        except ValueError as err:
+            problems.append((f"{stage}.global_batch_size", str(err)))
+    return problems
+
+
+def derive_batch(global_batch_size: int, num_workers: int, max_per_device: int) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation steps) such that per_device * accumulation * workers == global.
+
+    The per-device batch is the largest divisor of the per-worker share that fits ``max_per_device``, so a recipe
+    means the same optimisation on 2 CPU workers and on 16 GPUs.
+    """
+    if num_workers <= 0 or global_batch_size <= 0 or max_per_device <= 0:
+        raise ValueError("batch sizes and worker count must be positive")
+    if global_batch_size % num_workers:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} does not divide over {num_workers} workers; "
+            f"use a multiple of {num_workers}"
+        )
+    per_worker = global_batch_size // num_workers
+    per_device = max(d for d in range(1, min(per_worker, max_per_device) + 1) if per_worker % d == 0)
+    return per_device, per_worker // per_device
+
+
+class RecipeError(ValueError):
+    """A recipe that does not load; ``problems`` holds one ``file:line: key.path: message`` line per mistake."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _key_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Map every key path in a YAML document to its 1-based line, to point errors at the right place."""
+    lines = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            lines[path + (key.value,)] = key.start_mark.line + 1
+            lines.update({k: v for k, v in _key_lines(value, path + (key.value,)).items() if k != path + (key.value,)})
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_key_lines(item, path + (i,)))
+    return lines
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # pydantic adds the model validator's name or the union member's type to ``loc``; keep real keys only
+    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or p.startswith("function-"))))
+
+
+def _line_of(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    loc = _clean_loc(loc)
+    return next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+
+
+def _format_error(file: str, error: dict[str, Any], lines: dict[tuple, int]) -> str:
+    loc = _clean_loc(tuple(error["loc"]))
+    line = _line_of(loc, lines)
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] not in ("missing",) and "input" in error and not isinstance(error["input"], (dict, list)):
+        message += f" (got {error['input']!r})"
+    where = f"{file}:{line}" if line else file
+    return f"{where}: {key}: {message}"
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML; raises ``RecipeError`` listing every problem, each naming file and key."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([f"{file}: no such file"]) from None
+    except UnicodeDecodeError as err:
+        raise RecipeError([f"{file}: not UTF-8 text ({err.reason} at byte {err.start})"]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else file
+        raise RecipeError([f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError([f"{file}: a recipe is a mapping of sections, got {type(data).__name__}"])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        lines = _key_lines(node) if node is not None else {}
+        errors = [e for e in err.errors() if e["type"] != "value_error" or e["loc"]]  # whole-recipe checks: below
+        problems = [(_line_of(e["loc"], lines), _format_error(file, e, lines)) for e in errors]
+        for key, message in batch_problems(data):
+            path = tuple(key.split("."))
+            problems.append((_line_of(path, lines), _format_error(file, {"loc": path, "msg": message,
+                                                                          "type": "value_error"}, lines)))
+        raise RecipeError([text for _, text in sorted(problems, key=lambda p: p[0] or 0)]) from None
+
+
+def _walk(value: Any, path: tuple = ()):
+    """Yield (key path, value) for every leaf and section of a recipe."""
+    yield path, value
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _walk(getattr(value, name), path + (name,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _walk(item, path + (i,))
+
+
+def check_recipe_paths(recipe: Recipe, file: str) -> tuple[list[str], list[str]]:
+    """Check every dataset and model a recipe names: (problems, notes). Hub ids are noted, not fetched."""
+    from .data import is_hub_id
+    from .engines import check_model_dir
+
+    problems: list[str] = []
+    notes: list[str] = []
+    for path, value in _walk(recipe):
+        key = ".".join(str(p) for p in path)
+        if isinstance(value, DatasetSource):
+            target, kind = value.path, "dataset"
+        elif isinstance(value, (Engine, Training, ServeConfig)) and getattr(value, "model", None):
+            target, kind = value.model, "model"
+        else:
+            continue
+        if is_hub_id(target):
+            notes.append(f"{key}: {kind} {target} is a hub id (fetched when the stage runs)")
+        elif kind == "dataset":
+            if not Path(target).expanduser().exists():
+                problems.append(f"{file}: {key}.path: no such file or directory: {target}")
+        else:
+            problems += [f"{file}: {key}.model: {p}" for p in check_model_dir(target)]
+    return problems, notes

@@ -1,0 +1,516 @@
+"""Dataset contracts, readers, validation with rejects, and atomic Parquet writers.
+
+Rows travel between stages as Parquet in the schemas the community already uses (``ultrachat_200k`` for dialogues,
+``ultrafeedback_binarized`` for preferences), so every output loads with ``datasets`` and drops into TRL.
+
+Reading keeps every input row as raw JSON text with its origin (file and row number) until validation, so a row
+of the wrong type, a line that is not JSON or not UTF-8 never breaks the read: it becomes a reject with a reason.
+Counts always add up: rows in = accepted + rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import types
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+SUCCESS_MARKER = "_SUCCESS"
+DEFAULT_MAX_CHARS = 100_000
+RAW_PREVIEW_CHARS = 2_000
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def prompt_id_of(prompt: str) -> str:
+    """The ``prompt_id`` of ``ultrachat_200k`` / ``ultrafeedback_binarized``: sha256 of the prompt text."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contracts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_text(value: str, what: str, max_chars: int = DEFAULT_MAX_CHARS) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} is empty")
+    if len(value) > max_chars:
+        raise ValueError(f"{what} has {len(value)} characters, over the limit of {max_chars}")
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (lone surrogate)") from None
+    return value
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str) -> str:
+        return _check_text(value, "content")
+
+
+def _check_conversation(messages: list[Message], what: str, ends_with_assistant: bool) -> None:
+    """Zephyr's shape: an optional leading system message, then user and assistant turns alternating."""
+    turns = messages[1:] if messages and messages[0].role == "system" else messages
+    if not turns:
+        raise ValueError(f"{what} has no user or assistant turn")
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.role != expected:
+            position = i + (len(messages) - len(turns))
+            raise ValueError(f"{what}[{position}] has role '{message.role}', expected '{expected}'")
+    if ends_with_assistant and turns[-1].role != "assistant":
+        raise ValueError(f"{what} must end with an assistant turn")
+
+
+class Row(BaseModel):
+    """A row contract. ``derived`` fields may be absent in the input and are filled in by ``_derive``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    derived: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def arrow_schema(cls) -> pa.Schema:
+        return pa.schema([pa.field(name, _arrow_type(info.annotation)) for name, info in cls.model_fields.items()])
+
+
+class DialogueRow(Row):
+    """One dSFT dialogue, as in ``HuggingFaceH4/ultrachat_200k``."""
+
+    derived: ClassVar[tuple[str, ...]] = ("prompt", "prompt_id")
+    prompt: str
+    prompt_id: str
+    messages: list[Message]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, row: Any) -> Any:
+        if isinstance(row, dict) and isinstance(row.get("messages"), list):
+            first_user = next((m.get("content") for m in row["messages"] if isinstance(m, dict)
+                               and m.get("role") == "user"), None)
+            if "prompt" not in row and isinstance(first_user, str):
+                row = {**row, "prompt": first_user}
+        if isinstance(row, dict) and "prompt_id" not in row and isinstance(row.get("prompt"), str):
+            row = {**row, "prompt_id": prompt_id_of(row["prompt"])}
+        return row
+
+    @model_validator(mode="after")
+    def _shape(self) -> DialogueRow:
+        _check_text(self.prompt, "prompt")
+        _check_conversation(self.messages, "messages", ends_with_assistant=True)
+        return self
+
+
+class PromptRow(Row):
+    """A prompt for synthesis, completion or evaluation: ``prompt`` text (``prompt_id`` derived when missing)."""
+
+    derived: ClassVar[tuple[str, ...]] = ("prompt_id",)
+    prompt: str
+    prompt_id: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, row: Any) -> Any:
+        if isinstance(row, dict) and "prompt_id" not in row and isinstance(row.get("prompt"), str):
+            row = {**row, "prompt_id": prompt_id_of(row["prompt"])}
+        return row
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        return _check_text(value, "prompt")
+
+
+class CompletionRow(Row):
+    """One completion of one prompt by one pool model, with its lineage."""
+
+    prompt: str
+    prompt_id: str
+    model: str
+    messages: list[Message]
+    completion: str
+    sampling_params: str  # JSON: exactly what vLLM was given
+    principle: str | None = None
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finish_reason: str
+
+    @model_validator(mode="after")
+    def _shape(self) -> CompletionRow:
+        _check_conversation(self.messages, "messages", ends_with_assistant=False)
+        return self
+
+
+class JudgmentRow(CompletionRow):
+    """A completion with the judge's scores; a judgment that failed keeps ``judge_error`` instead of scores."""
+
+    judge: str
+    instruction_following: float | None = None
+    honesty: float | None = None
+    truthfulness: float | None = None
+    helpfulness: float | None = None
+    overall: float | None = None
+    rationale: str | None = None
+    raw_judgment: str | None = None
+    judge_error: str | None = None
+
+
+class PreferenceRow(Row):
+    """A preference triple, as in ``HuggingFaceH4/ultrafeedback_binarized`` (plus lineage)."""
+
+    derived: ClassVar[tuple[str, ...]] = ("prompt_id", "messages")
+    prompt: str
+    prompt_id: str
+    chosen: list[Message]
+    rejected: list[Message]
+    messages: list[Message]
+    score_chosen: float
+    score_rejected: float
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, row: Any) -> Any:
+        if isinstance(row, dict):
+            if "prompt_id" not in row and isinstance(row.get("prompt"), str):
+                row = {**row, "prompt_id": prompt_id_of(row["prompt"])}
+            if "messages" not in row and "chosen" in row:
+                row = {**row, "messages": row["chosen"]}
+            for key in ("score_chosen", "score_rejected"):
+                if isinstance(row.get(key), int) and not isinstance(row.get(key), bool):
+                    row = {**row, key: float(row[key])}
+        return row
+
+    @model_validator(mode="after")
+    def _shape(self) -> PreferenceRow:
+        _check_text(self.prompt, "prompt")
+        _check_conversation(self.chosen, "chosen", ends_with_assistant=True)
+        _check_conversation(self.rejected, "rejected", ends_with_assistant=True)
+        if self.chosen[:-1] != self.rejected[:-1]:
+            raise ValueError("chosen and rejected must share the same prompt turns")
+        for name in ("score_chosen", "score_rejected"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} is not a finite number")
+        return self
+
+
+CONTRACTS: dict[str, type[Row]] = {
+    "prompt": PromptRow,
+    "dialogue": DialogueRow,
+    "completion": CompletionRow,
+    "judgment": JudgmentRow,
+    "preference": PreferenceRow,
+}
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
+        return _arrow_type(inner)
+    if origin is list:
+        return pa.list_(_arrow_type(get_args(annotation)[0]))
+    if origin is Literal:
+        return pa.string()
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return pa.struct([pa.field(n, _arrow_type(f.annotation)) for n, f in annotation.model_fields.items()])
+    return {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}[annotation]
+
+
+REJECT_SCHEMA = pa.schema(
+    [("source", pa.string()), ("row", pa.int64()), ("field", pa.string()), ("reason", pa.string()),
+     ("raw", pa.string())]
+)
+
+
+def check_row(raw: str | None, decode_error: str | None, contract: type[Row]) -> tuple[dict | None, dict | None]:
+    """Validate one raw row: (accepted row, None) or (None, reject with field and reason)."""
+    if decode_error is not None:
+        return None, {"field": None, "reason": decode_error}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        return None, {"field": None, "reason": f"not valid JSON: {err.msg} at column {err.colno}"}
+    if not isinstance(data, dict):
+        return None, {"field": None, "reason": f"a row must be a JSON object, got {type(data).__name__}"}
+    try:
+        return contract.model_validate(data).model_dump(), None
+    except ValidationError as err:
+        errors = err.errors()
+        # a derived field (prompt_id, ...) goes missing because of another problem: report that problem
+        errors = [e for e in errors if not (e["type"] == "missing" and e["loc"][0] in contract.derived)] or errors
+        first = errors[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        reason = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "missing":
+            reason = "missing field"
+        elif first["type"] not in ("value_error",) and not isinstance(first.get("input"), (dict, list)):
+            reason += f" (got {_preview(first.get('input'), 80)})"
+        more = len(errors) - 1
+        return None, {"field": loc or None, "reason": reason + (f" (+{more} more problems)" if more else "")}
+
+
+def _preview(value: Any, limit: int = RAW_PREVIEW_CHARS) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers: every source becomes rows of (_source, _row, _raw, _decode_error)
+# ---------------------------------------------------------------------------------------------------------------
+
+RAW_SCHEMA = pa.schema([("_source", pa.string()), ("_row", pa.int64()), ("_raw", pa.string()),
+                        ("_decode_error", pa.string())])
+
+
+def is_hub_id(path: str) -> bool:
+    """``owner/name`` that is not a local path and not a data file: a dataset or model id on the Hugging Face hub."""
+    return (
+        not path.startswith((".", "/", "~"))
+        and not Path(path).exists()
+        and bool(_HUB_ID.match(path))
+        and not path.endswith(_DATA_SUFFIXES)
+    )
+
+
+def _local_files(path: Path) -> tuple[str, list[Path]]:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _DATA_SUFFIXES
+                       and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+    kinds = {"parquet" if p.suffix == ".parquet" else "jsonl" for p in files}
+    if not files:
+        raise FileNotFoundError(f"{path}: no .jsonl, .json or .parquet files")
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: mixes JSONL and Parquet files; point at one kind")
+    return kinds.pop(), files
+
+
+def _jsonl_rows(batch: dict[str, Any]) -> Any:
+    """Split JSONL files into raw rows, line by line: a line that is not UTF-8 becomes a decode error, not a crash."""
+    for file, data in zip(batch["path"], batch["bytes"]):
+        rows = []
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, line.decode("utf-8"), None))
+            except UnicodeDecodeError as err:
+                rows.append((number, line.decode("utf-8", "backslashreplace"), f"not valid UTF-8 ({err.reason} at byte {err.start} of the line)"))
+        yield _raw_table(file, rows)
+
+
+def _parquet_rows(batch: dict[str, Any]) -> Any:
+    import pyarrow.parquet as pq
+
+    for file in batch["path"]:
+        number = 0
+        for record_batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
+            rows = []
+            for row in record_batch.to_pylist():
+                number += 1
+                rows.append((number, json.dumps(row, default=_json_default, ensure_ascii=False), None))
+            yield _raw_table(file, rows)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"__binary__": len(value)}  # binary where text belongs: the contract rejects it by field
+    return str(value)
+
+
+def _raw_table(source: str, rows: list[tuple[int, str | None, str | None]]) -> pa.Table:
+    return pa.table(
+        {"_source": [source] * len(rows), "_row": [r[0] for r in rows], "_raw": [r[1] for r in rows],
+         "_decode_error": [r[2] for r in rows]},
+        schema=RAW_SCHEMA,
+    )
+
+
+def read_raw(path: str, split: str = "train", name: str | None = None, limit: int | None = None) -> Any:
+    """Read a hub dataset id, a local JSONL/Parquet file or a directory of them into a Ray dataset of raw rows."""
+    import ray.data
+
+    local = Path(path).expanduser()
+    if is_hub_id(path) or _is_hub_layout(local):
+        return _read_hub(path, split, name, limit)
+    if not local.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    kind, files = _local_files(local)
+    if kind == "jsonl":
+        ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True).map_batches(
+            _jsonl_rows, batch_size=1, batch_format="numpy")
+    else:
+        ds = ray.data.from_items([{"path": str(f)} for f in files]).map_batches(
+            _parquet_rows, batch_size=1, batch_format="numpy")
+    return ds.limit(limit) if limit else ds
+
+
+def _is_hub_layout(path: Path) -> bool:
+    """A local copy of a hub dataset (``README.md`` with split config, or ``data/<split>-*.parquet``)."""
+    return path.is_dir() and ((path / "data").is_dir() or (path / "README.md").is_file())
+
+
+def _read_hub(path: str, split: str, name: str | None, limit: int | None) -> Any:
+    """A dataset on the hub (or a local copy in the hub's layout) through ``datasets.load_dataset``."""
+    import datasets
+    import ray.data
+
+    hf = datasets.load_dataset(path, name, split=f"{split}[:{limit}]" if limit else split)
+    source = f"{path}:{split}"
+    hf = hf.map(
+        lambda row, index: {"_source": source, "_row": index + 1,
+                            "_raw": json.dumps(row, default=_json_default, ensure_ascii=False), "_decode_error": None},
+        with_indices=True, remove_columns=hf.column_names,
+        features=datasets.Features.from_arrow_schema(RAW_SCHEMA),
+    )
+    return ray.data.from_huggingface(hf)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ValidationReport:
+    """What happened to the input: every row is either accepted or rejected with a reason."""
+
+    source: str
+    total: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "total": self.total, "accepted": self.accepted, "rejected": self.rejected,
+                "reasons": dict(self.reasons.most_common())}
+
+
+@dataclass
+class Validated:
+    accepted: Any  # ray.data.Dataset with the contract's columns
+    rejected: Any  # ray.data.Dataset with REJECT_SCHEMA columns
+    report: ValidationReport
+
+
+def _checked_schema(contract: type[Row]) -> pa.Schema:
+    return pa.schema(list(contract.arrow_schema()) + list(REJECT_SCHEMA))
+
+
+def _check_batch(batch: pa.Table, contract: type[Row]) -> pa.Table:
+    out = []
+    for row in batch.to_pylist():
+        accepted, reject = check_row(row["_raw"], row["_decode_error"], contract)
+        if accepted is not None:
+            out.append({**accepted, "source": row["_source"], "row": row["_row"]})
+        else:
+            out.append({**reject, "source": row["_source"], "row": row["_row"],
+                        "raw": None if row["_raw"] is None else _preview(row["_raw"])})
+    return pa.Table.from_pylist(out, schema=_checked_schema(contract))
+
+
+def validate(raw: Any, contract: type[Row], source: str) -> Validated:
+    """Check raw rows against a contract; accepted and rejected rows come back as two Ray datasets plus counts."""
+    import pyarrow.compute as pc
+
+    checked = raw.map_batches(_check_batch, fn_kwargs={"contract": contract}, batch_format="pyarrow").materialize()
+    columns = contract.arrow_schema().names
+    accepted = checked.map_batches(
+        lambda t: t.filter(pc.is_null(t["reason"])).select(columns), batch_format="pyarrow")
+    rejected = checked.map_batches(
+        lambda t: t.filter(pc.is_valid(t["reason"])).select(REJECT_SCHEMA.names), batch_format="pyarrow")
+    report = ValidationReport(source=source)
+    for batch in checked.select_columns(["reason"]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        for reason in batch["reason"].to_pylist():
+            report.total += 1
+            if reason is None:
+                report.accepted += 1
+            else:
+                report.rejected += 1
+                report.reasons[reason] += 1
+    logger.info("%s: %d rows, %d accepted, %d rejected", source, report.total, report.accepted, report.rejected)
+    return Validated(accepted, rejected, report)
+
+
+def load(path: str, contract: type[Row] | str, split: str = "train", name: str | None = None,
+         limit: int | None = None) -> Validated:
+    """Read ``path`` (hub id, JSONL, Parquet) and validate it against ``contract``."""
+    contract = CONTRACTS[contract] if isinstance(contract, str) else contract
+    return validate(read_raw(path, split=split, name=name, limit=limit), contract, source=path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    """True when ``out_dir`` was written to the end by ``write_parquet_atomic`` (a re-run can skip it)."""
+    return (Path(out_dir) / SUCCESS_MARKER).is_file()
+
+
+def write_parquet_atomic(ds: Any, out_dir: str | Path, schema: pa.Schema | None = None) -> int:
+    """Write a Ray dataset as a Parquet directory: into a temporary sibling, then renamed into place.
+
+    A crash leaves at most a ``.tmp-*`` directory that the next run clears, never a half-written output. The
+    ``_SUCCESS`` marker holds the row count. An empty dataset still yields one Parquet file with ``schema``,
+    so the next stage reads zero rows rather than failing to find files.
+    """
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    ds.write_parquet(str(tmp))
+    files = sorted(tmp.glob("*.parquet"))
+    if not files:
+        tmp.mkdir(parents=True, exist_ok=True)
+        if schema is None:
+            schema = ds.schema().base_schema if ds.schema() is not None else pa.schema([])
+        pq.write_table(schema.empty_table(), tmp / "empty.parquet")
+        rows = 0
+    else:
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    (tmp / SUCCESS_MARKER).write_text(json.dumps({"rows": rows}) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return rows
+
+
+def write_validated(result: Validated, out_dir: str | Path, rejects_dir: str | Path,
+                    contract: type[Row]) -> ValidationReport:
+    """Write accepted rows and rejects side by side, and check that what was written adds up to what was read."""
+    accepted = write_parquet_atomic(result.accepted, out_dir, schema=contract.arrow_schema())
+    rejected = write_parquet_atomic(result.rejected, rejects_dir, schema=REJECT_SCHEMA)
+    report = result.report
+    if (accepted, rejected) != (report.accepted, report.rejected):
+        raise RuntimeError(f"row accounting broke: wrote {accepted}+{rejected}, validated "
+                           f"{report.accepted}+{report.rejected} of {report.total}")
+    return report

@@ -1,0 +1,79 @@
+"""The one place that knows CPU from GPU: vLLM engine kwargs and Ray placement for an ``Engine`` config.
+
+Every other module asks here, so a CPU run and a GPU run share all other lines of code.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import Engine, Hardware
+
+# vLLM's CPU backend reads ``gpu_memory_utilization`` as the fraction of *host RAM* for the KV cache; its default
+# (0.92) cannot be allocated beside everything else on a small machine. 0.3 leaves room for Ray and training.
+CPU_KV_CACHE_FRACTION = 0.3
+
+
+def vllm_engine_kwargs(engine: Engine, hardware: Hardware) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM`` / ``vLLMEngineProcessorConfig.engine_kwargs`` / ``LLMConfig.engine_kwargs``."""
+    kwargs: dict[str, Any] = {
+        "max_model_len": engine.max_model_len,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "trust_remote_code": engine.trust_remote_code,
+        "load_format": "safetensors",  # never unpickle weights
+    }
+    if hardware.accelerator == "cpu":
+        # fp32: the CPU kernels for bf16 need AVX-512; eager: CUDA graphs do not exist here.
+        kwargs.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=CPU_KV_CACHE_FRACTION)
+    else:
+        kwargs.update(dtype="bfloat16")
+    kwargs.update(engine.engine_kwargs)
+    return kwargs
+
+
+def placement_bundles(engine: Engine, hardware: Hardware) -> list[dict[str, float]]:
+    """Ray placement-group bundles for one engine replica: one GPU per tensor-parallel rank, or one CPU."""
+    if hardware.accelerator == "cpu":
+        return [{"CPU": 1}]
+    return [{"GPU": 1, "CPU": 1} for _ in range(engine.tensor_parallel_size)]
+
+
+def prepare_process_env(hardware: Hardware) -> None:
+    """Environment a process needs before importing torch-based libraries for this hardware."""
+    if hardware.accelerator == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def detect_accelerator() -> str:
+    """'gpu' when CUDA is visible to torch, else 'cpu'."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def check_model_dir(path: str) -> list[str]:
+    """Problems that keep a local model directory from loading (empty list = fine). Weights must be safetensors."""
+    from pathlib import Path
+
+    model = Path(path).expanduser()
+    if not model.is_dir():
+        return [f"{path}: no such model directory"]
+    problems = []
+    if not (model / "config.json").is_file():
+        problems.append(f"{path}: no config.json")
+    if not any(model.glob("*.safetensors")):
+        unsafe = sorted(p.name for p in model.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        problems.append(f"{path}: no .safetensors weights" + (f" (pickle weights {unsafe} are not loaded)"
+                                                              if unsafe else ""))
+    if not (model / "tokenizer.json").is_file() and not (model / "tokenizer_config.json").is_file():
+        problems.append(f"{path}: no tokenizer")
+    return problems
+
+
+def local_llm(model: str, hardware: Hardware, max_model_len: int = 2048, **engine_kwargs: Any) -> Any:
+    """An in-process ``vllm.LLM`` for ``model`` on this machine's hardware (used by ``zephyr-ray chat``)."""
+    from vllm import LLM
+
+    engine = Engine(model=model, max_model_len=max_model_len, engine_kwargs=engine_kwargs)
+    return LLM(model=model, **vllm_engine_kwargs(engine, hardware))

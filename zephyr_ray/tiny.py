@@ -1,0 +1,205 @@
+"""Tiny Mistral-architecture models and their tokenizer: the test and demo stand-ins for Mistral-7B and friends.
+
+Everything is built here from text the package ships (``resources/tiny_corpus.jsonl``), with fixed seeds, so a
+machine with no hub access gets the same set of models every time. Sizes follow one rule that vLLM's CPU attention
+imposes: head_dim 64 (it refuses 16).
+
+The roles mirror the Zephyr recipe: a *student* that is only a "base" model (plain text, no chat), a *teacher* and a
+*judge* that learned the chat format, and a pool of *generators* of different sizes and amounts of training, so the
+model pool really produces completions of different quality.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+HEAD_DIM = 64
+MAX_POSITIONS = 512
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """One tiny model: its size, its seed, and how many steps of warm-up training it gets (0 = random weights)."""
+
+    name: str
+    role: str
+    hidden_size: int
+    num_layers: int
+    num_kv_heads: int
+    seed: int
+    train_steps: int
+    train_on: str  # "chat": template-rendered dialogues; "text": plain text, like a base model
+
+    @property
+    def num_heads(self) -> int:
+        return self.hidden_size // HEAD_DIM
+
+
+TINY_MODELS: tuple[TinySpec, ...] = (
+    TinySpec("teacher", "teacher", 192, 2, 1, seed=1, train_steps=60, train_on="chat"),
+    TinySpec("judge", "judge", 128, 2, 1, seed=2, train_steps=60, train_on="chat"),
+    TinySpec("student", "student", 128, 2, 1, seed=3, train_steps=30, train_on="text"),
+    TinySpec("generator-0", "generator", 192, 2, 1, seed=10, train_steps=50, train_on="chat"),
+    TinySpec("generator-1", "generator", 128, 2, 1, seed=11, train_steps=50, train_on="chat"),
+    TinySpec("generator-2", "generator", 128, 1, 1, seed=12, train_steps=20, train_on="chat"),
+    TinySpec("generator-3", "generator", 128, 1, 1, seed=13, train_steps=0, train_on="chat"),
+)
+
+
+def load_corpus() -> list[dict[str, Any]]:
+    """The dialogues the package ships: the tokenizer's training text, the tiny models' warm-up data, demo prompts."""
+    text = resources.files("zephyr_ray.resources").joinpath("tiny_corpus.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def build_tokenizer(vocab_size: int = 1024) -> Any:
+    """Train a byte-level BPE on the shipped corpus and wrap it with the Zephyr chat template, ``</s>`` as EOS and pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .chat import BOS_TOKEN, EOS_TOKEN, ROLE_TOKENS, UNK_TOKEN, ZEPHYR_CHAT_TEMPLATE, render_reference
+
+    corpus = load_corpus()
+    texts = [render_reference(row["messages"]) for row in corpus]
+    texts += [m["content"] for row in corpus for m in row["messages"]]
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[UNK_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        pad_token=EOS_TOKEN,
+        model_max_length=MAX_POSITIONS,
+        chat_template=ZEPHYR_CHAT_TEMPLATE,
+        padding_side="right",
+    )
+    # The role markers are ordinary text in Mistral's tokenizer; one token each keeps tiny contexts short.
+    tokenizer.add_tokens(list(ROLE_TOKENS))
+    return tokenizer
+
+
+def _model_config(spec: TinySpec, tokenizer: Any) -> Any:
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.hidden_size * 2,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=MAX_POSITIONS,
+        sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+
+
+def _training_batch(spec: TinySpec, tokenizer: Any) -> tuple[Any, Any]:
+    """All of the corpus as one padded batch; labels of padding are -100 but every ``</s>`` is a label."""
+    import torch
+
+    corpus = load_corpus()
+    if spec.train_on == "chat":
+        texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in corpus]
+    else:
+        texts = [" ".join(m["content"] for m in row["messages"]) for row in corpus]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(ids)] = torch.tensor(ids)
+    return input_ids, labels
+
+
+def build_model(spec: TinySpec, tokenizer: Any) -> Any:
+    """A seeded random Mistral, warmed up for ``spec.train_steps`` full-batch AdamW steps on the shipped corpus."""
+    import torch
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(spec.seed)
+    model = MistralForCausalLM(_model_config(spec, tokenizer))
+    if spec.train_steps:
+        input_ids, labels = _training_batch(spec, tokenizer)
+        attention_mask = (labels != -100).long()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+        model.train()
+        for _ in range(spec.train_steps):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+        logger.info("%s: %d warm-up steps, final loss %.3f", spec.name, spec.train_steps, loss.item())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overwrite: bool = False) -> dict[str, Path]:
+    """Build the tiny models into ``out_dir/<name>`` (safetensors + tokenizer); returns name -> directory.
+
+    A model whose directory is already complete is kept (re-runs are cheap); each is written to a temporary
+    directory and renamed into place, so an interrupted build never leaves a half model behind.
+    """
+    import shutil
+
+    import torch
+
+    from .chat import check_chat_template
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [s for s in TINY_MODELS if names is None or s.name in names]
+    unknown = set(names or ()) - {s.name for s in TINY_MODELS}
+    if unknown:
+        raise ValueError(f"unknown tiny model(s) {sorted(unknown)}; choose from {[s.name for s in TINY_MODELS]}")
+    tokenizer = build_tokenizer()
+    check_chat_template(tokenizer)
+    built: dict[str, Path] = {}
+    with torch.random.fork_rng():
+        for spec in specs:
+            target = out / spec.name
+            if (target / "model.safetensors").exists() and not overwrite:
+                built[spec.name] = target
+                continue
+            started = time.perf_counter()
+            tmp = out / f".{spec.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model = build_model(spec, tokenizer)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "tiny_spec.json").write_text(json.dumps(spec.__dict__, indent=2) + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+            n_params = sum(p.numel() for p in model.parameters())
+            logger.info("built %s (%s, %.2fM params) in %.1fs", spec.name, spec.role, n_params / 1e6,
+                        time.perf_counter() - started)
+            built[spec.name] = target
+    return built
