@@ -312,6 +312,8 @@ def _format_error(file: str, error: dict[str, Any], lines: dict[tuple, int]) -> 
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
+    elif error["type"] == "missing":
+        message = "missing required key"
     elif error["type"] not in ("missing",) and "input" in error and not isinstance(error["input"], (dict, list)):
         message += f" (got {error['input']!r})"
     where = f"{file}:{line}" if line else file

@@ -31,13 +31,14 @@ logger = logging.getLogger(__name__)
 SUCCESS_MARKER = "_SUCCESS"
 DEFAULT_MAX_CHARS = 100_000
 RAW_PREVIEW_CHARS = 2_000
+HUB_BLOCK_ROWS = 10_000
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def prompt_id_of(prompt: str) -> str:
     """The ``prompt_id`` of ``ultrachat_200k`` / ``ultrafeedback_binarized``: sha256 of the prompt text."""
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+    return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()  # bad text is caught by the contract
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,11 +117,16 @@ class DialogueRow(Row):
             row = {**row, "prompt_id": prompt_id_of(row["prompt"])}
         return row
 
-    @model_validator(mode="after")
-    def _shape(self) -> DialogueRow:
-        _check_text(self.prompt, "prompt")
-        _check_conversation(self.messages, "messages", ends_with_assistant=True)
-        return self
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        return _check_text(value, "prompt")
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, messages: list[Message]) -> list[Message]:
+        _check_conversation(messages, "messages", ends_with_assistant=True)
+        return messages
 
 
 class PromptRow(Row):
@@ -157,10 +163,11 @@ class CompletionRow(Row):
     num_generated_tokens: int
     finish_reason: str
 
-    @model_validator(mode="after")
-    def _shape(self) -> CompletionRow:
-        _check_conversation(self.messages, "messages", ends_with_assistant=False)
-        return self
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, messages: list[Message]) -> list[Message]:
+        _check_conversation(messages, "messages", ends_with_assistant=False)
+        return messages
 
 
 class JudgmentRow(CompletionRow):
@@ -202,16 +209,28 @@ class PreferenceRow(Row):
                     row = {**row, key: float(row[key])}
         return row
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        return _check_text(value, "prompt")
+
+    @field_validator("chosen", "rejected")
+    @classmethod
+    def _conversation(cls, messages: list[Message], info: Any) -> list[Message]:
+        _check_conversation(messages, info.field_name, ends_with_assistant=True)
+        return messages
+
+    @field_validator("score_chosen", "score_rejected")
+    @classmethod
+    def _finite(cls, value: float, info: Any) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"{info.field_name} is not a finite number")
+        return value
+
     @model_validator(mode="after")
-    def _shape(self) -> PreferenceRow:
-        _check_text(self.prompt, "prompt")
-        _check_conversation(self.chosen, "chosen", ends_with_assistant=True)
-        _check_conversation(self.rejected, "rejected", ends_with_assistant=True)
+    def _same_prompt(self) -> PreferenceRow:
         if self.chosen[:-1] != self.rejected[:-1]:
             raise ValueError("chosen and rejected must share the same prompt turns")
-        for name in ("score_chosen", "score_rejected"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} is not a finite number")
         return self
 
 
@@ -258,8 +277,9 @@ def check_row(raw: str | None, decode_error: str | None, contract: type[Row]) ->
         return contract.model_validate(data).model_dump(), None
     except ValidationError as err:
         errors = err.errors()
-        # a derived field (prompt_id, ...) goes missing because of another problem: report that problem
+        # a derived field (prompt, prompt_id) is missing or bad because an input field is: report the input field
         errors = [e for e in errors if not (e["type"] == "missing" and e["loc"][0] in contract.derived)] or errors
+        errors.sort(key=lambda e: bool(e["loc"]) and e["loc"][0] in contract.derived)  # input fields first
         first = errors[0]
         loc = ".".join(str(p) for p in first["loc"])
         reason = first["msg"].removeprefix("Value error, ")
@@ -383,11 +403,16 @@ def _read_hub(path: str, split: str, name: str | None, limit: int | None) -> Any
     source = f"{path}:{split}"
     hf = hf.map(
         lambda row, index: {"_source": source, "_row": index + 1,
-                            "_raw": json.dumps(row, default=_json_default, ensure_ascii=False), "_decode_error": None},
+                            "_raw": json.dumps(dict(row), default=_json_default, ensure_ascii=False),
+                            "_decode_error": None},
         with_indices=True, remove_columns=hf.column_names,
         features=datasets.Features.from_arrow_schema(RAW_SCHEMA),
     )
-    return ray.data.from_huggingface(hf)
+    # ``ray.data.from_huggingface`` first looks the dataset up on the hub (minutes of timeouts offline); the
+    # loaded Arrow table is already here, so hand it over in blocks.
+    table = hf.data.table
+    return ray.data.from_arrow([table.slice(start, HUB_BLOCK_ROWS) for start in range(0, max(len(table), 1),
+                                                                                      HUB_BLOCK_ROWS)])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from zephyr_ray.config import RecipeError, derive_batch, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "jobs" / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    return err.value.problems
+
+
+def test_zephyr_recipe_has_the_paper_settings():
+    recipe = load_recipe(CONFIGS / "zephyr-7b.yaml")
+    sft, dpo = recipe.train_sft, recipe.train_dpo
+    assert recipe.hardware.accelerator == "gpu" and recipe.hardware.num_workers == 16
+    assert sft.model == "mistralai/Mistral-7B-v0.1"
+    assert (sft.learning_rate, sft.lr_scheduler_type, sft.warmup_ratio) == (2e-5, "cosine", 0.1)
+    assert (sft.global_batch_size, sft.num_epochs, sft.max_length, sft.packing) == (512, 1, 2048, True)
+    assert (dpo.learning_rate, dpo.lr_scheduler_type, dpo.warmup_ratio) == (5e-7, "linear", 0.1)
+    assert (dpo.global_batch_size, dpo.beta, dpo.num_epochs) == (32, 0.1, 3)
+    assert sft.zero_stage == dpo.zero_stage == 3 and sft.bf16 and dpo.bf16
+    assert len(recipe.complete.models) == 4 and recipe.binarize.rejected == "random"
+
+
+def test_tiny_recipe_loads_for_cpu():
+    recipe = load_recipe(CONFIGS / "tiny-cpu.yaml")
+    assert recipe.hardware.accelerator == "cpu" and recipe.hardware.num_workers == 2
+    assert not recipe.train_sft.bf16 and len(recipe.complete.models) == 4
+
+
+@pytest.mark.parametrize(
+    "global_batch, workers, max_per_device, expected",
+    [(512, 16, 8, (8, 4)), (32, 16, 2, (2, 1)), (8, 2, 4, (4, 1)), (512, 2, 8, (8, 32)), (48, 2, 5, (4, 6)),
+     (6, 6, 8, (1, 1))],
+)
+def test_global_batch_is_the_unit(global_batch, workers, max_per_device, expected):
+    per_device, accumulation = derive_batch(global_batch, workers, max_per_device)
+    assert (per_device, accumulation) == expected
+    assert per_device * accumulation * workers == global_batch and per_device <= max_per_device
+
+
+def test_batch_that_cannot_divide_fails_early():
+    with pytest.raises(ValueError, match="does not divide over 3 workers"):
+        derive_batch(8, 3, 4)
+
+
+def test_every_problem_is_one_line_with_file_line_and_key(tmp_path):
+    path = write(tmp_path, """\
+        name: broken
+        hardware:
+          num_workers: 0
+        train_sft:
+          learning_rate: -1.0
+          global_batch_size: 8
+          colour: blue
+        train_dpo:
+          learning_rate: 1.0e-6
+          global_batch_size: 8
+          beta: 0
+          max_length: "long"
+        """)
+    found = problems(path)
+    assert found == [
+        f"{path}:3: hardware.num_workers: Input should be greater than 0 (got 0)",
+        f"{path}:5: train_sft.learning_rate: Input should be greater than 0 (got -1.0)",
+        f"{path}:7: train_sft.colour: unknown key",
+        f"{path}:11: train_dpo.beta: Input should be greater than 0 (got 0)",
+        f"{path}:12: train_dpo.max_length: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'long')",
+    ]
+
+
+def test_cross_field_problems_are_reported_beside_field_errors(tmp_path):
+    path = write(tmp_path, """\
+        name: x
+        hardware: {accelerator: cpu, num_workers: 3}
+        train_sft: {learning_rate: 1.0e-5, global_batch_size: 8}
+        judge: {kind: openai}
+        serve: {min_replicas: 3, max_replicas: 2}
+        """)
+    assert problems(path) == [
+        f"{path}:3: train_sft.global_batch_size: global_batch_size 8 does not divide over 3 workers; "
+        "use a multiple of 3",
+        f"{path}:4: judge: kind 'openai' needs an `endpoint`",
+        f"{path}:5: serve: min_replicas (3) exceeds max_replicas (2)",
+    ]
+
+
+def test_unknown_section_and_missing_name(tmp_path):
+    assert problems(write(tmp_path, "trian_sft: {}\n")) == [
+        f"{tmp_path / 'recipe.yaml'}:1: name: missing required key",
+        f"{tmp_path / 'recipe.yaml'}:1: trian_sft: unknown key",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("name: [\n", ":2: invalid YAML"), ("- a\n- b\n", ": a recipe is a mapping of sections, got list"),
+     ("", ": a recipe is a mapping of sections, got NoneType")],
+)
+def test_unreadable_recipes(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    (only,) = problems(path)
+    assert only.startswith(f"{path}{expected}")
+
+
+def test_missing_and_non_utf8_files(tmp_path):
+    assert problems(tmp_path / "nope.yaml") == [f"{tmp_path / 'nope.yaml'}: no such file"]
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"name: caf\xe9\n")
+    (only,) = problems(bad)
+    assert only.startswith(f"{bad}: not UTF-8 text")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zephyr_ray.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_cli_validate_prints_problems_without_traceback(tmp_path):
+    path = write(tmp_path, "name: x\ntrain_dpo: {learning_rate: -1, global_batch_size: 32, beta: -0.5}\n")
+    result = cli("validate", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {path}:2: train_dpo.learning_rate: Input should be greater than 0 (got -1)",
+        f"error: {path}:2: train_dpo.beta: Input should be greater than 0 (got -0.5)",
+    ]
+
+
+def test_cli_validate_checks_local_paths(tmp_path):
+    path = write(tmp_path, """\
+        name: x
+        hardware: {accelerator: cpu, num_workers: 2}
+        synthesize:
+          seeds: {path: ./no/such/prompts.jsonl}
+          teacher: {model: ./no/such/model}
+        train_sft: {model: mistralai/Mistral-7B-v0.1, learning_rate: 1.0e-5, global_batch_size: 8}
+        """)
+    result = cli("validate", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {path}: synthesize.seeds.path: no such file or directory: ./no/such/prompts.jsonl" in result.stderr
+    assert f"error: {path}: synthesize.teacher.model: ./no/such/model: no such model directory" in result.stderr
+    assert "train_sft: model mistralai/Mistral-7B-v0.1 is a hub id" in result.stdout
+
+
+def test_cli_validate_accepts_the_shipped_recipes(tiny_models):
+    for name in ("tiny-cpu.yaml", "zephyr-7b.yaml"):
+        result = cli("validate", f"jobs/configs/{name}")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith(")") and ": ok (" in result.stdout
+
+
+def test_cli_help_lists_commands():
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("tiny-models", "validate", "chat", "demo"):
+        assert command in result.stdout
