@@ -28,7 +28,11 @@ def _fail(lines: list[str] | str, code: int = 2) -> None:
 def _quiet_engines(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # the engine's own processes too
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
@@ -82,6 +86,7 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0.0, max=5.0)] = 0.7,
     seed: Annotated[Optional[int], typer.Option(help="sampling seed, for repeatable replies")] = None,
     max_model_len: Annotated[int, typer.Option(min=16)] = 512,
+    kv_cache_gib: Annotated[Optional[float], typer.Option(help="KV cache size (default: the engine's own rule)")] = None,
     verbose: Annotated[bool, typer.Option(help="show engine logs")] = False,
 ) -> None:
     """Chat with a model through a real vLLM engine, behind the model's own chat template."""
@@ -94,7 +99,8 @@ def chat(
     _quiet_engines(verbose)
     from vllm import SamplingParams
 
-    llm = local_llm(model_dir, Hardware(accelerator=detect_accelerator()), max_model_len=max_model_len)
+    llm = local_llm(model_dir, Hardware(accelerator=detect_accelerator()), max_model_len=max_model_len,
+                    kv_cache_gib=kv_cache_gib)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     conversation = [{"role": "system", "content": system}] if system else []
 
@@ -140,7 +146,7 @@ def demo(
     tiny_models(workdir / "tiny-models")
     typer.echo(f"\nuser> {message}")
     chat(str(workdir / "tiny-models" / "teacher"), message=message, system=None, max_tokens=64, temperature=0.0,
-         seed=0, max_model_len=512, verbose=False)
+         seed=0, max_model_len=512, kv_cache_gib=0.5, verbose=False)
 
 
 def main() -> None:

@@ -45,6 +45,8 @@ class Engine(_Section):
     tensor_parallel_size: int = Field(default=1, gt=0)
     batch_size: int = Field(default=64, gt=0, description="rows per Ray Data batch sent to one engine")
     concurrency: int = Field(default=1, gt=0, description="number of engine replicas")
+    kv_cache_gib: float | None = Field(default=None, gt=0.0, description="KV cache size; default: vLLM's own rule "
+                                       "on GPU, 30% of host RAM on CPU")
     trust_remote_code: bool = Field(default=False, description="run code shipped with the model: only if you trust it")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM as they are")
 

@@ -28,6 +28,8 @@ def vllm_engine_kwargs(engine: Engine, hardware: Hardware) -> dict[str, Any]:
         kwargs.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=CPU_KV_CACHE_FRACTION)
     else:
         kwargs.update(dtype="bfloat16")
+    if engine.kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(engine.kv_cache_gib * 2**30)
     kwargs.update(engine.engine_kwargs)
     return kwargs
 
@@ -71,9 +73,10 @@ def check_model_dir(path: str) -> list[str]:
     return problems
 
 
-def local_llm(model: str, hardware: Hardware, max_model_len: int = 2048, **engine_kwargs: Any) -> Any:
+def local_llm(model: str, hardware: Hardware, max_model_len: int = 2048, kv_cache_gib: float | None = None,
+              **engine_kwargs: Any) -> Any:
     """An in-process ``vllm.LLM`` for ``model`` on this machine's hardware (used by ``zephyr-ray chat``)."""
     from vllm import LLM
 
-    engine = Engine(model=model, max_model_len=max_model_len, engine_kwargs=engine_kwargs)
+    engine = Engine(model=model, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, engine_kwargs=engine_kwargs)
     return LLM(model=model, **vllm_engine_kwargs(engine, hardware))

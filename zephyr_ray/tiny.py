@@ -44,7 +44,7 @@ class TinySpec:
 
 
 TINY_MODELS: tuple[TinySpec, ...] = (
-    TinySpec("teacher", "teacher", 192, 2, 1, seed=1, train_steps=60, train_on="chat"),
+    TinySpec("teacher", "teacher", 192, 2, 1, seed=1, train_steps=100, train_on="chat"),
     TinySpec("judge", "judge", 128, 2, 1, seed=2, train_steps=60, train_on="chat"),
     TinySpec("student", "student", 128, 2, 1, seed=3, train_steps=30, train_on="text"),
     TinySpec("generator-0", "generator", 192, 2, 1, seed=10, train_steps=50, train_on="chat"),

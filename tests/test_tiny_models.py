@@ -1,0 +1,84 @@
+import hashlib
+import json
+
+import pytest
+
+from zephyr_ray.chat import check_chat_template, render_reference
+from zephyr_ray.tiny import HEAD_DIM, TINY_MODELS, build_tiny_models, load_corpus
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_build_is_deterministic(tmp_path):
+    first = build_tiny_models(tmp_path / "a", names=["generator-2"])["generator-2"]
+    second = build_tiny_models(tmp_path / "b", names=["generator-2"])["generator-2"]
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert digest(first / name) == digest(second / name), name
+
+
+def test_unknown_model_name_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown tiny model"):
+        build_tiny_models(tmp_path, names=["teacher", "oracle"])
+
+
+def test_roles_cover_the_recipe(tiny_models):
+    roles = [spec.role for spec in TINY_MODELS]
+    assert {"teacher", "judge", "student"} <= set(roles) and roles.count("generator") >= 4
+    assert set(tiny_models) == {spec.name for spec in TINY_MODELS}
+
+
+def test_models_are_safetensors_mistral_with_head_dim_64(tiny_models):
+    for name, path in tiny_models.items():
+        config = json.loads((path / "config.json").read_text())
+        assert config["architectures"] == ["MistralForCausalLM"] and config["head_dim"] == HEAD_DIM, name
+        assert (path / "model.safetensors").is_file(), name
+        assert not list(path.glob("*.bin")) and not list(path.glob("*.pt")), name
+        assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == config["eos_token_id"]
+
+
+def test_generator_pool_models_differ(tiny_models):
+    from safetensors.torch import load_file
+
+    weights = {n: load_file(p / "model.safetensors") for n, p in tiny_models.items() if n.startswith("generator")}
+    fingerprints = {n: (len(w), sum(t.numel() for t in w.values()),
+                        float(w["model.embed_tokens.weight"].double().sum())) for n, w in weights.items()}
+    assert len(set(fingerprints.values())) == len(weights) >= 4
+
+
+@pytest.mark.parametrize("name", [spec.name for spec in TINY_MODELS])
+def test_loads_in_transformers_and_generates_behind_the_template(tiny_models, name):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[name])
+    check_chat_template(tokenizer)
+    assert tokenizer.eos_token == tokenizer.pad_token == "</s>"
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[name], use_safetensors=True)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    assert tokenizer.decode(ids[0]) == render_reference(messages, add_generation_prompt=True)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=24, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_chat_models_learned_to_stop(tiny_models):
+    """The teacher was warmed up on template-rendered dialogues: it ends its turns with </s> on its own."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"])
+    rows = load_corpus()[:8]
+    stopped = 0
+    for row in rows:
+        prompt = [m for m in row["messages"] if m["role"] != "assistant"]
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=96, do_sample=False)
+        stopped += int(tokenizer.eos_token_id in out[0, ids.shape[1]:].tolist())
+    assert stopped >= 6, f"only {stopped} of {len(rows)} replies ended with </s>"
