@@ -140,7 +140,7 @@ def _input_lines():
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the tiny models go")] = Path("artifacts"),
-    message: Annotated[str, typer.Option("--message", "-m")] = "What is the capital of France?",
+    message: Annotated[str, typer.Option("--message", "-m")] = "How do bees make honey?",
 ) -> None:
     """Build the tiny models and chat with the teacher through a real vLLM engine on this machine."""
     tiny_models(workdir / "tiny-models")

@@ -97,36 +97,10 @@ class Row(BaseModel):
         return pa.schema([pa.field(name, _arrow_type(info.annotation)) for name, info in cls.model_fields.items()])
 
 
-class DialogueRow(Row):
-    """One dSFT dialogue, as in ``HuggingFaceH4/ultrachat_200k``."""
-
-    derived: ClassVar[tuple[str, ...]] = ("prompt", "prompt_id")
-    prompt: str
-    prompt_id: str
-    messages: list[Message]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _derive(cls, row: Any) -> Any:
-        if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            first_user = next((m.get("content") for m in row["messages"] if isinstance(m, dict)
-                               and m.get("role") == "user"), None)
-            if "prompt" not in row and isinstance(first_user, str):
-                row = {**row, "prompt": first_user}
-        if isinstance(row, dict) and "prompt_id" not in row and isinstance(row.get("prompt"), str):
-            row = {**row, "prompt_id": prompt_id_of(row["prompt"])}
-        return row
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, value: str) -> str:
-        return _check_text(value, "prompt")
-
-    @field_validator("messages")
-    @classmethod
-    def _messages(cls, messages: list[Message]) -> list[Message]:
-        _check_conversation(messages, "messages", ends_with_assistant=True)
-        return messages
+def _with_prompt_id(row: Any) -> Any:
+    if isinstance(row, dict) and "prompt_id" not in row and isinstance(row.get("prompt"), str):
+        return {**row, "prompt_id": prompt_id_of(row["prompt"])}
+    return row
 
 
 class PromptRow(Row):
@@ -139,14 +113,35 @@ class PromptRow(Row):
     @model_validator(mode="before")
     @classmethod
     def _derive(cls, row: Any) -> Any:
-        if isinstance(row, dict) and "prompt_id" not in row and isinstance(row.get("prompt"), str):
-            row = {**row, "prompt_id": prompt_id_of(row["prompt"])}
-        return row
+        return _with_prompt_id(row)
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str) -> str:
         return _check_text(value, "prompt")
+
+
+class DialogueRow(PromptRow):
+    """One dSFT dialogue, as in ``HuggingFaceH4/ultrachat_200k`` (``prompt`` = the first user turn when missing)."""
+
+    derived: ClassVar[tuple[str, ...]] = ("prompt", "prompt_id")
+    messages: list[Message]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, row: Any) -> Any:
+        if isinstance(row, dict) and "prompt" not in row and isinstance(row.get("messages"), list):
+            first_user = next((m.get("content") for m in row["messages"]
+                               if isinstance(m, dict) and m.get("role") == "user"), None)
+            if isinstance(first_user, str):
+                row = {**row, "prompt": first_user}
+        return _with_prompt_id(row)
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, messages: list[Message]) -> list[Message]:
+        _check_conversation(messages, "messages", ends_with_assistant=True)
+        return messages
 
 
 class CompletionRow(Row):
@@ -184,12 +179,10 @@ class JudgmentRow(CompletionRow):
     judge_error: str | None = None
 
 
-class PreferenceRow(Row):
+class PreferenceRow(PromptRow):
     """A preference triple, as in ``HuggingFaceH4/ultrafeedback_binarized`` (plus lineage)."""
 
     derived: ClassVar[tuple[str, ...]] = ("prompt_id", "messages")
-    prompt: str
-    prompt_id: str
     chosen: list[Message]
     rejected: list[Message]
     messages: list[Message]
@@ -199,20 +192,14 @@ class PreferenceRow(Row):
     @model_validator(mode="before")
     @classmethod
     def _derive(cls, row: Any) -> Any:
+        row = _with_prompt_id(row)
         if isinstance(row, dict):
-            if "prompt_id" not in row and isinstance(row.get("prompt"), str):
-                row = {**row, "prompt_id": prompt_id_of(row["prompt"])}
             if "messages" not in row and "chosen" in row:
                 row = {**row, "messages": row["chosen"]}
             for key in ("score_chosen", "score_rejected"):
                 if isinstance(row.get(key), int) and not isinstance(row.get(key), bool):
                     row = {**row, key: float(row[key])}
         return row
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, value: str) -> str:
-        return _check_text(value, "prompt")
 
     @field_validator("chosen", "rejected")
     @classmethod
