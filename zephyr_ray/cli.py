@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -123,6 +125,34 @@ def chat(
             continue
         if text:
             typer.echo(f"assistant> {reply(text)}")
+
+
+DATA_STAGES = ("synthesize", "complete", "judge", "binarize")
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(DATA_STAGES)}")],
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    run_dir: Annotated[Path, typer.Option(help="where the run's outputs go")] = Path("runs/latest"),
+    address: Annotated[Optional[str], typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
+) -> None:
+    """Run one stage of a recipe; a stage whose output is complete is skipped, a partial one redone."""
+    from .config import RecipeError, load_recipe
+    from .stages import run_stage
+
+    if name not in DATA_STAGES:
+        _fail(f"unknown stage '{name}'; choose from {', '.join(DATA_STAGES)}")
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as err:
+        _fail(err.problems)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_stage(name, loaded, run_dir, address=address)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        _fail(str(err))
+    typer.echo(json.dumps(dataclasses.asdict(result), indent=2, default=str))
 
 
 def _input_lines():

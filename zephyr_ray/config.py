@@ -229,6 +229,14 @@ class Recipe(_Section):
     serve: ServeConfig | None = None
 
     @model_validator(mode="after")
+    def _scores_exist(self) -> Recipe:
+        if (self.judge and self.binarize and self.judge.kind in ("logprob", "reward_model")
+                and self.binarize.score != "overall"):
+            raise ValueError(f"binarize.score: a '{self.judge.kind}' judge gives one overall score, not aspects; "
+                             "set binarize.score: overall")
+        return self
+
+    @model_validator(mode="after")
     def _batches_divide(self) -> Recipe:
         problems = batch_problems(self.model_dump())
         if problems:

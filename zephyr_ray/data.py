@@ -156,7 +156,8 @@ class CompletionRow(Row):
     principle: str | None = None
     num_prompt_tokens: int
     num_generated_tokens: int
-    finish_reason: str
+    finish_reason: str  # stop | length | error
+    generation_error: str | None = None
 
     @field_validator("messages")
     @classmethod
@@ -188,6 +189,11 @@ class PreferenceRow(PromptRow):
     messages: list[Message]
     score_chosen: float
     score_rejected: float
+    # lineage, filled in by our binarize stage; absent from other preference sets
+    chosen_model: str | None = None
+    rejected_model: str | None = None
+    judge: str | None = None
+    num_scored: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -526,3 +532,23 @@ def write_validated(result: Validated, out_dir: str | Path, rejects_dir: str | P
         raise RuntimeError(f"row accounting broke: wrote {accepted}+{rejected}, validated "
                            f"{report.accepted}+{report.rejected} of {report.total}")
     return report
+
+
+def read_contract(*out_dirs: str | Path) -> Any:
+    """Read directories written by ``write_parquet_atomic`` back into one Ray dataset (refuses incomplete ones)."""
+    import ray.data
+
+    for out_dir in out_dirs:
+        if not is_complete(out_dir):
+            raise FileNotFoundError(f"{out_dir}: not a complete stage output (no {SUCCESS_MARKER}); run its stage")
+    return ray.data.read_parquet([str(d) for d in out_dirs], file_extensions=["parquet"])
+
+
+def validated_once(source: Any, contract: type[Row], out_dir: Path, rejects_dir: Path) -> dict[str, Any]:
+    """Validate a stage's input into ``out_dir`` (+ rejects) unless an earlier run already did; returns the counts."""
+    if is_complete(out_dir) and is_complete(rejects_dir):
+        accepted = json.loads((out_dir / SUCCESS_MARKER).read_text())["rows"]
+        rejected = json.loads((rejects_dir / SUCCESS_MARKER).read_text())["rows"]
+        return {"source": source.path, "total": accepted + rejected, "accepted": accepted, "rejected": rejected}
+    result = load(source.path, contract, split=source.split, name=source.name, limit=source.limit)
+    return write_validated(result, out_dir, rejects_dir, contract).as_dict()

@@ -80,3 +80,23 @@ def local_llm(model: str, hardware: Hardware, max_model_len: int = 2048, kv_cach
 
     engine = Engine(model=model, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, engine_kwargs=engine_kwargs)
     return LLM(model=model, **vllm_engine_kwargs(engine, hardware))
+
+
+def vllm_processor_config(engine: Engine, hardware: Hardware, **overrides: Any) -> Any:
+    """A ``ray.data.llm`` vLLM processor config for ``engine``: one actor pool of ``engine.concurrency`` engines."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    options: dict[str, Any] = {
+        "model_source": engine.model,
+        "engine_kwargs": vllm_engine_kwargs(engine, hardware),
+        "batch_size": engine.batch_size,
+        "concurrency": engine.concurrency,
+        "placement_group_config": {"bundles": placement_bundles(engine, hardware)},
+        "should_continue_on_error": True,  # a failed row is marked and counted, not the end of the job
+    }
+    if hardware.accelerator == "cpu":
+        # the pre/post-processing stages are light; keep CPUs free for the engine on a small machine
+        options.update(chat_template_stage={"num_cpus": 0.25}, tokenize_stage={"num_cpus": 0.25},
+                       detokenize_stage={"num_cpus": 0.25})
+    options.update(overrides)
+    return vLLMEngineProcessorConfig(**options)

@@ -22,7 +22,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 HEAD_DIM = 64
-MAX_POSITIONS = 512
+MAX_POSITIONS = 2048
 
 
 @dataclass(frozen=True)

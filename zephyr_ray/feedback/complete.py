@@ -1,0 +1,97 @@
+"""Stage ``complete``: every prompt gets one completion from each model of the pool (UltraFeedback's model pool).
+
+Each model runs as its own ``ray.data.llm`` processor with its own sampling parameters, one model after another
+(a small machine cannot hold them all), and writes its own output directory: a re-run skips the models that are done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from ..config import PoolModel, Recipe
+from ..data import CompletionRow, PromptRow, is_complete, read_contract, validated_once, write_parquet_atomic
+from ..generate import generate
+from ..stage import StageResult, Timer, log_rate, stage_section
+
+logger = logging.getLogger(__name__)
+
+# UltraFeedback draws one of these principles per completion as a system prompt; the wording here is our own.
+PRINCIPLES: dict[str, str] = {
+    "helpfulness": "You are a helpful assistant. Give accurate, relevant and complete answers that serve the "
+                   "user's real need.",
+    "honesty": "You are an honest assistant. Say plainly when you do not know something or are unsure, and never "
+               "pretend to abilities you do not have.",
+    "truthfulness": "You are a truthful assistant. State only what is factually correct, and do not invent facts, "
+                    "sources or details.",
+    "verbalized_calibration": "You are a careful assistant. After your answer, state how confident you are in it "
+                              "as a percentage.",
+}
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 31-bit seed from any values: the same inputs give the same seed on every machine and in every order."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def completion_requests(row: dict[str, Any], model: PoolModel, use_principles: bool, seed: int) -> dict[str, Any]:
+    """One prompt row -> the chat and sampling parameters for ``model``; the principle drawn is seeded per row."""
+    principle = None
+    messages = [{"role": "user", "content": row["prompt"]}]
+    if use_principles:
+        principle = random.Random(stable_seed(seed, row["prompt_id"], model.name)).choice(sorted(PRINCIPLES))
+        messages.insert(0, {"role": "system", "content": PRINCIPLES[principle]})
+    sampling = model.sampling.model_dump()
+    if sampling["seed"] is None:
+        sampling["seed"] = stable_seed(seed, row["prompt_id"], model.name, "sample")
+    return {"prompt": row["prompt"], "prompt_id": row["prompt_id"], "messages": messages,
+            "sampling_params": sampling, "principle": principle}
+
+
+def to_completion(row: dict[str, Any], model_name: str) -> dict[str, Any]:
+    return {
+        "prompt": row["prompt"], "prompt_id": row["prompt_id"], "model": model_name,
+        "messages": list(row["messages"]), "completion": row["generated_text"] or "",
+        "sampling_params": json.dumps(row["sampling_params"], sort_keys=True), "principle": row["principle"],
+        "num_prompt_tokens": int(row["num_input_tokens"] or 0),
+        "num_generated_tokens": int(row["num_generated_tokens"] or 0),
+        "finish_reason": row["finish_reason"], "generation_error": row["generation_error"],
+    }
+
+
+def model_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / "complete" / "models" / name
+
+
+def run_complete(recipe: Recipe, run_dir: Path) -> StageResult:
+    """Write ``complete/models/<model>/`` for every pool model, plus ``complete/rejects`` for unusable prompts."""
+    cfg = stage_section(recipe, "complete")
+    if cfg.prompts is None:
+        raise ValueError("complete: no `prompts` dataset in the recipe")
+    timer = Timer()
+    result = StageResult("complete")
+    prompts_dir = run_dir / "complete" / "prompts"
+    result.counts["prompts"] = validated_once(cfg.prompts, PromptRow, prompts_dir, run_dir / "complete" / "rejects")
+    accepted = read_contract(prompts_dir)
+    for model in cfg.models:
+        out = model_dir(run_dir, model.name)
+        if is_complete(out):
+            logger.info("complete: %s already done, skipping", model.name)
+            result.counts[model.name] = json.loads((out / "_SUCCESS").read_text())["rows"]
+            continue
+        model_timer = Timer()
+        requests = accepted.map(completion_requests,
+                                fn_kwargs={"model": model, "use_principles": cfg.principles, "seed": cfg.seed})
+        rows = generate(requests, model.engine, recipe.hardware).map(to_completion,
+                                                                      fn_kwargs={"model_name": model.name})
+        written = write_parquet_atomic(rows, out, schema=CompletionRow.arrow_schema())
+        log_rate(f"complete[{model.name}]", written, model_timer.seconds)
+        result.counts[model.name] = written
+        result.outputs[model.name] = str(out)
+    result.seconds = timer.seconds
+    result.save(run_dir)
+    return result

@@ -1,0 +1,61 @@
+"""Chat generation over a Ray dataset with a ``ray.data.llm`` vLLM processor: the one path every stage uses.
+
+Rows go in with ``messages`` (a chat) and ``sampling_params`` (a dict vLLM understands, per row) and come out with
+every input column kept, plus ``generated_text``, token counts, ``finish_reason`` and ``generation_error``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from .config import Engine, Hardware
+from .engines import vllm_processor_config
+
+logger = logging.getLogger(__name__)
+
+# Columns the processor writes itself; ours of the same name are parked under a prefix while it runs.
+_PROCESSOR_COLUMNS = ("prompt", "prompt_token_ids", "params", "request_id", "batch_uuid", "metrics", "logprobs",
+                      "prompt_logprobs", "embeddings", "generated_tokens", "generated_text", "num_input_tokens",
+                      "num_generated_tokens", "time_taken_llm")
+_PARKED = "__zr_"
+_DROP = ("prompt_token_ids", "params", "request_id", "batch_uuid", "metrics", "prompt_logprobs", "embeddings",
+         "generated_tokens", "time_taken_llm", "__inference_error__", "logprobs", "prompt")
+
+
+def _park(row: dict[str, Any]) -> dict[str, Any]:
+    parked = {(_PARKED + k if k in _PROCESSOR_COLUMNS else k): v for k, v in row.items()}
+    parked[_PARKED + "sampling_params"] = row["sampling_params"]  # the processor consumes its copy
+    return parked
+
+
+def finish_reason(num_generated_tokens: int, max_tokens: int, error: str | None) -> str:
+    """vLLM stops either at a stop token (``stop``) or at ``max_tokens`` (``length``); Ray's output omits which."""
+    if error:
+        return "error"
+    return "length" if num_generated_tokens >= max_tokens else "stop"
+
+
+def _unpark(row: dict[str, Any], keep_logprobs: bool) -> dict[str, Any]:
+    error = row.get("__inference_error__") or None
+    out = {k: v for k, v in row.items() if k not in _DROP and not k.startswith(_PARKED)}
+    out.update({k[len(_PARKED):]: v for k, v in row.items() if k.startswith(_PARKED)})
+    out["generation_error"] = error
+    out["finish_reason"] = finish_reason(row.get("num_generated_tokens") or 0,
+                                         out["sampling_params"].get("max_tokens") or 0, error)
+    if keep_logprobs:
+        out["generated_logprobs"] = row.get("logprobs")
+    return out
+
+
+def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = False) -> Any:
+    """Apply one vLLM engine pool to ``ds`` (lazy: nothing runs until the dataset is consumed or written)."""
+    from ray.data.llm import build_processor
+
+    processor = build_processor(
+        vllm_processor_config(engine, hardware),
+        preprocess=_park,
+        postprocess=functools.partial(_unpark, keep_logprobs=keep_logprobs),
+    )
+    return processor(ds)

@@ -1,0 +1,53 @@
+"""What every stage shares: where its outputs live in the run directory, and the record of what it did."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    """Counts and timings of one stage run; written as ``<run_dir>/<stage>/result.json`` for re-runs and reports."""
+
+    stage: str
+    skipped: bool = False
+    counts: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def save(self, run_dir: Path) -> None:
+        path = run_dir / self.stage / "result.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, default=str) + "\n")
+        tmp.rename(path)
+
+
+def stage_section(recipe: Recipe, stage: str) -> Any:
+    section = getattr(recipe, stage)
+    if section is None:
+        raise ValueError(f"recipe '{recipe.name}' has no `{stage}` section")
+    return section
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 2)
+
+
+def log_rate(stage: str, rows: int, seconds: float, tokens: int | None = None) -> None:
+    rate = f", {tokens / seconds:.1f} tokens/s" if tokens and seconds else ""
+    logger.info("%s: %d rows in %.1fs (%.2f rows/s%s)", stage, rows, seconds, rows / max(seconds, 1e-9), rate)

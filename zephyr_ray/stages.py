@@ -1,0 +1,44 @@
+"""The stages by name, and the Ray connection they run on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from .config import Recipe
+from .engines import prepare_process_env
+from .stage import StageResult
+
+
+def stage_functions() -> dict[str, Callable[[Recipe, Path], StageResult]]:
+    from .feedback.binarize import run_binarize
+    from .feedback.complete import run_complete
+    from .feedback.judge import run_judge
+    from .synthesize import run_synthesize
+
+    return {"synthesize": run_synthesize, "complete": run_complete, "judge": run_judge, "binarize": run_binarize}
+
+
+def init_ray(recipe: Recipe, address: str | None = None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or a running one); else start a local Ray sized for
+    the recipe: more logical CPUs than cores on a CPU machine, since engines and light stages share them."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    prepare_process_env(recipe.hardware)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    if recipe.hardware.accelerator == "cpu":
+        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+    else:
+        ray.init()
+
+
+def run_stage(name: str, recipe: Recipe, run_dir: Path, address: str | None = None) -> StageResult:
+    init_ray(recipe, address)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return stage_functions()[name](recipe, run_dir)
