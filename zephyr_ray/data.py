@@ -491,6 +491,13 @@ def is_complete(out_dir: str | Path) -> bool:
     return (Path(out_dir) / SUCCESS_MARKER).is_file()
 
 
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, in order and type (missing columns become nulls)."""
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def write_parquet_atomic(ds: Any, out_dir: str | Path, schema: pa.Schema | None = None) -> int:
     """Write a Ray dataset as a Parquet directory: into a temporary sibling, then renamed into place.
 
@@ -505,6 +512,8 @@ def write_parquet_atomic(ds: Any, out_dir: str | Path, schema: pa.Schema | None 
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if schema is not None:  # every shard gets the contract's schema, also a shard whose column is all null
+        ds = ds.map_batches(conform, fn_kwargs={"schema": schema}, batch_format="pyarrow")
     ds.write_parquet(str(tmp))
     files = sorted(tmp.glob("*.parquet"))
     if not files:
