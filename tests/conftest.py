@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,12 @@ def ray_local():
     """A local Ray for Ray Data tests. More logical CPUs than cores, as engines and readers share the machine."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    with socket.socket() as probe:  # a free port for Ray's Prometheus endpoint
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield ray
     ray.shutdown()

@@ -170,3 +170,13 @@ def test_cli_help_lists_commands():
     assert result.returncode == 0
     for command in ("tiny-models", "validate", "chat", "demo"):
         assert command in result.stdout
+
+
+def test_one_score_judges_need_binarize_on_overall(tmp_path):
+    path = write(tmp_path, """\
+        name: x
+        judge: {kind: logprob, engine: {model: ./m}}
+        binarize: {score: mean_aspects}
+        """)
+    assert problems(path) == [f"{path}:3: binarize.score: a 'logprob' judge gives one overall score, "
+                              "not aspects; set binarize.score: overall"]

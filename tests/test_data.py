@@ -159,3 +159,17 @@ def test_reader_errors_name_the_path(ray_local, tmp_path):
                                        ("data/prompts.jsonl", False), ("/abs/path", False), ("one", False)])
 def test_hub_ids_are_told_from_local_paths(path, hub):
     assert data.is_hub_id(path) is hub
+
+
+def test_duplicate_prompts_are_rejected_after_the_first(ray_local, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}, {"prompt": ""}, {"prompt": ""},
+             {"prompt": "c", "prompt_id": "x"}, {"prompt": "d", "prompt_id": "x"}]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    result = data.load(str(path), "prompt")
+    assert (result.report.total, result.report.accepted, result.report.rejected) == (7, 3, 4)
+    assert sorted(r["prompt"] for r in result.accepted.take_all()) == ["a", "b", "c"]
+    rejects = {r["row"]: r for r in result.rejected.take_all()}
+    assert rejects[3]["reason"] == f"duplicate prompt_id (first at {path} row 1)" and rejects[3]["field"] == "prompt_id"
+    assert rejects[7]["reason"] == f"duplicate prompt_id (first at {path} row 6)"
+    assert rejects[4]["reason"] == rejects[5]["reason"] == "prompt is empty"

@@ -162,3 +162,23 @@ def test_rerun_skips_finished_work_and_redoes_a_lost_model_identically(pipeline)
     assert sorted(rows(lost), key=lambda r: r["prompt_id"]) == before
     assert not list(lost.parent.glob(".generator-1.tmp-*"))
     assert run_stage("judge", recipe, run_dir).skipped and run_stage("binarize", recipe, run_dir).skipped
+
+
+def test_stage_numbers_reach_the_ray_metrics_endpoint(pipeline, ray_local):
+    import re
+    import time
+    import urllib.request
+
+    _, _, results = pipeline
+    pairs = results["binarize"].counts["pairs"]
+    wanted = re.compile(r'^ray_zephyr_stage_count\{[^}]*key="pairs"[^}]*stage="binarize"[^}]*\} (\S+)$', re.M)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        body = urllib.request.urlopen(ray_local.metrics_url, timeout=10).read().decode()
+        found = wanted.search(body)
+        if found:
+            assert float(found.group(1)) == pairs
+            assert re.search(r'^ray_zephyr_tokens_per_second\{[^}]*model="generator-0"', body, re.M)
+            return
+        time.sleep(2)
+    raise AssertionError("binarize's pair count never reached the Ray metrics endpoint")

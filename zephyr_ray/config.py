@@ -240,7 +240,8 @@ class Recipe(_Section):
     def _batches_divide(self) -> Recipe:
         problems = batch_problems(self.model_dump())
         if problems:
-            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+            key, message = problems[0]
+            raise ValueError(f"{key}: {message}")
         return self
 
 
@@ -352,12 +353,16 @@ def load_recipe(path: str | Path) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as err:
         lines = _key_lines(node) if node is not None else {}
-        errors = [e for e in err.errors() if e["type"] != "value_error" or e["loc"]]  # whole-recipe checks: below
+        errors = [e for e in err.errors() if e["loc"]]
+        # whole-recipe checks raise "key.path: message"; point them at their key. The batch check is redone below
+        # on the raw data, because pydantic skips whole-recipe checks when a field is invalid.
+        for error in err.errors():
+            key, _, message = error["msg"].removeprefix("Value error, ").partition(": ")
+            if not error["loc"] and not key.endswith(".global_batch_size"):
+                errors.append({"loc": tuple(key.split(".")), "msg": message, "type": "value_error"})
+        errors += [{"loc": tuple(key.split(".")), "msg": message, "type": "value_error"}
+                   for key, message in batch_problems(data)]
         problems = [(_line_of(e["loc"], lines), _format_error(file, e, lines)) for e in errors]
-        for key, message in batch_problems(data):
-            path = tuple(key.split("."))
-            problems.append((_line_of(path, lines), _format_error(file, {"loc": path, "msg": message,
-                                                                          "type": "value_error"}, lines)))
         raise RecipeError([text for _, text in sorted(problems, key=lambda p: p[0] or 0)]) from None
 
 

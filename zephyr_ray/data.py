@@ -46,6 +46,15 @@ def prompt_id_of(prompt: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def text_problem(value: str, what: str, max_chars: int = DEFAULT_MAX_CHARS) -> str | None:
+    """Why ``value`` cannot be a message's text (None when it can): the rule every contract applies."""
+    try:
+        _check_text(value, what, max_chars)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _check_text(value: str, what: str, max_chars: int = DEFAULT_MAX_CHARS) -> str:
     if not value.strip():
         raise ValueError(f"{what} is empty")
@@ -91,6 +100,7 @@ class Row(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
     derived: ClassVar[tuple[str, ...]] = ()
+    unique_key: ClassVar[str | None] = None  # a second row with the same value is rejected as a duplicate
 
     @classmethod
     def arrow_schema(cls) -> pa.Schema:
@@ -107,6 +117,7 @@ class PromptRow(Row):
     """A prompt for synthesis, completion or evaluation: ``prompt`` text (``prompt_id`` derived when missing)."""
 
     derived: ClassVar[tuple[str, ...]] = ("prompt_id",)
+    unique_key: ClassVar[str | None] = "prompt_id"
     prompt: str
     prompt_id: str
 
@@ -125,6 +136,7 @@ class DialogueRow(PromptRow):
     """One dSFT dialogue, as in ``HuggingFaceH4/ultrachat_200k`` (``prompt`` = the first user turn when missing)."""
 
     derived: ClassVar[tuple[str, ...]] = ("prompt", "prompt_id")
+    unique_key: ClassVar[str | None] = None  # several dialogues may start from one prompt
     messages: list[Message]
 
     @model_validator(mode="before")
@@ -184,6 +196,7 @@ class PreferenceRow(PromptRow):
     """A preference triple, as in ``HuggingFaceH4/ultrafeedback_binarized`` (plus lineage)."""
 
     derived: ClassVar[tuple[str, ...]] = ("prompt_id", "messages")
+    unique_key: ClassVar[str | None] = None
     chosen: list[Message]
     rejected: list[Message]
     messages: list[Message]
@@ -451,11 +464,28 @@ def _check_batch(batch: pa.Table, contract: type[Row]) -> pa.Table:
     return pa.Table.from_pylist(out, schema=_checked_schema(contract))
 
 
+def _mark_duplicates(group: pa.Table, key: str) -> pa.Table:
+    """Within rows sharing ``key``, the first accepted row (by source and row number) stays; later ones are rejected."""
+    rows = sorted(group.to_pylist(), key=lambda r: (r["source"], r["row"]))
+    first = next((r for r in rows if r["reason"] is None), None)
+    if first is not None and first[key] is not None:
+        for row in rows:
+            if row["reason"] is None and row is not first:
+                row.update(reason=f"duplicate {key} (first at {first['source']} row {first['row']})", field=key,
+                           raw=_preview(json.dumps({k: row[k] for k in group.column_names
+                                                    if k not in REJECT_SCHEMA.names}, ensure_ascii=False)))
+    return pa.Table.from_pylist(rows, schema=group.schema)
+
+
 def validate(raw: Any, contract: type[Row], source: str) -> Validated:
     """Check raw rows against a contract; accepted and rejected rows come back as two Ray datasets plus counts."""
     import pyarrow.compute as pc
 
-    checked = raw.map_batches(_check_batch, fn_kwargs={"contract": contract}, batch_format="pyarrow").materialize()
+    checked = raw.map_batches(_check_batch, fn_kwargs={"contract": contract}, batch_format="pyarrow")
+    if contract.unique_key:
+        checked = checked.groupby(contract.unique_key).map_groups(
+            _mark_duplicates, fn_kwargs={"key": contract.unique_key}, batch_format="pyarrow")
+    checked = checked.materialize()
     columns = contract.arrow_schema().names
     accepted = checked.map_batches(
         lambda t: t.filter(pc.is_null(t["reason"])).select(columns), batch_format="pyarrow")

@@ -30,20 +30,24 @@ def _park(row: dict[str, Any]) -> dict[str, Any]:
     return parked
 
 
-def finish_reason(num_generated_tokens: int, max_tokens: int, error: str | None) -> str:
-    """vLLM stops either at a stop token (``stop``) or at ``max_tokens`` (``length``); Ray's output omits which."""
+def finish_reason(prompt_tokens: int, generated_tokens: int, max_tokens: int, max_model_len: int,
+                  error: str | None) -> str:
+    """vLLM stops at a stop token (``stop``), or at ``max_tokens`` or the end of the context (``length``);
+    Ray's output omits which, so it is told from the token counts."""
     if error:
         return "error"
-    return "length" if num_generated_tokens >= max_tokens else "stop"
+    if generated_tokens >= max_tokens or prompt_tokens + generated_tokens >= max_model_len:
+        return "length"
+    return "stop"
 
 
-def _unpark(row: dict[str, Any], keep_logprobs: bool) -> dict[str, Any]:
+def _unpark(row: dict[str, Any], keep_logprobs: bool, max_model_len: int) -> dict[str, Any]:
     error = row.get("__inference_error__") or None
     out = {k: v for k, v in row.items() if k not in _DROP and not k.startswith(_PARKED)}
     out.update({k[len(_PARKED):]: v for k, v in row.items() if k.startswith(_PARKED)})
     out["generation_error"] = error
-    out["finish_reason"] = finish_reason(row.get("num_generated_tokens") or 0,
-                                         out["sampling_params"].get("max_tokens") or 0, error)
+    out["finish_reason"] = finish_reason(row.get("num_input_tokens") or 0, row.get("num_generated_tokens") or 0,
+                                         out["sampling_params"].get("max_tokens") or 0, max_model_len, error)
     if keep_logprobs:
         out["generated_logprobs"] = row.get("logprobs")
     return out
@@ -56,6 +60,6 @@ def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = 
     processor = build_processor(
         vllm_processor_config(engine, hardware),
         preprocess=_park,
-        postprocess=functools.partial(_unpark, keep_logprobs=keep_logprobs),
+        postprocess=functools.partial(_unpark, keep_logprobs=keep_logprobs, max_model_len=engine.max_model_len),
     )
     return processor(ds)

@@ -23,8 +23,13 @@ class StageResult:
     counts: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
+    tokens_per_second: dict[str, float] = field(default_factory=dict)
 
     def save(self, run_dir: Path) -> None:
+        """Record the result beside the stage's outputs and publish its numbers as Ray metrics."""
+        from .metrics import record_stage
+
+        record_stage(self.stage, self.counts, self.seconds, self.tokens_per_second)
         path = run_dir / self.stage / "result.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

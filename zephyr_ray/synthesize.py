@@ -19,7 +19,8 @@ from typing import Any
 import pyarrow as pa
 
 from .config import Recipe
-from .data import DialogueRow, PromptRow, is_complete, read_contract, validated_once, write_parquet_atomic
+from .data import (DialogueRow, PromptRow, is_complete, read_contract, text_problem, validated_once,
+                   write_parquet_atomic)
 from .feedback.complete import stable_seed
 from .generate import generate
 from .stage import StageResult, Timer, log_rate, stage_section
@@ -77,8 +78,9 @@ def _after_user(row: dict[str, Any], cfg: Any, turn: int) -> dict[str, Any]:
 def _turn_problem(row: dict[str, Any], what: str) -> str | None:
     if row["generation_error"]:
         return f"generation failed ({what})"
-    if not (row["generated_text"] or "").strip():
-        return f"empty {what}"
+    problem = text_problem(row["generated_text"] or "", what)
+    if problem:
+        return problem
     if row["finish_reason"] == "length":
         return f"truncated {what} (no EOS within max_tokens)"
     return None

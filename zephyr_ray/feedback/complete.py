@@ -89,7 +89,9 @@ def run_complete(recipe: Recipe, run_dir: Path) -> StageResult:
         rows = generate(requests, model.engine, recipe.hardware).map(to_completion,
                                                                       fn_kwargs={"model_name": model.name})
         written = write_parquet_atomic(rows, out, schema=CompletionRow.arrow_schema())
-        log_rate(f"complete[{model.name}]", written, model_timer.seconds)
+        tokens = read_contract(out).sum("num_generated_tokens") if written else 0
+        log_rate(f"complete[{model.name}]", written, model_timer.seconds, tokens)
+        result.tokens_per_second[model.name] = tokens / max(model_timer.seconds, 1e-9)
         result.counts[model.name] = written
         result.outputs[model.name] = str(out)
     result.seconds = timer.seconds

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe
-from ..data import JudgmentRow, is_complete, read_contract, write_parquet_atomic
+from ..data import JudgmentRow, is_complete, read_contract, text_problem, write_parquet_atomic
 from ..generate import generate
 from ..stage import StageResult, Timer, log_rate, stage_section
 
@@ -153,8 +153,11 @@ def to_judgment(row: dict[str, Any], kind: str, judge: str) -> dict[str, Any]:
     return out
 
 
-def _judgeable(row: dict[str, Any]) -> bool:
-    return not row["generation_error"] and bool(row["completion"].strip())
+def completion_problem(row: dict[str, Any]) -> str | None:
+    """Why a completion cannot be judged (and so never reaches a preference pair), or None."""
+    if row["generation_error"]:
+        return f"generation failed: {row['generation_error']}"
+    return text_problem(row["completion"], "completion")
 
 
 def run_judge(recipe: Recipe, run_dir: Path) -> StageResult:
@@ -170,9 +173,9 @@ def run_judge(recipe: Recipe, run_dir: Path) -> StageResult:
     models = stage_section(recipe, "complete").models
     completions = read_contract(*[run_dir / "complete" / "models" / m.name for m in models])
     judge = f"{cfg.engine.model} ({cfg.kind}, {RUBRIC_VERSION})"
-    judgeable = completions.filter(_judgeable)
-    unjudgeable = completions.filter(lambda r: not _judgeable(r)).map(
-        lambda r: unscored(r, judge, f"not judged: {r['generation_error'] or 'empty completion'}"))
+    judgeable = completions.filter(lambda r: completion_problem(r) is None)
+    unjudgeable = completions.filter(lambda r: completion_problem(r) is not None).map(
+        lambda r: unscored(r, judge, f"not judged: {completion_problem(r)}"))
     requests = judgeable.map(judge_requests, fn_kwargs={"kind": cfg.kind, "sampling": cfg.sampling.model_dump()})
     judged = generate(requests, cfg.engine, recipe.hardware, keep_logprobs=cfg.kind == "logprob")
     judged = judged.map(to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge})
