@@ -477,20 +477,25 @@ def _mark_duplicates(group: pa.Table, key: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=group.schema)
 
 
-def validate(raw: Any, contract: type[Row], source: str) -> Validated:
-    """Check raw rows against a contract; accepted and rejected rows come back as two Ray datasets plus counts."""
+def split_by_reason(checked: Any, kept_columns: list[str], rejected_columns: list[str]) -> tuple[Any, Any]:
+    """Rows whose ``reason`` is null (kept) and those with a reason (rejected), from one materialized dataset."""
     import pyarrow.compute as pc
 
+    kept = checked.map_batches(lambda t: t.filter(pc.is_null(t["reason"])).select(kept_columns),
+                               batch_format="pyarrow")
+    rejected = checked.map_batches(lambda t: t.filter(pc.is_valid(t["reason"])).select(rejected_columns),
+                                   batch_format="pyarrow")
+    return kept, rejected
+
+
+def validate(raw: Any, contract: type[Row], source: str) -> Validated:
+    """Check raw rows against a contract; accepted and rejected rows come back as two Ray datasets plus counts."""
     checked = raw.map_batches(_check_batch, fn_kwargs={"contract": contract}, batch_format="pyarrow")
     if contract.unique_key:
         checked = checked.groupby(contract.unique_key).map_groups(
             _mark_duplicates, fn_kwargs={"key": contract.unique_key}, batch_format="pyarrow")
     checked = checked.materialize()
-    columns = contract.arrow_schema().names
-    accepted = checked.map_batches(
-        lambda t: t.filter(pc.is_null(t["reason"])).select(columns), batch_format="pyarrow")
-    rejected = checked.map_batches(
-        lambda t: t.filter(pc.is_valid(t["reason"])).select(REJECT_SCHEMA.names), batch_format="pyarrow")
+    accepted, rejected = split_by_reason(checked, contract.arrow_schema().names, REJECT_SCHEMA.names)
     report = ValidationReport(source=source)
     for batch in checked.select_columns(["reason"]).iter_batches(batch_format="pyarrow", batch_size=65536):
         for reason in batch["reason"].to_pylist():

@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow as pa
 
 from .config import Recipe
-from .data import (DialogueRow, PromptRow, is_complete, read_contract, text_problem, validated_once,
-                   write_parquet_atomic)
+from .data import (DialogueRow, PromptRow, is_complete, read_contract, split_by_reason, text_problem,
+                   validated_once, write_parquet_atomic)
 from .feedback.complete import stable_seed
 from .generate import generate
 from .stage import StageResult, Timer, log_rate, stage_section
@@ -109,8 +109,6 @@ def _first_of_duplicates(group: pa.Table) -> pa.Table:
 
 def run_synthesize(recipe: Recipe, run_dir: Path) -> StageResult:
     """Write ``synthesize/dialogues`` (ultrachat_200k columns) and ``synthesize/rejects``."""
-    import pyarrow.compute as pc
-
     cfg = stage_section(recipe, "synthesize")
     stage_dir = run_dir / "synthesize"
     out, rejects_dir = stage_dir / "dialogues", stage_dir / "rejects"
@@ -146,11 +144,7 @@ def run_synthesize(recipe: Recipe, run_dir: Path) -> StageResult:
         ds = read_contract(pass_dir)
     finished = ds.map(_finish, fn_kwargs={"cfg": cfg})
     checked = finished.groupby("dialogue_key").map_groups(_first_of_duplicates, batch_format="pyarrow").materialize()
-    columns = DialogueRow.arrow_schema().names
-    accepted = checked.map_batches(lambda t: t.filter(pc.is_null(t["reason"])).select(columns),
-                                   batch_format="pyarrow")
-    rejected = checked.map_batches(lambda t: t.filter(pc.is_valid(t["reason"])).select(SYNTH_REJECT_SCHEMA.names),
-                                   batch_format="pyarrow")
+    accepted, rejected = split_by_reason(checked, DialogueRow.arrow_schema().names, SYNTH_REJECT_SCHEMA.names)
     kept = write_parquet_atomic(accepted, out, schema=DialogueRow.arrow_schema())
     dropped = write_parquet_atomic(rejected, rejects_dir, schema=SYNTH_REJECT_SCHEMA)
     reasons: dict[str, int] = {}

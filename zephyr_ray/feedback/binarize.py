@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..config import BinarizeConfig, Recipe
-from ..data import PreferenceRow, is_complete, read_contract, write_parquet_atomic
+from ..data import PreferenceRow, is_complete, read_contract, split_by_reason, write_parquet_atomic
 from ..stage import StageResult, Timer, log_rate, stage_section
 from .complete import stable_seed
 from .judge import ASPECTS
@@ -85,8 +85,6 @@ def _binarize_group(group: pa.Table, cfg: BinarizeConfig) -> pa.Table:
 
 def run_binarize(recipe: Recipe, run_dir: Path) -> StageResult:
     """``judge/judgments`` -> ``binarize/preferences`` + ``binarize/rejects`` + ``binarize/stats.json``."""
-    import pyarrow.compute as pc
-
     cfg = stage_section(recipe, "binarize")
     out, rejects_dir = run_dir / "binarize" / "preferences", run_dir / "binarize" / "rejects"
     if is_complete(out) and is_complete(rejects_dir):
@@ -96,10 +94,7 @@ def run_binarize(recipe: Recipe, run_dir: Path) -> StageResult:
     judgments = read_contract(run_dir / "judge" / "judgments")
     grouped = judgments.groupby("prompt_id").map_groups(_binarize_group, fn_kwargs={"cfg": cfg},
                                                          batch_format="pyarrow").materialize()
-    pairs = grouped.map_batches(lambda t: t.filter(pc.is_null(t["reason"])).select(PreferenceRow.arrow_schema().names),
-                                batch_format="pyarrow")
-    rejected = grouped.map_batches(lambda t: t.filter(pc.is_valid(t["reason"])).select(BINARIZE_REJECT_SCHEMA.names),
-                                   batch_format="pyarrow")
+    pairs, rejected = split_by_reason(grouped, PreferenceRow.arrow_schema().names, BINARIZE_REJECT_SCHEMA.names)
     n_pairs = write_parquet_atomic(pairs, out, schema=PreferenceRow.arrow_schema())
     n_rejects = write_parquet_atomic(rejected, rejects_dir, schema=BINARIZE_REJECT_SCHEMA)
     stats = preference_stats(judgments, read_contract(out), read_contract(rejects_dir), cfg.score)

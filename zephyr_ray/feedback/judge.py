@@ -21,6 +21,7 @@ from ..config import Recipe
 from ..data import JudgmentRow, is_complete, read_contract, text_problem, write_parquet_atomic
 from ..generate import generate
 from ..stage import StageResult, Timer, log_rate, stage_section
+from .complete import model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def run_judge(recipe: Recipe, run_dir: Path) -> StageResult:
         raise NotImplementedError(f"judge kind '{cfg.kind}' is not available yet")
     timer = Timer()
     models = stage_section(recipe, "complete").models
-    completions = read_contract(*[run_dir / "complete" / "models" / m.name for m in models])
+    completions = read_contract(*[model_dir(run_dir, m.name) for m in models])
     judge = f"{cfg.engine.model} ({cfg.kind}, {RUBRIC_VERSION})"
     judgeable = completions.filter(lambda r: completion_problem(r) is None)
     unjudgeable = completions.filter(lambda r: completion_problem(r) is not None).map(
