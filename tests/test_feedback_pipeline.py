@@ -73,6 +73,8 @@ def test_every_prompt_gets_one_completion_per_pool_model(pipeline):
             assert params["max_tokens"] == model.sampling.max_tokens and params["seed"] is not None
             assert row["finish_reason"] in ("stop", "length") and row["num_prompt_tokens"] > 0
     assert len(by_prompt) == prompts
+    assert set(results["complete"].tokens_per_second) == {m.name for m in recipe.complete.models}
+    assert all(rate > 0 for rate in results["complete"].tokens_per_second.values())
     assert all(sorted(models) == sorted(m.name for m in recipe.complete.models) for models in by_prompt.values())
 
 
@@ -123,8 +125,9 @@ def test_logprob_judge_on_the_same_completions(pipeline, tiny_models, tmp_path):
     shutil.copytree(run_dir / "complete", other / "complete")
     run_stage("judge", recipe, other)
     judgments = rows(other / "judge" / "judgments")
-    scored = [r for r in judgments if r["judge_error"] is None]
-    assert len(scored) >= len(judgments) * 0.9
+    judgeable = [r for r in judgments if not (r["judge_error"] or "").startswith("not judged")]
+    scored = [r for r in judgeable if r["judge_error"] is None]
+    assert len(scored) >= len(judgeable) * 0.9 and len(judgeable) >= len(judgments) / 2
     assert all(1.0 <= r["overall"] <= 5.0 and r["raw_judgment"] in "12345" for r in scored)
     assert len({round(r["overall"], 6) for r in scored}) > len(scored) // 2, "expected continuous scores"
     run_stage("binarize", recipe, other)
@@ -164,13 +167,15 @@ def test_rerun_skips_finished_work_and_redoes_a_lost_model_identically(pipeline)
     assert run_stage("judge", recipe, run_dir).skipped and run_stage("binarize", recipe, run_dir).skipped
 
 
-def test_stage_numbers_reach_the_ray_metrics_endpoint(pipeline, ray_local):
+def test_stage_numbers_reach_the_ray_metrics_endpoint(pipeline, ray_local, tmp_path):
+    """Ray exports a gauge around the time it is set, so the stage runs here, just before the scrape."""
     import re
     import time
     import urllib.request
 
-    _, _, results = pipeline
-    pairs = results["binarize"].counts["pairs"]
+    recipe, run_dir, _ = pipeline
+    shutil.copytree(run_dir / "judge", tmp_path / "judge")
+    pairs = run_stage("binarize", recipe, tmp_path).counts["pairs"]
     wanted = re.compile(r'^ray_zephyr_stage_count\{[^}]*key="pairs"[^}]*stage="binarize"[^}]*\} (\S+)$', re.M)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -178,7 +183,7 @@ def test_stage_numbers_reach_the_ray_metrics_endpoint(pipeline, ray_local):
         found = wanted.search(body)
         if found:
             assert float(found.group(1)) == pairs
-            assert re.search(r'^ray_zephyr_tokens_per_second\{[^}]*model="generator-0"', body, re.M)
+            assert re.search(r'^ray_zephyr_stage_seconds\{[^}]*stage="binarize"', body, re.M)
             return
         time.sleep(2)
     raise AssertionError("binarize's pair count never reached the Ray metrics endpoint")
