@@ -16,7 +16,8 @@ from zephyr_ray.feedback.judge import ASPECTS
 from zephyr_ray.stages import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.engine
+# the module fixture runs the whole data half (~13 min on 2 idle cores): more than the suite's per-test limit
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(2400)]
 
 
 def rows(path: Path) -> list[dict]:
