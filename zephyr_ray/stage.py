@@ -1,4 +1,4 @@
-"""What every stage shares: where its outputs live in the run directory, and the record of what it did."""
+"""What every stage shares: the record of what it did (counts, seconds, outputs), its recipe section, timing."""
 
 from __future__ import annotations
 
