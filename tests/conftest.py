@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,17 +24,22 @@ def tiny_models() -> dict[str, Path]:
     return build_tiny_models(TINY_DIR)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray for Ray Data tests. More logical CPUs than cores, as engines and readers share the machine."""
+    """A local Ray for Ray Data tests, with its dashboard (job submission) and Prometheus endpoint. More logical
+    CPUs than cores, as engines and readers share the machine."""
     import ray
 
-    with socket.socket() as probe:  # a free port for Ray's Prometheus endpoint
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    metrics_port = free_port()
+    context = ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False,
+                       _metrics_export_port=metrics_port, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    yield ray
+    yield SimpleNamespace(metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+                          dashboard_url=f"http://{context.dashboard_url}", address=context.address_info["address"])
     ray.shutdown()

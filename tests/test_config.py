@@ -150,12 +150,16 @@ def test_cli_validate_checks_local_paths(tmp_path):
           seeds: {path: ./no/such/prompts.jsonl}
           teacher: {model: ./no/such/model}
         train_sft: {model: mistralai/Mistral-7B-v0.1, learning_rate: 1.0e-5, global_batch_size: 8}
+        judge:
+          kind: openai
+          endpoint: {base_url: "http://127.0.0.1:9/v1", model: j, api_key_env: ZR_SURELY_UNSET_KEY}
         """)
     result = cli("validate", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"error: {path}: synthesize.seeds.path: no such file or directory: ./no/such/prompts.jsonl" in result.stderr
     assert f"error: {path}: synthesize.teacher.model: ./no/such/model: no such model directory" in result.stderr
     assert "train_sft: model mistralai/Mistral-7B-v0.1 is a hub id" in result.stdout
+    assert "judge.endpoint.api_key_env: ZR_SURELY_UNSET_KEY is not set here" in result.stdout
 
 
 def test_cli_validate_accepts_the_shipped_recipes(tiny_models):

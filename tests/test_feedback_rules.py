@@ -1,12 +1,23 @@
 """The scoring and pairing rules on hand-made rows: no engines, every branch."""
 
+import json
 import math
 
 import pytest
 
-from zephyr_ray.config import BinarizeConfig
-from zephyr_ray.feedback.binarize import binarize_prompt
-from zephyr_ray.feedback.judge import ASPECTS, RUBRIC_REGEX, completion_problem, logprob_score, parse_rubric
+from zephyr_ray.config import BinarizeConfig, Endpoint
+from zephyr_ray.endpoint import EndpointKeyError, endpoint_key
+from zephyr_ray.feedback.binarize import binarize_prompt, score_bin
+from zephyr_ray.feedback.judge import (
+    ASPECTS,
+    RUBRIC_REGEX,
+    completion_problem,
+    endpoint_request,
+    logprob_score,
+    parse_rubric,
+    reward_request,
+    to_judgment,
+)
 
 
 def judged(model: str, overall: float | None, aspects: float | None = None, error: str | None = None) -> dict:
@@ -82,3 +93,73 @@ def test_completions_that_cannot_be_judged_say_why():
         "completion contains a NUL character"
     assert completion_problem({"generation_error": "engine died", "completion": ""}) == \
         "generation failed: engine died"
+
+
+COMPLETION = {"prompt": "Q?", "prompt_id": "id", "model": "m", "completion": "an answer",
+              "messages": [{"role": "system", "content": "Be honest."}, {"role": "user", "content": "Q?"}],
+              "generation_error": None}
+
+
+def test_reward_model_reads_the_user_turns_and_the_completion_and_scores_the_raw_logit():
+    request = reward_request(COMPLETION)
+    assert request["messages"] == [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "an answer"}]
+    assert request["pooling_params"] == {"use_activation": False}
+    out = to_judgment({**request, "classifier_logits": [-1.25], "generation_error": None}, "reward_model", "rm")
+    assert out["overall"] == -1.25 and out["judge_error"] is None and out["raw_judgment"] == "[-1.25]"
+    out = to_judgment({**request, "classifier_logits": [0.1, 0.2], "generation_error": None}, "reward_model", "rm")
+    assert out["overall"] is None and out["judge_error"] == "a reward model has one output; this one gave 2"
+    out = to_judgment({**request, "classifier_logits": None, "generation_error": "prompt too long"},
+                      "reward_model", "rm")
+    assert out["judge_error"] == "judge failed: prompt too long"
+
+
+def test_endpoint_requests_carry_the_structured_output_the_endpoint_takes():
+    sampling = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 3}
+    schema = json.loads(endpoint_request(COMPLETION, sampling, "json_schema")["request"])
+    assert schema["response_format"]["json_schema"]["schema"]["required"][:4] == list(ASPECTS)
+    assert schema["seed"] == 3 and schema["max_tokens"] == 64
+    regex = json.loads(endpoint_request(COMPLETION, sampling, "regex")["request"])
+    assert regex["extra_body"] == {"structured_outputs": {"regex": RUBRIC_REGEX}} and "response_format" not in regex
+    plain = endpoint_request(COMPLETION, sampling, "none")
+    assert set(json.loads(plain["request"])) == {"temperature", "top_p", "max_tokens", "seed"}
+    assert plain["messages"][1]["content"].endswith("Response:\nan answer")
+    answer = ('{"instruction_following": 4, "honesty": 5, "truthfulness": 3, "helpfulness": 4, "overall": 8, '
+              '"rationale": "fine"}')
+    out = to_judgment({**plain, "generated_text": answer, "generation_error": None}, "openai", "gpt")
+    assert out["overall"] == 8.0 and out["honesty"] == 5.0 and out["judge"] == "gpt"
+
+
+def test_endpoint_key_comes_from_the_environment_and_never_shows(monkeypatch):
+    endpoint = Endpoint(base_url="http://127.0.0.1:9/v1", model="j", api_key_env="ZR_TEST_KEY")
+    monkeypatch.delenv("ZR_TEST_KEY", raising=False)
+    with pytest.raises(EndpointKeyError, match="environment variable ZR_TEST_KEY is not set"):
+        endpoint_key(endpoint)
+    monkeypatch.setenv("ZR_TEST_KEY", "sk-very-secret")
+    key = endpoint_key(endpoint)
+    assert key.get_secret_value() == "sk-very-secret" and "sk-very" not in repr(key) + str(key)
+    assert endpoint_key(Endpoint(base_url="http://127.0.0.1:9/v1", model="j", api_key_env=None)) is None
+
+
+@pytest.mark.parametrize("value, label", [(None, "unscored"), (7.0, "7"), (3.25, "3"), (3.75, "3.5"),
+                                          (-0.2, "-0.5"), (4.49, "4")])
+def test_scores_fall_in_half_point_histogram_bins(value, label):
+    assert score_bin(value) == label
+
+
+def test_pacer_spaces_request_starts_across_threads():
+    """Five requests from four threads at 20 qps: the k-th starts no sooner than k x 50 ms after the first."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zephyr_ray.endpoint import _Pacer
+
+    pacer = _Pacer(qps=20.0)
+    began = time.monotonic()
+
+    def start(_: int) -> float:
+        pacer.wait()
+        return time.monotonic()
+
+    with ThreadPoolExecutor(4) as pool:
+        starts = sorted(pool.map(start, range(5)))
+    assert all(started - began >= k * 0.05 - 0.002 for k, started in enumerate(starts))

@@ -25,17 +25,19 @@ def test_unknown_model_name_is_an_error(tmp_path):
 
 def test_roles_cover_the_recipe(tiny_models):
     roles = [spec.role for spec in TINY_MODELS]
-    assert {"teacher", "judge", "student"} <= set(roles) and roles.count("generator") >= 4
+    assert {"teacher", "judge", "student", "reward"} <= set(roles) and roles.count("generator") >= 4
     assert set(tiny_models) == {spec.name for spec in TINY_MODELS}
 
 
 def test_models_are_safetensors_mistral_with_head_dim_64(tiny_models):
     for name, path in tiny_models.items():
         config = json.loads((path / "config.json").read_text())
-        assert config["architectures"] == ["MistralForCausalLM"] and config["head_dim"] == HEAD_DIM, name
+        architecture = "MistralForSequenceClassification" if name == "reward" else "MistralForCausalLM"
+        assert config["architectures"] == [architecture] and config["head_dim"] == HEAD_DIM, name
         assert (path / "model.safetensors").is_file(), name
         assert not list(path.glob("*.bin")) and not list(path.glob("*.pt")), name
-        assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == config["eos_token_id"]
+        if name != "reward":  # a classifier has no generation config
+            assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == config["eos_token_id"]
 
 
 def test_generator_pool_models_differ(tiny_models):
@@ -47,7 +49,7 @@ def test_generator_pool_models_differ(tiny_models):
     assert len(set(fingerprints.values())) == len(weights) >= 4
 
 
-@pytest.mark.parametrize("name", [spec.name for spec in TINY_MODELS])
+@pytest.mark.parametrize("name", [spec.name for spec in TINY_MODELS if spec.role != "reward"])
 def test_loads_in_transformers_and_generates_behind_the_template(tiny_models, name):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,3 +84,27 @@ def test_chat_models_learned_to_stop(tiny_models):
             out = model.generate(ids, max_new_tokens=96, do_sample=False)
         stopped += int(tokenizer.eos_token_id in out[0, ids.shape[1]:].tolist())
     assert stopped >= 6, f"only {stopped} of {len(rows)} replies ended with </s>"
+
+
+def test_reward_model_ranks_whole_replies_above_spoiled_ones(tiny_models):
+    """Held-out check: replies the reward model never saw, each against a cut-off copy of itself."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from zephyr_ray.tiny import reward_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["reward"])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"], use_safetensors=True)
+    assert model.config.num_labels == 1
+    question = [{"role": "user", "content": "Why is the sky blue?"}]
+    replies = ["The sky looks blue because air scatters blue light from the sun more than red light.",
+               "Sunlight is made of many colours, and the small molecules of air scatter the blue part the most."]
+    wins = 0
+    for reply in replies:
+        whole = reward_text(tokenizer, [*question, {"role": "assistant", "content": reply}])
+        cut = reward_text(tokenizer, [*question, {"role": "assistant", "content": " ".join(reply.split()[:3])}])
+        with torch.no_grad():
+            scores = model(**tokenizer([whole, cut], add_special_tokens=False, padding=True,
+                                       return_tensors="pt")).logits[:, 0]
+        wins += int(scores[0] > scores[1])
+    assert wins == len(replies)

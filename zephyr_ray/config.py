@@ -6,6 +6,7 @@ so a user fixes every mistake in one pass. Defaults are the Zephyr paper's setti
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,13 +143,22 @@ class CompleteConfig(_Section):
 
 
 class Endpoint(_Section):
-    """An OpenAI-compatible endpoint (GPT-4-class judges). The key is read from the environment, never stored."""
+    """An OpenAI-compatible chat endpoint (GPT-4-class judges, a vLLM server, our Serve app).
 
-    base_url: str
+    The key is read from the environment variable named here when the stage starts, never stored or logged.
+    """
+
+    base_url: str = Field(description="up to /v1, e.g. https://api.openai.com/v1")
     model: str
-    api_key_env: str = "OPENAI_API_KEY"
-    qps: float = Field(default=2.0, gt=0.0)
-    max_retries: int = Field(default=3, ge=0)
+    api_key_env: str | None = Field(default="OPENAI_API_KEY", description="null: the endpoint needs no key")
+    qps: float = Field(default=2.0, gt=0.0, description="requests per second over all workers")
+    max_retries: int = Field(default=3, ge=0, description="retries on 429/5xx/timeouts, with exponential backoff")
+    timeout_s: float = Field(default=120.0, gt=0.0)
+    concurrency: int = Field(default=1, gt=0, description="Ray workers sending requests")
+    max_in_flight: int = Field(default=8, gt=0, description="requests in flight per worker")
+    structured_output: Literal["json_schema", "regex", "none"] = Field(
+        default="json_schema", description="json_schema: OpenAI's response_format; regex: vLLM's structured_outputs "
+        "(servers that take it); none: parse whatever comes back")
 
 
 class JudgeConfig(_Section):
@@ -386,6 +396,8 @@ def check_recipe_paths(recipe: Recipe, file: str) -> tuple[list[str], list[str]]
     notes: list[str] = []
     for path, value in _walk(recipe):
         key = ".".join(str(p) for p in path)
+        if isinstance(value, Endpoint) and value.api_key_env and not os.environ.get(value.api_key_env):
+            notes.append(f"{key}.api_key_env: {value.api_key_env} is not set here (it must be where the stage runs)")
         if isinstance(value, DatasetSource):
             target, kind = value.path, "dataset"
         elif isinstance(value, (Engine, Training, ServeConfig)) and getattr(value, "model", None):

@@ -477,6 +477,14 @@ def _mark_duplicates(group: pa.Table, key: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=group.schema)
 
 
+def count_values(ds: Any, column: str) -> Counter:
+    """How often each value of ``column`` occurs in ``ds`` (None included), streamed batch by batch."""
+    counts: Counter = Counter()
+    for batch in ds.select_columns([column]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        counts.update(batch[column].to_pylist())
+    return counts
+
+
 def split_by_reason(checked: Any, kept_columns: list[str], rejected_columns: list[str]) -> tuple[Any, Any]:
     """Rows whose ``reason`` is null (kept) and those with a reason (rejected), from one materialized dataset."""
     import pyarrow.compute as pc
@@ -496,15 +504,10 @@ def validate(raw: Any, contract: type[Row], source: str) -> Validated:
             _mark_duplicates, fn_kwargs={"key": contract.unique_key}, batch_format="pyarrow")
     checked = checked.materialize()
     accepted, rejected = split_by_reason(checked, contract.arrow_schema().names, REJECT_SCHEMA.names)
-    report = ValidationReport(source=source)
-    for batch in checked.select_columns(["reason"]).iter_batches(batch_format="pyarrow", batch_size=65536):
-        for reason in batch["reason"].to_pylist():
-            report.total += 1
-            if reason is None:
-                report.accepted += 1
-            else:
-                report.rejected += 1
-                report.reasons[reason] += 1
+    reasons = count_values(checked, "reason")
+    accepted_rows = reasons.pop(None, 0)
+    report = ValidationReport(source=source, total=accepted_rows + sum(reasons.values()), accepted=accepted_rows,
+                              rejected=sum(reasons.values()), reasons=reasons)
     logger.info("%s: %d rows, %d accepted, %d rejected", source, report.total, report.accepted, report.rejected)
     return Validated(accepted, rejected, report)
 

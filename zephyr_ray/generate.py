@@ -1,7 +1,9 @@
-"""Chat generation over a Ray dataset with a ``ray.data.llm`` vLLM processor: the one path every stage uses.
+"""Chat generation (and classification) over a Ray dataset with a ``ray.data.llm`` vLLM processor: the one path
+every stage uses.
 
 Rows go in with ``messages`` (a chat) and ``sampling_params`` (a dict vLLM understands, per row) and come out with
 every input column kept, plus ``generated_text``, token counts, ``finish_reason`` and ``generation_error``.
+``classify`` runs a sequence classifier (a reward model) on chats instead and adds ``classifier_logits``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ _DROP = ("prompt_token_ids", "params", "request_id", "batch_uuid", "metrics", "p
 
 def _park(row: dict[str, Any]) -> dict[str, Any]:
     parked = {(_PARKED + k if k in _PROCESSOR_COLUMNS else k): v for k, v in row.items()}
-    parked[_PARKED + "sampling_params"] = row["sampling_params"]  # the processor consumes its copy
+    for params in ("sampling_params", "pooling_params"):  # the processor consumes its copy
+        if params in row:
+            parked[_PARKED + params] = row[params]
     return parked
 
 
@@ -41,11 +45,18 @@ def finish_reason(prompt_tokens: int, generated_tokens: int, max_tokens: int, ma
     return "stop"
 
 
-def _unpark(row: dict[str, Any], keep_logprobs: bool, max_model_len: int) -> dict[str, Any]:
+def _unpark(row: dict[str, Any], keep_logprobs: bool = False, max_model_len: int = 0,
+            classify: bool = False) -> dict[str, Any]:
     error = row.get("__inference_error__") or None
     out = {k: v for k, v in row.items() if k not in _DROP and not k.startswith(_PARKED)}
     out.update({k[len(_PARKED):]: v for k, v in row.items() if k.startswith(_PARKED)})
     out["generation_error"] = error
+    if classify:
+        logits = row.get("embeddings")
+        out["classifier_logits"] = None if error or logits is None else [float(x) for x in logits]
+        out.pop("generated_text", None)
+        out.pop("num_generated_tokens", None)
+        return out
     out["finish_reason"] = finish_reason(row.get("num_input_tokens") or 0, row.get("num_generated_tokens") or 0,
                                          out["sampling_params"].get("max_tokens") or 0, max_model_len, error)
     if keep_logprobs:
@@ -62,4 +73,17 @@ def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = 
         preprocess=_park,
         postprocess=functools.partial(_unpark, keep_logprobs=keep_logprobs, max_model_len=engine.max_model_len),
     )
+    return processor(ds)
+
+
+def classify(ds: Any, engine: Engine, hardware: Hardware) -> Any:
+    """Apply a sequence-classification model (vLLM's ``classify`` runner) to the chats in ``ds``.
+
+    Each row's ``messages`` ends on the assistant turn to score; vLLM's chat step renders it without a closing
+    ``</s>`` and the classifier reads the last token. Rows may carry ``pooling_params`` (e.g. ``use_activation``).
+    """
+    from ray.data.llm import build_processor
+
+    config = vllm_processor_config(engine, hardware, task_type="classify", detokenize_stage=False)
+    processor = build_processor(config, preprocess=_park, postprocess=functools.partial(_unpark, classify=True))
     return processor(ds)

@@ -2,24 +2,21 @@
 
 Exported by Ray with its ``ray_`` prefix: ``ray_zephyr_stage_count{stage,key}`` (rows, drops by reason, judge
 errors, ...), ``ray_zephyr_stage_seconds{stage}`` and ``ray_zephyr_tokens_per_second{stage,model}``.
+
+Why an actor holds them: Ray exports a gauge for a short while after it is set (about half a minute), and a stage's
+driver exits when the stage ends, taking its gauges with it. A detached actor with no CPU keeps each stage's last
+numbers and sets them again every few seconds, so a scrape at any later time still finds them.
 """
 
 from __future__ import annotations
 
-from functools import cache
+import threading
+import time
 from typing import Any
 
-
-@cache
-def _gauges() -> dict[str, Any]:
-    from ray.util.metrics import Gauge
-
-    return {
-        "count": Gauge("zephyr_stage_count", "rows and drops per stage and key", tag_keys=("stage", "key")),
-        "seconds": Gauge("zephyr_stage_seconds", "wall time of the stage's last run", tag_keys=("stage",)),
-        "tokens_per_second": Gauge("zephyr_tokens_per_second", "generated tokens per second",
-                                   tag_keys=("stage", "model")),
-    }
+ACTOR_NAME = "zephyr_ray_stage_metrics"
+NAMESPACE = "zephyr_ray"
+REPUBLISH_SECONDS = 5.0
 
 
 def flat_counts(counts: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -34,11 +31,55 @@ def flat_counts(counts: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
+class StageMetrics:
+    """The gauges and the last value of each (gauge, tags); runs as a detached Ray actor (see the module doc)."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Gauge
+
+        self.gauges = {
+            "count": Gauge("zephyr_stage_count", "rows and drops per stage and key", tag_keys=("stage", "key")),
+            "seconds": Gauge("zephyr_stage_seconds", "wall time of the stage's last run", tag_keys=("stage",)),
+            "tokens_per_second": Gauge("zephyr_tokens_per_second", "generated tokens per second",
+                                       tag_keys=("stage", "model")),
+        }
+        self.values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self._republish, daemon=True).start()
+
+    def record(self, values: list[tuple[str, float, dict[str, str]]]) -> int:
+        with self.lock:
+            for gauge, value, tags in values:
+                self.values[(gauge, tuple(sorted(tags.items())))] = value
+                self.gauges[gauge].set(value, tags=tags)
+        return len(values)
+
+    def snapshot(self) -> dict[str, float]:
+        with self.lock:
+            return {f"{gauge}{dict(tags)}": value for (gauge, tags), value in self.values.items()}
+
+    def _republish(self) -> None:
+        while True:
+            time.sleep(REPUBLISH_SECONDS)
+            with self.lock:
+                for (gauge, tags), value in self.values.items():
+                    self.gauges[gauge].set(value, tags=dict(tags))
+
+
+def stage_metrics_actor() -> Any:
+    """The cluster's one metrics actor (created on first use; later drivers find it by name)."""
+    import ray
+
+    return ray.remote(StageMetrics).options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
+                                            get_if_exists=True, num_cpus=0).remote()
+
+
 def record_stage(stage: str, counts: dict[str, Any], seconds: float,
                  tokens_per_second: dict[str, float] | None = None) -> None:
-    gauges = _gauges()
-    for key, value in flat_counts(counts).items():
-        gauges["count"].set(value, tags={"stage": stage, "key": key})
-    gauges["seconds"].set(seconds, tags={"stage": stage})
-    for model, rate in (tokens_per_second or {}).items():
-        gauges["tokens_per_second"].set(rate, tags={"stage": stage, "model": model})
+    import ray
+
+    values = [("count", value, {"stage": stage, "key": key}) for key, value in flat_counts(counts).items()]
+    values.append(("seconds", seconds, {"stage": stage}))
+    values += [("tokens_per_second", rate, {"stage": stage, "model": model})
+               for model, rate in (tokens_per_second or {}).items()]
+    ray.get(stage_metrics_actor().record.remote(values))

@@ -37,6 +37,19 @@ class StageResult:
         tmp.rename(path)
 
 
+def already_done(stage: str, run_dir: Path, outputs: dict[str, Path]) -> StageResult | None:
+    """The skipped result of a stage whose outputs are all complete (with the counts its finished run recorded),
+    or None when there is work to do."""
+    from .data import is_complete
+
+    if not all(is_complete(path) for path in outputs.values()):
+        return None
+    logger.info("%s: already done, skipping", stage)
+    recorded = run_dir / stage / "result.json"
+    counts = json.loads(recorded.read_text()).get("counts", {}) if recorded.is_file() else {}
+    return StageResult(stage, skipped=True, counts=counts, outputs={k: str(v) for k, v in outputs.items()})
+
+
 def stage_section(recipe: Recipe, stage: str) -> Any:
     section = getattr(recipe, stage)
     if section is None:

@@ -19,11 +19,20 @@ from typing import Any
 import pyarrow as pa
 
 from .config import Recipe
-from .data import (DialogueRow, PromptRow, is_complete, read_contract, split_by_reason, text_problem,
-                   validated_once, write_parquet_atomic)
+from .data import (
+    DialogueRow,
+    PromptRow,
+    count_values,
+    is_complete,
+    read_contract,
+    split_by_reason,
+    text_problem,
+    validated_once,
+    write_parquet_atomic,
+)
 from .feedback.complete import stable_seed
 from .generate import generate
-from .stage import StageResult, Timer, log_rate, stage_section
+from .stage import StageResult, Timer, already_done, log_rate, stage_section
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +121,8 @@ def run_synthesize(recipe: Recipe, run_dir: Path) -> StageResult:
     cfg = stage_section(recipe, "synthesize")
     stage_dir = run_dir / "synthesize"
     out, rejects_dir = stage_dir / "dialogues", stage_dir / "rejects"
-    if is_complete(out) and is_complete(rejects_dir):
-        logger.info("synthesize: already done, skipping")
-        return StageResult("synthesize", skipped=True, outputs={"dialogues": str(out)})
+    if done := already_done("synthesize", run_dir, {"dialogues": out, "rejects": rejects_dir}):
+        return done
     timer = Timer()
     result = StageResult("synthesize", outputs={"dialogues": str(out), "rejects": str(rejects_dir)})
     if cfg.dataset is not None:  # an existing dialogue set, validated as it is
@@ -147,10 +155,7 @@ def run_synthesize(recipe: Recipe, run_dir: Path) -> StageResult:
     accepted, rejected = split_by_reason(checked, DialogueRow.arrow_schema().names, SYNTH_REJECT_SCHEMA.names)
     kept = write_parquet_atomic(accepted, out, schema=DialogueRow.arrow_schema())
     dropped = write_parquet_atomic(rejected, rejects_dir, schema=SYNTH_REJECT_SCHEMA)
-    reasons: dict[str, int] = {}
-    for batch in read_contract(rejects_dir).iter_batches(batch_format="pyarrow"):
-        for reason in batch["reason"].to_pylist():
-            reasons[reason] = reasons.get(reason, 0) + 1
+    reasons = dict(count_values(read_contract(rejects_dir), "reason"))
     result.counts.update(dialogues=kept, rejected=dropped, reasons=reasons)
     result.seconds = timer.seconds
     log_rate("synthesize", kept + dropped, timer.seconds)

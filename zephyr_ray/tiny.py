@@ -5,8 +5,9 @@ machine with no hub access gets the same set of models every time. Sizes follow 
 imposes: head_dim 64 (it refuses 16).
 
 The roles mirror the Zephyr recipe: a *student* that is only a "base" model (plain text, no chat), a *teacher* and a
-*judge* that learned the chat format, and a pool of *generators* of different sizes and amounts of training, so the
-model pool really produces completions of different quality.
+*judge* that learned the chat format, a pool of *generators* of different sizes and amounts of training, so the
+model pool really produces completions of different quality, and a *reward* model (sequence classifier) that
+prefers whole, ordered replies over shuffled or cut-off ones.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class TinySpec:
     num_kv_heads: int
     seed: int
     train_steps: int
-    train_on: str  # "chat": template-rendered dialogues; "text": plain text, like a base model
+    # "chat": template-rendered dialogues; "text": plain text, like a base model; "preference": a one-logit
+    # sequence classifier (a reward model) trained to rank each corpus reply above a spoiled copy of it
+    train_on: str
 
     @property
     def num_heads(self) -> int:
@@ -47,6 +50,7 @@ TINY_MODELS: tuple[TinySpec, ...] = (
     TinySpec("teacher", "teacher", 192, 2, 1, seed=1, train_steps=100, train_on="chat"),
     TinySpec("judge", "judge", 128, 2, 1, seed=2, train_steps=60, train_on="chat"),
     TinySpec("student", "student", 128, 2, 1, seed=3, train_steps=30, train_on="text"),
+    TinySpec("reward", "reward", 128, 2, 1, seed=4, train_steps=60, train_on="preference"),
     TinySpec("generator-0", "generator", 192, 2, 1, seed=10, train_steps=50, train_on="chat"),
     TinySpec("generator-1", "generator", 128, 2, 1, seed=11, train_steps=50, train_on="chat"),
     TinySpec("generator-2", "generator", 128, 1, 1, seed=12, train_steps=20, train_on="chat"),
@@ -137,12 +141,66 @@ def _training_batch(spec: TinySpec, tokenizer: Any) -> tuple[Any, Any]:
     return input_ids, labels
 
 
+def reward_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """What a reward model reads: the chat rendered up to the end of the last (assistant) reply, no ``</s>`` after
+    it, so its last token is the reply's own. This is how vLLM's chat step renders a chat that ends on the
+    assistant, and vLLM classifies on the last token."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+
+
+def _preference_batch(tokenizer: Any) -> tuple[Any, Any]:
+    """Each corpus dialogue with its reply, and the same dialogue with the reply spoiled (words shuffled, or cut
+    to its first few words), as two right-padded batches."""
+    import random
+
+
+    rng = random.Random(0)
+    chosen, rejected = [], []
+    for i, row in enumerate(load_corpus()):
+        turns = [m for m in row["messages"] if m["role"] != "system"]
+        words = turns[-1]["content"].split()
+        if i % 2:
+            spoiled = words[: max(1, len(words) // 4)]
+        else:
+            spoiled = words[:]
+            rng.shuffle(spoiled)
+        chosen.append(reward_text(tokenizer, turns))
+        rejected.append(reward_text(tokenizer, [*turns[:-1], {"role": "assistant", "content": " ".join(spoiled)}]))
+    encoded = tokenizer(chosen + rejected, add_special_tokens=False, padding=True, return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def _train_reward(model: Any, spec: TinySpec, tokenizer: Any) -> float:
+    """Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected), full batch."""
+    import torch
+
+    input_ids, attention_mask = _preference_batch(tokenizer)
+    half = input_ids.shape[0] // 2
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(spec.train_steps):
+        rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        loss = -torch.nn.functional.logsigmoid(rewards[:half] - rewards[half:]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss.item()
+
+
 def build_model(spec: TinySpec, tokenizer: Any) -> Any:
     """A seeded random Mistral, warmed up for ``spec.train_steps`` full-batch AdamW steps on the shipped corpus."""
     import torch
-    from transformers import MistralForCausalLM
+    from transformers import MistralForCausalLM, MistralForSequenceClassification
 
     torch.manual_seed(spec.seed)
+    if spec.train_on == "preference":
+        config = _model_config(spec, tokenizer)
+        config.num_labels = 1
+        model = MistralForSequenceClassification(config)
+        loss = _train_reward(model, spec, tokenizer)
+        model.eval()
+        logger.info("%s: %d reward steps, final loss %.3f", spec.name, spec.train_steps, loss)
+        return model
     model = MistralForCausalLM(_model_config(spec, tokenizer))
     if spec.train_steps:
         input_ids, labels = _training_batch(spec, tokenizer)

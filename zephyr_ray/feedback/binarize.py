@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any
 import pyarrow as pa
 
 from ..config import BinarizeConfig, Recipe
-from ..data import PreferenceRow, is_complete, read_contract, split_by_reason, write_parquet_atomic
-from ..stage import StageResult, Timer, log_rate, stage_section
+from ..data import PreferenceRow, count_values, read_contract, split_by_reason, write_parquet_atomic
+from ..stage import StageResult, Timer, already_done, log_rate, stage_section
 from .complete import stable_seed
 from .judge import ASPECTS
 
@@ -87,9 +88,8 @@ def run_binarize(recipe: Recipe, run_dir: Path) -> StageResult:
     """``judge/judgments`` -> ``binarize/preferences`` + ``binarize/rejects`` + ``binarize/stats.json``."""
     cfg = stage_section(recipe, "binarize")
     out, rejects_dir = run_dir / "binarize" / "preferences", run_dir / "binarize" / "rejects"
-    if is_complete(out) and is_complete(rejects_dir):
-        logger.info("binarize: already done, skipping")
-        return StageResult("binarize", skipped=True, outputs={"preferences": str(out)})
+    if done := already_done("binarize", run_dir, {"preferences": out, "rejects": rejects_dir}):
+        return done
     timer = Timer()
     judgments = read_contract(run_dir / "judge" / "judgments")
     grouped = judgments.groupby("prompt_id").map_groups(_binarize_group, fn_kwargs={"cfg": cfg},
@@ -108,6 +108,16 @@ def run_binarize(recipe: Recipe, run_dir: Path) -> StageResult:
     return result
 
 
+def score_bin(value: float | None) -> str:
+    """A score's histogram bin: whole numbers as they are, others by the lower edge of their 0.5-wide bin
+    (logprob and reward-model scores are continuous; one bar per distinct value would say nothing)."""
+    return "unscored" if value is None else f"{math.floor(value * 2) / 2:g}"
+
+
+def bin_order(label: str) -> tuple[bool, float]:
+    return label == "unscored", 0.0 if label == "unscored" else float(label)
+
+
 def preference_stats(judgments: Any, pairs: Any, rejects: Any, score: str) -> dict[str, Any]:
     """What people check after binarizing: score histograms per model, chosen vs rejected length, wins per model.
 
@@ -117,7 +127,7 @@ def preference_stats(judgments: Any, pairs: Any, rejects: Any, score: str) -> di
     for batch in judgments.iter_batches(batch_format="pyarrow", batch_size=4096):
         for row in batch.to_pylist():
             value = score_of(row, score)
-            histograms[row["model"]][("unscored" if value is None else f"{value:g}")] += 1
+            histograms[row["model"]][score_bin(value)] += 1
     wins, losses = Counter(), Counter()
     lengths = {"chosen": 0, "rejected": 0, "longer_chosen": 0, "pairs": 0}
     for batch in pairs.iter_batches(batch_format="pyarrow", batch_size=4096):
@@ -129,12 +139,12 @@ def preference_stats(judgments: Any, pairs: Any, rejects: Any, score: str) -> di
             lengths["rejected"] += rejected
             lengths["longer_chosen"] += int(chosen > rejected)
             lengths["pairs"] += 1
-    reasons = Counter(r for b in rejects.iter_batches(batch_format="pyarrow", batch_size=4096)
-                      for r in b["reason"].to_pylist())
+    reasons = count_values(rejects, "reason")
     n = max(lengths["pairs"], 1)
     return {
         "score": score,
-        "score_histograms": {m: dict(sorted(h.items())) for m, h in sorted(histograms.items())},
+        "score_histograms": {m: dict(sorted(h.items(), key=lambda kv: bin_order(kv[0])))
+                             for m, h in sorted(histograms.items())},
         "wins": dict(wins.most_common()), "losses": dict(losses.most_common()),
         "mean_chars_chosen": lengths["chosen"] / n, "mean_chars_rejected": lengths["rejected"] / n,
         "fraction_chosen_longer": lengths["longer_chosen"] / n,  # the judge's verbosity bias
@@ -151,8 +161,7 @@ def plot_stats(stats: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     models = list(stats["score_histograms"])
-    bins = sorted({b for h in stats["score_histograms"].values() for b in h},
-                  key=lambda b: (b == "unscored", float(b) if b != "unscored" else 0))
+    bins = sorted({b for h in stats["score_histograms"].values() for b in h}, key=bin_order)
     width = 0.8 / max(len(models), 1)
     for i, model in enumerate(models):
         counts = [stats["score_histograms"][model].get(b, 0) for b in bins]

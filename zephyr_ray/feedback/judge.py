@@ -4,6 +4,10 @@
   structured outputs force the judge to produce (so it parses); the raw text is kept beside the scores.
 - ``logprob``: the judge emits one rating token 1-5; the score is the probability-weighted mean over the allowed
   ratings, read from the token's log-probabilities (cheap, and calibrated rather than argmax).
+- ``reward_model``: a sequence-classification reward model (vLLM's ``classify`` runner) reads the chat with the
+  completion as the assistant's turn; its raw logit is the overall score.
+- ``openai``: the rubric, asked of an OpenAI-compatible endpoint (GPT-4-class judges), with its structured output
+  as the endpoint takes it (``response_format`` JSON schema, or vLLM's regex); see ``endpoint.py``.
 
 A judgment that cannot be parsed or scored keeps its row, with ``judge_error`` saying why; it is counted, never fatal.
 """
@@ -18,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe
-from ..data import JudgmentRow, is_complete, read_contract, text_problem, write_parquet_atomic
-from ..generate import generate
-from ..stage import StageResult, Timer, log_rate, stage_section
+from ..data import JudgmentRow, read_contract, text_problem, write_parquet_atomic
+from ..endpoint import chat_via_endpoint
+from ..generate import classify, generate
+from ..stage import StageResult, Timer, already_done, log_rate, stage_section
 from .complete import model_dir
 
 logger = logging.getLogger(__name__)
@@ -135,6 +140,27 @@ def judge_requests(row: dict[str, Any], kind: str, sampling: dict[str, Any]) -> 
     return {"completion_row": row, "messages": messages, "sampling_params": params}
 
 
+def reward_request(row: dict[str, Any]) -> dict[str, Any]:
+    """The chat a reward model reads: the user's turns (no principle system prompt) and the completion."""
+    turns = [m for m in row["messages"] if m["role"] != "system"]
+    return {"completion_row": row, "messages": [*turns, {"role": "assistant", "content": row["completion"]}],
+            "pooling_params": {"use_activation": False}}  # the raw reward, not a sigmoid of it
+
+
+def endpoint_request(row: dict[str, Any], sampling: dict[str, Any], structured_output: str) -> dict[str, Any]:
+    """The rubric chat for an OpenAI-compatible endpoint, with its structured output in the form it takes."""
+    request: dict[str, Any] = {"temperature": sampling["temperature"], "top_p": sampling["top_p"],
+                               "max_tokens": sampling["max_tokens"]}
+    if sampling.get("seed") is not None:
+        request["seed"] = sampling["seed"]
+    if structured_output == "json_schema":
+        request["response_format"] = {"type": "json_schema",
+                                      "json_schema": {"name": "rubric", "schema": RUBRIC_SCHEMA, "strict": True}}
+    elif structured_output == "regex":
+        request["extra_body"] = {"structured_outputs": {"regex": RUBRIC_REGEX}}
+    return {"completion_row": row, "messages": judge_messages(row, RUBRIC_PROMPT), "request": json.dumps(request)}
+
+
 def unscored(row: dict[str, Any], judge: str, error: str | None, raw: str | None = None) -> dict[str, Any]:
     return {**{k: row[k] for k in row if k in JudgmentRow.model_fields}, "judge": judge,
             **{a: None for a in ASPECTS}, "overall": None, "rationale": None, "raw_judgment": raw,
@@ -142,16 +168,45 @@ def unscored(row: dict[str, Any], judge: str, error: str | None, raw: str | None
 
 
 def to_judgment(row: dict[str, Any], kind: str, judge: str) -> dict[str, Any]:
-    raw = row["generated_text"]
-    out = unscored(row["completion_row"], judge, None, raw)
-    if row["generation_error"]:
-        out["judge_error"] = f"judge engine failed: {row['generation_error']}"
-    elif kind == "rubric":
-        scores, out["judge_error"] = parse_rubric(raw or "")
-        out.update(scores)
+    if kind == "reward_model":
+        logits = row["classifier_logits"]
+        out = unscored(row["completion_row"], judge, None, None if logits is None else json.dumps(logits))
     else:
+        out = unscored(row["completion_row"], judge, None, row["generated_text"])
+    if row["generation_error"]:
+        out["judge_error"] = f"judge failed: {row['generation_error']}"
+    elif kind in ("rubric", "openai"):
+        scores, out["judge_error"] = parse_rubric(out["raw_judgment"] or "")
+        out.update(scores)
+    elif kind == "logprob":
         out["overall"], out["judge_error"] = logprob_score(row.get("generated_logprobs"))
+    elif not logits or len(logits) != 1:
+        out["judge_error"] = f"a reward model has one output; this one gave {0 if not logits else len(logits)}"
+    else:
+        out["overall"] = logits[0]
     return out
+
+
+def judge_name(cfg: Any) -> str:
+    """Who judged, in every judgment row: model, scorer and prompt version."""
+    if cfg.kind == "openai":
+        return f"{cfg.endpoint.model} @ {cfg.endpoint.base_url} (openai rubric, {RUBRIC_VERSION})"
+    if cfg.kind == "reward_model":
+        return f"{cfg.engine.model} (reward_model)"
+    return f"{cfg.engine.model} ({cfg.kind}, {RUBRIC_VERSION})"
+
+
+def score(judgeable: Any, cfg: Any, recipe: Recipe) -> Any:
+    """The judge's raw output for every judgeable completion, lazily, by the recipe's scorer kind."""
+    sampling = cfg.sampling.model_dump()
+    if cfg.kind == "reward_model":
+        return classify(judgeable.map(reward_request), cfg.engine, recipe.hardware)
+    if cfg.kind == "openai":
+        requests = judgeable.map(endpoint_request, fn_kwargs={"sampling": sampling,
+                                                              "structured_output": cfg.endpoint.structured_output})
+        return chat_via_endpoint(requests, cfg.endpoint)
+    requests = judgeable.map(judge_requests, fn_kwargs={"kind": cfg.kind, "sampling": sampling})
+    return generate(requests, cfg.engine, recipe.hardware, keep_logprobs=cfg.kind == "logprob")
 
 
 def completion_problem(row: dict[str, Any]) -> str | None:
@@ -165,21 +220,16 @@ def run_judge(recipe: Recipe, run_dir: Path) -> StageResult:
     """Score ``complete/models/*`` into ``judge/judgments``; completions that failed get a judge_error row too."""
     cfg = stage_section(recipe, "judge")
     out = run_dir / "judge" / "judgments"
-    if is_complete(out):
-        logger.info("judge: already done, skipping")
-        return StageResult("judge", skipped=True, outputs={"judgments": str(out)})
-    if cfg.kind not in ("rubric", "logprob"):
-        raise NotImplementedError(f"judge kind '{cfg.kind}' is not available yet")
+    if done := already_done("judge", run_dir, {"judgments": out}):
+        return done
     timer = Timer()
     models = stage_section(recipe, "complete").models
     completions = read_contract(*[model_dir(run_dir, m.name) for m in models])
-    judge = f"{cfg.engine.model} ({cfg.kind}, {RUBRIC_VERSION})"
+    judge = judge_name(cfg)
     judgeable = completions.filter(lambda r: completion_problem(r) is None)
     unjudgeable = completions.filter(lambda r: completion_problem(r) is not None).map(
         lambda r: unscored(r, judge, f"not judged: {completion_problem(r)}"))
-    requests = judgeable.map(judge_requests, fn_kwargs={"kind": cfg.kind, "sampling": cfg.sampling.model_dump()})
-    judged = generate(requests, cfg.engine, recipe.hardware, keep_logprobs=cfg.kind == "logprob")
-    judged = judged.map(to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge})
+    judged = score(judgeable, cfg, recipe).map(to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge})
     written = write_parquet_atomic(judged.union(unjudgeable), out, schema=JudgmentRow.arrow_schema())
     log_rate("judge", written, timer.seconds)
     table = read_contract(out)

@@ -1,0 +1,117 @@
+"""Chat requests to an OpenAI-compatible endpoint over a Ray dataset (the ``openai`` judge; GPT-4-class graders).
+
+Why not ``ray.data.llm.HttpRequestProcessorConfig``: its stage raises when a request has used up its retries and
+cannot read a non-JSON error body, so one bad row ends the whole job. Here each Ray worker holds an ``openai``
+client (retries with exponential backoff on 429, 5xx and timeouts, honouring ``Retry-After``), paces its requests
+to its share of ``qps``, and a request that still fails becomes that row's ``generation_error``.
+
+The API key is read from the environment on the driver when the dataset is built (a missing key fails at once,
+naming the variable), travels to the workers as a ``SecretStr`` (its repr is ``**********``), and is scrubbed
+from any error text that comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydantic import SecretStr
+
+from .config import Endpoint
+
+
+class EndpointKeyError(ValueError):
+    pass
+
+
+def endpoint_key(endpoint: Endpoint) -> SecretStr | None:
+    """The endpoint's API key from its environment variable; an error names the variable (never a value)."""
+    if endpoint.api_key_env is None:
+        return None
+    key = os.environ.get(endpoint.api_key_env)
+    if not key:
+        raise EndpointKeyError(f"endpoint {endpoint.base_url}: environment variable {endpoint.api_key_env} is not "
+                               f"set (set it, or `api_key_env: null` for an endpoint without auth)")
+    return SecretStr(key)
+
+
+class _Pacer:
+    """Spaces request starts ``interval`` seconds apart across the threads of one worker."""
+
+    def __init__(self, qps: float) -> None:
+        self.interval = 1.0 / qps
+        self.next_start = time.monotonic()
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_start)
+            self.next_start = start + self.interval
+        time.sleep(max(0.0, start - now))
+
+
+class EndpointChat:
+    """Ray Data UDF (``map_batches``, pyarrow batches): one chat completion per row.
+
+    Each row carries ``messages`` and ``request``, a JSON object (as text, so any shape survives Arrow) of extra
+    fields for ``chat.completions.create``: temperature, max_tokens, response_format, extra_body, ... Adds
+    ``generated_text``, ``finish_reason``, ``num_input_tokens``, ``num_generated_tokens`` and ``generation_error``.
+    """
+
+    def __init__(self, endpoint: Endpoint, key: SecretStr | None) -> None:
+        import openai
+
+        self.endpoint = endpoint
+        self.key = key
+        self.client = openai.OpenAI(base_url=endpoint.base_url, api_key=key.get_secret_value() if key else "none",
+                                    max_retries=endpoint.max_retries, timeout=endpoint.timeout_s)
+        self.pacer = _Pacer(endpoint.qps / endpoint.concurrency)
+        self.pool = ThreadPoolExecutor(max_workers=endpoint.max_in_flight)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self.key.get_secret_value(), "**********") if self.key else text
+
+    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        import openai
+
+        self.pacer.wait()
+        out = {"generated_text": None, "finish_reason": "error", "num_input_tokens": None,
+               "num_generated_tokens": None, "generation_error": None}
+        try:
+            response = self.client.chat.completions.create(model=self.endpoint.model, messages=row["messages"],
+                                                           **json.loads(row["request"]))
+        except openai.APIStatusError as error:
+            out["generation_error"] = self._scrub(f"HTTP {error.status_code} from {self.endpoint.base_url}: "
+                                                  f"{error.message}")
+        except openai.APIError as error:  # connection failures and timeouts, after the retries
+            out["generation_error"] = self._scrub(f"{type(error).__name__} from {self.endpoint.base_url}: "
+                                                  f"{error.message}")
+        else:
+            choice = response.choices[0] if response.choices else None
+            if choice is None or choice.message.content is None:
+                out["generation_error"] = "the endpoint returned no message content"
+            else:
+                out.update(generated_text=choice.message.content, finish_reason=choice.finish_reason)
+            if response.usage:
+                out.update(num_input_tokens=response.usage.prompt_tokens,
+                           num_generated_tokens=response.usage.completion_tokens)
+        return {**row, **out}
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        return pa.Table.from_pylist(list(self.pool.map(self._one, rows)))
+
+
+def chat_via_endpoint(ds: Any, endpoint: Endpoint, batch_size: int = 16) -> Any:
+    """Lazily add the endpoint's answer to every row of ``ds`` (see ``EndpointChat``)."""
+    key = endpoint_key(endpoint)
+    return ds.map_batches(EndpointChat, fn_constructor_kwargs={"endpoint": endpoint, "key": key},
+                          batch_format="pyarrow", batch_size=batch_size, concurrency=endpoint.concurrency,
+                          num_cpus=0.25)
