@@ -1,6 +1,6 @@
 """Generation benchmark: the ray.data.llm pipeline (zephyr_ray.generate) vs a plain vllm.LLM loop, same engine settings.
 
-    python bench/generation.py [--model artifacts/tiny-models/generator-0] [--rows 64]
+    python bench/generation.py [--model artifacts/tiny-models/generator-0] [--rows 256]
 
 Prints, in one run:
 - tokens/s of a plain ``vllm.LLM.chat`` call and of the Ray Data pipeline writing Parquet, each measured as the
@@ -23,7 +23,7 @@ import psutil
 from zephyr_ray.config import Engine, Hardware
 from zephyr_ray.engines import detect_accelerator, vllm_engine_kwargs
 
-MAX_TOKENS = 32
+MAX_TOKENS = 64
 
 
 class PeakRSS:
@@ -91,7 +91,7 @@ def pipeline(engine: Engine, hardware: Hardware, sizes: list[int], out: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="artifacts/tiny-models/generator-0")
-    parser.add_argument("--rows", type=int, default=64, help="N; the runs use N and 10N rows")
+    parser.add_argument("--rows", type=int, default=256, help="N; the runs use N and 10N rows")
     args = parser.parse_args()
     import ray
 

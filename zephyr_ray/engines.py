@@ -13,6 +13,8 @@ from .config import Engine, Hardware
 # vLLM's CPU backend reads ``gpu_memory_utilization`` as the fraction of *host RAM* for the KV cache; its default
 # (0.92) cannot be allocated beside everything else on a small machine. 0.3 leaves room for Ray and training.
 CPU_KV_CACHE_FRACTION = 0.3
+# Tokens per engine step on CPU (vLLM's CPU default); never below max_model_len, as prompts are not split there.
+CPU_MAX_BATCHED_TOKENS = 2048
 
 
 def vllm_engine_kwargs(engine: Engine, hardware: Hardware) -> dict[str, Any]:
@@ -26,6 +28,12 @@ def vllm_engine_kwargs(engine: Engine, hardware: Hardware) -> dict[str, Any]:
     if hardware.accelerator == "cpu":
         # fp32: the CPU kernels for bf16 need AVX-512; eager: CUDA graphs do not exist here.
         kwargs.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=CPU_KV_CACHE_FRACTION)
+        # No chunked prefill on CPU: when a prompt is split across steps, vLLM rewinds the request's seeded
+        # generator (`set_offset`), which a CPU torch.Generator does not have, and the engine dies ("CPU Generator
+        # does not use offset"). Every completion carries a seed, so every split prompt killed an engine; Ray
+        # restarted it and retried the batch, and the rows came out right but ~30x slower.
+        kwargs.update(enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(CPU_MAX_BATCHED_TOKENS, engine.max_model_len))
     else:
         kwargs.update(dtype="bfloat16")
     if engine.kv_cache_gib is not None:
