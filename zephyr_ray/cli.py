@@ -127,12 +127,12 @@ def chat(
             typer.echo(f"assistant> {reply(text)}")
 
 
-DATA_STAGES = ("synthesize", "complete", "judge", "binarize")
+STAGES = ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo")
 
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(DATA_STAGES)}")],
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")],
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
     run_dir: Annotated[Path, typer.Option(help="where the run's outputs go")] = Path("runs/latest"),
     address: Annotated[Optional[str], typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
@@ -141,8 +141,8 @@ def stage(
     from .config import RecipeError, load_recipe
     from .stages import run_stage
 
-    if name not in DATA_STAGES:
-        _fail(f"unknown stage '{name}'; choose from {', '.join(DATA_STAGES)}")
+    if name not in STAGES:
+        _fail(f"unknown stage '{name}'; choose from {', '.join(STAGES)}")
     try:
         loaded = load_recipe(recipe)
     except RecipeError as err:

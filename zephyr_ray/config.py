@@ -75,6 +75,11 @@ class Training(_Section):
     bf16: bool = True
     gradient_checkpointing: bool = True
     seed: int = 42
+    save_steps: int = Field(default=100, gt=0, description="checkpoint every N optimizer steps (and at the end)")
+    max_failures: int = Field(default=2, ge=-1, description="worker failures survived by restarting from the "
+                              "latest checkpoint; -1: no limit")
+    chat_template: str = Field(default="zephyr", description="'zephyr', or a Jinja chat template; saved with the "
+                               "model")
     trl_args: dict[str, Any] = Field(
         default_factory=dict, description="further fields of TRL's SFTConfig/DPOConfig, passed through as they are"
     )

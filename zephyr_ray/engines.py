@@ -108,3 +108,45 @@ def vllm_processor_config(engine: Engine, hardware: Hardware, **overrides: Any) 
                        detokenize_stage={"num_cpus": 0.25})
     options.update(overrides)
     return vLLMEngineProcessorConfig(**options)
+
+
+def deepspeed_config(training: Any, hardware: Hardware) -> dict[str, Any]:
+    """The DeepSpeed config for a training section. Batch sizes, learning rate and clipping are "auto": the HF
+    Trainer fills them from its own arguments, so the recipe states each number once.
+
+    ZeRO-3 gathers the full 16-bit weights when the Trainer saves, so every checkpoint holds a plain HF model
+    beside the per-rank optimizer shards. bf16 on GPU when the recipe asks for it; fp32 on CPU.
+    """
+    config: dict[str, Any] = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": training.zero_stage, "overlap_comm": hardware.accelerator == "gpu",
+                              "contiguous_gradients": True},
+        "bf16": {"enabled": training.bf16 and hardware.accelerator == "gpu"},
+        "zero_allow_untested_optimizer": True,
+    }
+    if training.zero_stage == 3:
+        config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=True,
+                                           stage3_param_persistence_threshold="auto",
+                                           stage3_prefetch_bucket_size="auto", reduce_bucket_size="auto")
+    return config
+
+
+def prepare_training_process(hardware: Hardware, cache_dir: str) -> dict[str, Any]:
+    """Set up one Ray Train worker for DeepSpeed; returns the extra TrainingArguments this hardware needs.
+
+    On CPU, accelerate refuses DeepSpeed when ``use_cpu`` is set, and without DeepSpeed mode the HF side sees a world
+    of one while DeepSpeed sees all workers. So: DeepSpeed mode on, a gloo process group that accelerate adopts
+    (``use_configured_state``), and DeepSpeed's JIT-built CPU ops cached under ``cache_dir``.
+    """
+    prepare_process_env(hardware)
+    if hardware.accelerator != "cpu":
+        return {}
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(cache_dir, "torch_extensions"))
+    PartialState(backend="gloo")
+    return {"ddp_backend": "gloo", "accelerator_config": {"use_configured_state": True}}

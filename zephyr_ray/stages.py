@@ -16,8 +16,11 @@ def stage_functions() -> dict[str, Callable[[Recipe, Path], StageResult]]:
     from .feedback.complete import run_complete
     from .feedback.judge import run_judge
     from .synthesize import run_synthesize
+    from .train.dpo import run_train_dpo
+    from .train.sft import run_train_sft
 
-    return {"synthesize": run_synthesize, "complete": run_complete, "judge": run_judge, "binarize": run_binarize}
+    return {"synthesize": run_synthesize, "train_sft": run_train_sft, "complete": run_complete, "judge": run_judge,
+            "binarize": run_binarize, "train_dpo": run_train_dpo}
 
 
 def init_ray(recipe: Recipe, address: str | None = None) -> None:

@@ -1,0 +1,200 @@
+"""What dSFT and dDPO share: the Ray Train ``TorchTrainer`` around a TRL trainer, under DeepSpeed, with checkpoints
+reported to Ray Train, resume from the latest one, and the export of the final model.
+
+Each Ray Train worker runs the TRL trainer of its stage (``sft.py``, ``dpo.py``) on the stage's Parquet input,
+loaded with ``datasets``; the HF Trainer's distributed sampler gives each rank its share, in an order fixed by the
+recipe's seed, so a resumed run sees the batches an uninterrupted one would.
+
+Checkpoints: every ``save_steps`` optimizer steps, and at the last step, the Trainer writes a checkpoint (the ZeRO-3
+shards of each rank, and the full weights gathered on save) and ``RayTrainReportCallback`` reports it, with the
+latest logged metrics, into ``<run_dir>/<stage>/ray``. A worker that dies makes Ray Train restart the group
+(``FailureConfig``); the restarted workers and a re-run of the stage both resume from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from ..config import Hardware, Recipe, Training, derive_batch
+from ..data import SUCCESS_MARKER
+from ..stage import StageResult
+
+logger = logging.getLogger(__name__)
+
+HF_CHECKPOINT = "checkpoint"  # RayTrainReportCallback's name for the HF checkpoint inside a Ray checkpoint
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+               "adapter_config.json", "adapter_model.safetensors")
+
+
+def chat_template_of(training: Training) -> str:
+    from ..chat import ZEPHYR_CHAT_TEMPLATE
+
+    return ZEPHYR_CHAT_TEMPLATE if training.chat_template == "zephyr" else training.chat_template
+
+
+def load_tokenizer(model: str, training: Training) -> Any:
+    """The model's tokenizer with the recipe's chat template; pad falls back to EOS (Mistral has no pad token)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    tokenizer.chat_template = chat_template_of(training)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def trainer_arguments(training: Training, hardware: Hardware, output_dir: str, extra: dict[str, Any]) -> dict:
+    """TrainingArguments fields for TRL's SFTConfig/DPOConfig from a recipe section; ``trl_args`` win."""
+    from ..engines import deepspeed_config
+
+    per_device, accumulation = derive_batch(training.global_batch_size, hardware.num_workers,
+                                            training.max_per_device_batch_size)
+    gpu = hardware.accelerator == "gpu"
+    args = dict(output_dir=output_dir, per_device_train_batch_size=per_device,
+                gradient_accumulation_steps=accumulation, learning_rate=training.learning_rate,
+                lr_scheduler_type=training.lr_scheduler_type, warmup_steps=training.warmup_ratio,  # < 1: a ratio
+                num_train_epochs=training.num_epochs, max_length=training.max_length, bf16=training.bf16 and gpu,
+                gradient_checkpointing=training.gradient_checkpointing and gpu, seed=training.seed,
+                data_seed=training.seed, logging_steps=1, save_strategy="steps", save_steps=training.save_steps,
+                save_only_model=False, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+                deepspeed=deepspeed_config(training, hardware) if training.zero_stage else None, **extra)
+    args.update(training.trl_args)
+    return args
+
+
+def save_at_end_callback() -> Any:
+    """A checkpoint at the last step too, whatever ``save_steps`` is, so the final model is always reported."""
+    from transformers import TrainerCallback
+
+    class SaveAtEnd(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step >= state.max_steps:
+                control.should_save = True
+            return control
+
+    return SaveAtEnd()
+
+
+def latest_hf_checkpoint() -> str | None:
+    """The HF checkpoint inside the Ray checkpoint this worker restarts from (None on a fresh start)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    path = os.path.join(checkpoint.to_directory(), HF_CHECKPOINT)
+    logger.info("resuming from %s", path)
+    return path
+
+
+def train_with_ray(trainer: Any, resume_from: str | None) -> None:
+    """Report checkpoints to Ray Train, resume from ``resume_from``, train."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    trainer.add_callback(save_at_end_callback())
+    trainer.add_callback(RayTrainReportCallback())
+    trainer = prepare_trainer(trainer)
+    trainer.train(resume_from_checkpoint=resume_from)
+
+
+def run_torch_trainer(stage: str, worker: Callable[[dict], None], loop_config: dict[str, Any], recipe: Recipe,
+                      training: Training, run_dir: Path) -> Any:
+    """Run ``worker`` on ``hardware.num_workers`` Ray Train workers; returns Ray Train's result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    hardware = recipe.hardware
+    gpu = hardware.accelerator == "gpu"
+    resources = {"CPU": hardware.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=hardware.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=stage, storage_path=str((run_dir / stage / "ray").resolve()),
+                             failure_config=FailureConfig(max_failures=training.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()
+
+
+def export_model(checkpoint: Any, out: Path, card: str) -> None:
+    """The final checkpoint's full weights, config, tokenizer (with the chat template) and generation config as a
+    plain HF directory at ``out`` (written beside it, then renamed into place), plus ``README.md`` (the card)."""
+    from transformers import GenerationConfig
+
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with checkpoint.as_directory() as directory:
+        source = Path(directory) / HF_CHECKPOINT
+        tmp.mkdir(parents=True)
+        for name in MODEL_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+    if not any(tmp.glob("*.safetensors")):
+        raise RuntimeError(f"{source}: the final checkpoint holds no safetensors weights")
+    config = json.loads((tmp / "config.json").read_text())
+    tokenizer_config = json.loads((tmp / "tokenizer_config.json").read_text())
+    generation = GenerationConfig.from_pretrained(tmp) if (tmp / "generation_config.json").is_file() \
+        else GenerationConfig()
+    eos = config.get("eos_token_id")
+    generation.eos_token_id, generation.pad_token_id = eos, config.get("pad_token_id", eos)
+    generation.bos_token_id = config.get("bos_token_id")
+    generation.save_pretrained(tmp)
+    if "chat_template" not in tokenizer_config and not (tmp / "chat_template.jinja").is_file():
+        raise RuntimeError(f"{source}: the tokenizer lost its chat template")
+    (tmp / "README.md").write_text(card)
+    (tmp / SUCCESS_MARKER).write_text(json.dumps({"model": out.name}) + "\n")  # what a re-run looks for
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def model_card(stage: str, recipe: Recipe, training: Training, base: str, data: dict[str, Any],
+               metrics: dict[str, Any]) -> str:
+    """README.md of an exported model: what it is, the recipe section, the data it saw, its final metrics."""
+    import yaml
+
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return "\n".join([
+        f"# {recipe.name}: {stage}",
+        "",
+        f"Trained by zephyr-ray stage `{stage}` from `{base}` with the recipe `{recipe.name}` "
+        f"({recipe.hardware.num_workers} {recipe.hardware.accelerator} workers, ZeRO stage {training.zero_stage}).",
+        ("Chat template: Zephyr's (`<|system|>`, `<|user|>`, `<|assistant|>`, each turn closed by `</s>`)."
+         if training.chat_template == "zephyr" else "Chat template: the recipe's own (see chat_template.jinja)."),
+        "",
+        "## Data",
+        "```json", json.dumps(data, indent=2), "```",
+        "",
+        f"## Recipe section `{stage}`",
+        "```yaml", yaml.safe_dump(training.model_dump(), sort_keys=False).strip(), "```",
+        "",
+        "## Final metrics",
+        "```json", json.dumps(numbers, indent=2), "```",
+        "",
+    ])
+
+
+def finish(stage: str, result: Any, recipe: Recipe, training: Training, base: str, data: dict[str, Any],
+           run_dir: Path, seconds: float) -> StageResult:
+    """Export the final model and record the stage."""
+    if result.error is not None:
+        raise RuntimeError(f"{stage}: training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{stage}: training reported no checkpoint")
+    out = run_dir / stage / "model"
+    metrics = dict(result.metrics or {})
+    export_model(result.checkpoint, out, model_card(stage, recipe, training, base, data, metrics))
+    (out.parent / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    counts = {"train_rows": data.get("rows", 0), "global_step": metrics.get("step", metrics.get("global_step", 0))}
+    stage_result = StageResult(stage, counts=counts, seconds=seconds,
+                               outputs={"model": str(out), "checkpoints": str(run_dir / stage / "ray")})
+    stage_result.save(run_dir)
+    logger.info("%s: model exported to %s (%s)", stage, out, {k: metrics[k] for k in list(metrics)[:6]})
+    return stage_result
