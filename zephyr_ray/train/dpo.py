@@ -36,7 +36,7 @@ def dpo_worker(config: dict[str, Any]) -> None:
                      loss_type=[cfg.loss_type])
     trainer = DPOTrainer(model=config["model"], ref_model=None, args=args,
                          train_dataset=train.select_columns(["chosen", "rejected"]), processing_class=tokenizer)
-    train_with_ray(trainer, latest_hf_checkpoint())
+    train_with_ray(trainer, latest_hf_checkpoint(), config["record_dir"])
 
 
 def split_by_prompt_length(preferences: Path, tokenizer: Any, max_prompt_length: int, kept: Path,
@@ -85,7 +85,8 @@ def run_train_dpo(recipe: Recipe, run_dir: Path) -> StageResult:
                 counts["rejected"])
     loop_config = {"recipe": recipe, "model": base, "data_files": sorted(str(p) for p in kept.glob("*.parquet")),
                    "output_dir": str((run_dir / "train_dpo" / "hf").resolve()),
-                   "cache_dir": str((run_dir / ".cache").resolve())}
+                   "cache_dir": str((run_dir / ".cache").resolve()),
+                   "record_dir": str((run_dir / "train_dpo" / "attempts").resolve())}
     result = run_torch_trainer("train_dpo", dpo_worker, loop_config, recipe, cfg, run_dir)
     data = {"preferences": str(preferences), "rows": counts["kept"], "rejected_long_prompts": counts["rejected"]}
     return finish("train_dpo", result, recipe, cfg, base, data, run_dir, timer.seconds)

@@ -83,6 +83,29 @@ def save_at_end_callback() -> Any:
     return SaveAtEnd()
 
 
+def attempt_log_callback(record_dir: str) -> Any:
+    """Each rank appends one line per (re)start of training to ``record_dir/rank<N>.jsonl``: the global step it
+    starts from (0, or the checkpoint's step after a restart) and how many parameters it holds itself, next to the
+    model's total (under ZeRO-3 each rank keeps about 1/world of them)."""
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class AttemptLog(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            params = list(model.parameters()) if model is not None else []
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+            local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            line = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "global_step_at_start": state.global_step, "max_steps": state.max_steps,
+                    "params_held": local, "params_total": total, "pid": os.getpid()}
+            Path(record_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(record_dir) / f"rank{rank}.jsonl", "a") as log:
+                log.write(json.dumps(line) + "\n")
+
+    return AttemptLog()
+
+
 def latest_hf_checkpoint() -> str | None:
     """The HF checkpoint inside the Ray checkpoint this worker restarts from (None on a fresh start)."""
     import ray.train
@@ -95,10 +118,11 @@ def latest_hf_checkpoint() -> str | None:
     return path
 
 
-def train_with_ray(trainer: Any, resume_from: str | None) -> None:
+def train_with_ray(trainer: Any, resume_from: str | None, record_dir: str) -> None:
     """Report checkpoints to Ray Train, resume from ``resume_from``, train."""
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
+    trainer.add_callback(attempt_log_callback(record_dir))
     trainer.add_callback(save_at_end_callback())
     trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)

@@ -42,7 +42,7 @@ def sft_worker(config: dict[str, Any]) -> None:
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=config["model"], args=args, train_dataset=train.select_columns(["messages"]),
                          processing_class=tokenizer, peft_config=peft_config)
-    train_with_ray(trainer, latest_hf_checkpoint())
+    train_with_ray(trainer, latest_hf_checkpoint(), config["record_dir"])
 
 
 def run_train_sft(recipe: Recipe, run_dir: Path) -> StageResult:
@@ -61,7 +61,8 @@ def run_train_sft(recipe: Recipe, run_dir: Path) -> StageResult:
     loop_config = {"recipe": recipe, "model": cfg.model,
                    "data_files": sorted(str(p) for p in dialogues.glob("*.parquet")),
                    "output_dir": str((run_dir / "train_sft" / "hf").resolve()),
-                   "cache_dir": str((run_dir / ".cache").resolve())}
+                   "cache_dir": str((run_dir / ".cache").resolve()),
+                   "record_dir": str((run_dir / "train_sft" / "attempts").resolve())}
     result = run_torch_trainer("train_sft", sft_worker, loop_config, recipe, cfg, run_dir)
     data = {"dialogues": str(dialogues), "rows": rows}
     return finish("train_sft", result, recipe, cfg, cfg.model, data, run_dir, timer.seconds)

@@ -1,0 +1,189 @@
+"""dSFT and dDPO on Ray Train with TRL under DeepSpeed ZeRO-3, on 2 CPU workers and the tiny models.
+
+The training data are the tiny corpus' dialogues (the teacher's own), as a finished `synthesize` output; the
+preference pairs are each reply against a shuffled copy of it. The first 8 dialogues are held out of both.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zephyr_ray.config import load_recipe
+from zephyr_ray.data import DialogueRow, PreferenceRow, prompt_id_of, write_parquet_atomic
+from zephyr_ray.stages import run_stage
+from zephyr_ray.tiny import load_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+HELD_OUT = 8
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
+
+
+def turns(row: dict) -> list[dict]:
+    return [m for m in row["messages"] if m["role"] != "system"]
+
+
+def spoiled_pair(row: dict, rng: random.Random) -> dict:
+    chat = turns(row)
+    words = chat[-1]["content"].split()
+    rng.shuffle(words)
+    prompt = chat[0]["content"]
+    return {"prompt": prompt, "prompt_id": prompt_id_of(prompt), "chosen": chat,
+            "rejected": [*chat[:-1], {"role": "assistant", "content": " ".join(words)}], "messages": chat,
+            "score_chosen": 2.0, "score_rejected": 1.0, "chosen_model": "corpus", "rejected_model": "shuffled",
+            "judge": "construction", "num_scored": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, ray_local, tmp_path_factory):
+    import ray
+
+    tmp = tmp_path_factory.mktemp("train")
+    corpus = load_corpus()
+    rng = random.Random(0)
+    run_dir = tmp / "run"
+    dialogues = [{"prompt": turns(r)[0]["content"], "prompt_id": prompt_id_of(turns(r)[0]["content"]),
+                  "messages": turns(r)} for r in corpus[HELD_OUT:]]
+    write_parquet_atomic(ray.data.from_items(dialogues), run_dir / "synthesize" / "dialogues",
+                         schema=DialogueRow.arrow_schema())
+    pairs = [spoiled_pair(r, rng) for r in corpus]
+    write_parquet_atomic(ray.data.from_items(pairs[HELD_OUT:]), run_dir / "binarize" / "preferences",
+                         schema=PreferenceRow.arrow_schema())
+    text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
+    data = yaml.safe_load(text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent)))
+    data["train_sft"].update(num_epochs=8, learning_rate=2.0e-3, save_steps=25, max_failures=0)
+    data["train_dpo"].update(num_epochs=3, save_steps=25, max_failures=0)
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(data))
+    recipe = load_recipe(tmp / "recipe.yaml")
+    results = {stage: run_stage(stage, recipe, run_dir) for stage in ("train_sft", "train_dpo")}
+    return recipe, run_dir, results, pairs[:HELD_OUT]
+
+
+def attempts(run_dir: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for path in sorted((run_dir / stage / "attempts").glob("rank*.jsonl"))
+            for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", ["train_sft", "train_dpo"])
+def test_zero3_gives_each_of_two_ranks_about_half_the_parameters(trained, stage):
+    _, run_dir, _, _ = trained
+    lines = attempts(run_dir, stage)
+    assert sorted(line["rank"] for line in lines) == [0, 1] and all(line["world_size"] == 2 for line in lines)
+    for line in lines:
+        assert 0.45 <= line["params_held"] / line["params_total"] <= 0.55, line
+        assert line["global_step_at_start"] == 0
+
+
+def sequence_loss(model_dir: Path, chats: list[list[dict]]) -> float:
+    """Mean token loss of ``chats`` rendered with the model's own chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    losses = []
+    for chat in chats:
+        ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            losses.append(model(input_ids=ids, labels=ids).loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_sft_lowers_held_out_loss_and_exports_a_plain_hf_model(trained, tiny_models):
+    recipe, run_dir, results, _ = trained
+    model = run_dir / "train_sft" / "model"
+    assert results["train_sft"].outputs["model"] == str(model)
+    held_out = [turns(r) for r in load_corpus()[:HELD_OUT]]
+    before, after = sequence_loss(tiny_models["student"], held_out), sequence_loss(model, held_out)
+    assert after < 0.9 * before, (before, after)
+    config = json.loads((model / "config.json").read_text())
+    generation = json.loads((model / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == config["eos_token_id"]
+    assert not list(model.glob("*.bin")) and (model / "model.safetensors").is_file()
+    card = (model / "README.md").read_text()
+    assert "train_sft" in card and "dialogues" in card and '"loss"' in card
+    metrics = json.loads((run_dir / "train_sft" / "metrics.json").read_text())
+    assert metrics["epoch"] == pytest.approx(recipe.train_sft.num_epochs)
+
+
+def test_exported_sft_model_chats_through_vllm_and_stops_at_eos(trained):
+    from zephyr_ray.config import Hardware
+    from zephyr_ray.engines import local_llm
+
+    _, run_dir, _, _ = trained
+    from vllm import SamplingParams
+
+    llm = local_llm(str(run_dir / "train_sft" / "model"), Hardware(accelerator="cpu"), max_model_len=512,
+                    kv_cache_gib=0.5)
+    prompts = [[turns(r)[0]] for r in load_corpus()[:HELD_OUT]]
+    outputs = llm.chat(prompts, SamplingParams(temperature=0.0, max_tokens=128), use_tqdm=False)
+    stopped = [o.outputs[0].finish_reason == "stop" for o in outputs]
+    assert sum(stopped) >= HELD_OUT // 2, f"only {sum(stopped)} of {HELD_OUT} replies ended at </s>"
+    assert all("<|user|>" not in o.outputs[0].text for o in outputs)
+
+
+def test_dpo_prefers_held_out_chosen_replies_and_logs_its_metrics(trained):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe, run_dir, _, held_out_pairs = trained
+    metrics = json.loads((run_dir / "train_dpo" / "metrics.json").read_text())
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(metrics)
+    policy_dir, reference_dir = run_dir / "train_dpo" / "model", run_dir / "train_sft" / "model"
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    reference = AutoModelForCausalLM.from_pretrained(reference_dir)
+
+    def reply_logp(model, chat: list[dict]) -> float:
+        prompt = tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=full).logits[0, :-1]
+        logps = torch.log_softmax(logits, -1).gather(-1, full[0, 1:, None])[:, 0]
+        return logps[len(prompt) - 1:].sum().item()
+
+    def reward(chat: list[dict]) -> float:
+        return recipe.train_dpo.beta * (reply_logp(policy, chat) - reply_logp(reference, chat))
+
+    wins = [reward(p["chosen"]) > reward(p["rejected"]) for p in held_out_pairs]
+    assert sum(wins) / len(wins) > 0.5, wins
+
+
+def test_a_killed_training_worker_resumes_from_the_checkpoint(trained, ray_local, tmp_path):
+    """SIGKILL one Ray Train worker after the first checkpoint: Ray Train restarts the group, the workers resume at
+    the checkpoint's step (not 0), and the stage finishes with every step trained once."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe, run_dir, _, _ = trained
+    data = yaml.safe_load((run_dir.parent / "recipe.yaml").read_text())
+    data["train_sft"].update(num_epochs=8, save_steps=10, max_failures=2)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "synthesize", run / "synthesize")
+    job = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "stage", "train_sft", str(tmp_path / "recipe.yaml"),
+                            "--run-dir", str(run), "--address", ray_local.address],
+                           stdout=open(tmp_path / "stage.log", "w"), stderr=subprocess.STDOUT, cwd=REPO)
+    checkpoints = run / "train_sft" / "ray" / "train_sft"
+    deadline = time.time() + 600
+    while not list(checkpoints.glob("checkpoint_*")):
+        assert job.poll() is None, (tmp_path / "stage.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint was ever reported"
+        time.sleep(0.2)
+    first = attempts(run, "train_sft")
+    victim = next(line["pid"] for line in first if line["rank"] == 1)
+    os.kill(victim, signal.SIGKILL)
+    assert job.wait(timeout=900) == 0, (tmp_path / "stage.log").read_text()[-3000:]
+    lines = attempts(run, "train_sft")
+    starts = {rank: [line["global_step_at_start"] for line in lines if line["rank"] == rank] for rank in (0, 1)}
+    assert all(len(steps) == 2 and steps[0] == 0 and steps[1] > 0 for steps in starts.values()), starts
+    assert starts[0][1] % 10 == 0 and starts[0][1] < lines[0]["max_steps"], starts
+    metrics = json.loads((run / "train_sft" / "metrics.json").read_text())
+    assert metrics["step"] == lines[0]["max_steps"]
+    assert (run / "train_sft" / "model" / "model.safetensors").is_file()
