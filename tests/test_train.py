@@ -167,12 +167,20 @@ def test_a_killed_training_worker_resumes_from_the_checkpoint(trained, ray_local
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
     run = tmp_path / "run"
     shutil.copytree(run_dir / "synthesize", run / "synthesize")
-    job = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "stage", "train_sft", str(tmp_path / "recipe.yaml"),
-                            "--run-dir", str(run), "--address", ray_local.address],
-                           stdout=open(tmp_path / "stage.log", "w"), stderr=subprocess.STDOUT, cwd=REPO)
-    checkpoints = run / "train_sft" / "ray" / "train_sft"
+    with open(tmp_path / "stage.log", "w") as log:
+        job = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "stage", "train_sft",
+                                str(tmp_path / "recipe.yaml"), "--run-dir", str(run), "--address", ray_local.address],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    snapshot = run / "train_sft" / "ray" / "train_sft" / "checkpoint_manager_snapshot.json"
+
+    def registered() -> int:  # checkpoints every rank has reported (a checkpoint_* directory may be half-uploaded)
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
     deadline = time.time() + 600
-    while not list(checkpoints.glob("checkpoint_*")):
+    while not registered():
         assert job.poll() is None, (tmp_path / "stage.log").read_text()[-3000:]
         assert time.time() < deadline, "no checkpoint was ever reported"
         time.sleep(0.2)

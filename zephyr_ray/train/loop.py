@@ -18,8 +18,8 @@ import logging
 import os
 import shutil
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..config import Hardware, Recipe, Training, derive_batch
