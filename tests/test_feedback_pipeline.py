@@ -99,6 +99,8 @@ def test_rubric_judge_scores_or_explains_every_completion(pipeline):
         else:
             errors += 1
     assert errors == results["judge"].counts["judge_errors"]
+    means = results["judge"].counts["mean_overall"]
+    assert set(means) == {m.name for m in recipe.complete.models} and all(1 <= v <= 10 for v in means.values())
     assert errors < len(judgments) / 2, "structured outputs should make most judgments parse"
 
 

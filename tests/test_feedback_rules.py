@@ -163,3 +163,14 @@ def test_pacer_spaces_request_starts_across_threads():
     with ThreadPoolExecutor(4) as pool:
         starts = sorted(pool.map(start, range(5)))
     assert all(started - began >= k * 0.05 - 0.002 for k, started in enumerate(starts))
+
+
+def test_score_summary_counts_errors_and_averages_per_model(ray_local):
+    import ray
+
+    from zephyr_ray.feedback.judge import score_summary
+
+    rows = [{"model": "a", "overall": 8.0, "judge_error": None}, {"model": "a", "overall": 6.0, "judge_error": None},
+            {"model": "b", "overall": None, "judge_error": "no valid `overall`"},
+            {"model": "b", "overall": 3.0, "judge_error": None}]
+    assert score_summary(ray.data.from_items(rows)) == {"judge_errors": 1, "mean_overall": {"a": 7.0, "b": 3.0}}

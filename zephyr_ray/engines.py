@@ -134,19 +134,21 @@ def deepspeed_config(training: Any, hardware: Hardware) -> dict[str, Any]:
     return config
 
 
-def prepare_training_process(hardware: Hardware, cache_dir: str) -> dict[str, Any]:
+def prepare_training_process(hardware: Hardware, cache_dir: str, deepspeed: bool = True) -> dict[str, Any]:
     """Set up one Ray Train worker for DeepSpeed; returns the extra TrainingArguments this hardware needs.
 
     On CPU, accelerate refuses DeepSpeed when ``use_cpu`` is set, and without DeepSpeed mode the HF side sees a world
     of one while DeepSpeed sees all workers. So: DeepSpeed mode on, a gloo process group that accelerate adopts
-    (``use_configured_state``), and DeepSpeed's JIT-built CPU ops cached under ``cache_dir``.
+    (``use_configured_state``), and DeepSpeed's JIT-built CPU ops cached under ``cache_dir``. Without DeepSpeed
+    (``zero_stage: 0``) the same gloo group runs plain DDP.
     """
     prepare_process_env(hardware)
     if hardware.accelerator != "cpu":
         return {}
     from accelerate import PartialState
 
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(cache_dir, "torch_extensions"))
     PartialState(backend="gloo")
     return {"ddp_backend": "gloo", "accelerator_config": {"use_configured_state": True}}

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,19 @@ def completion_problem(row: dict[str, Any]) -> str | None:
     return text_problem(row["completion"], "completion")
 
 
+def score_summary(judgments: Any) -> dict[str, Any]:
+    """Judge errors, and the mean overall score per pool model, in one streamed pass (only sums on the driver)."""
+    errors, sums, counts = 0, defaultdict(float), defaultdict(int)
+    columns = ["model", "overall", "judge_error"]
+    for batch in judgments.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=65536):
+        for model, overall, error in zip(*(batch[c].to_pylist() for c in columns), strict=True):
+            errors += error is not None
+            if overall is not None:
+                sums[model] += overall
+                counts[model] += 1
+    return {"judge_errors": errors, "mean_overall": {m: sums[m] / counts[m] for m in sorted(counts)}}
+
+
 def run_judge(recipe: Recipe, run_dir: Path) -> StageResult:
     """Score ``complete/models/*`` into ``judge/judgments``; completions that failed get a judge_error row too."""
     cfg = stage_section(recipe, "judge")
@@ -232,9 +246,7 @@ def run_judge(recipe: Recipe, run_dir: Path) -> StageResult:
     judged = score(judgeable, cfg, recipe).map(to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge})
     written = write_parquet_atomic(judged.union(unjudgeable), out, schema=JudgmentRow.arrow_schema())
     log_rate("judge", written, timer.seconds)
-    table = read_contract(out)
-    failures = table.filter(lambda r: r["judge_error"] is not None).count()
-    result = StageResult("judge", counts={"judgments": written, "judge_errors": failures}, seconds=timer.seconds,
-                         outputs={"judgments": str(out)})
+    result = StageResult("judge", counts={"judgments": written, **score_summary(read_contract(out))},
+                         seconds=timer.seconds, outputs={"judgments": str(out)})
     result.save(run_dir)
     return result

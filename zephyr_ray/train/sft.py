@@ -29,7 +29,7 @@ def sft_worker(config: dict[str, Any]) -> None:
 
     recipe: Recipe = config["recipe"]
     cfg = recipe.train_sft
-    extra = prepare_training_process(recipe.hardware, config["cache_dir"])
+    extra = prepare_training_process(recipe.hardware, config["cache_dir"], deepspeed=cfg.zero_stage > 0)
     tokenizer = load_tokenizer(config["model"], cfg)
     train = datasets.load_dataset("parquet", data_files=config["data_files"], split="train")
     args = SFTConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra), packing=cfg.packing,
