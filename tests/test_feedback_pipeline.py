@@ -129,15 +129,21 @@ def test_binarize_makes_valid_pairs_and_stats(pipeline):
     assert (run_dir / "binarize" / "stats.png").stat().st_size > 10_000
 
 
+def rejudge(run_dir: Path, recipe, other: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """Judge the fixture's completions again in ``other`` with ``recipe``'s judge: (all, judgeable, scored) rows."""
+    shutil.copytree(run_dir / "complete", other / "complete")
+    result = run_stage("judge", recipe, other)
+    judgments = rows(other / "judge" / "judgments")
+    assert result.counts["judgments"] == len(judgments)
+    judgeable = [r for r in judgments if not (r["judge_error"] or "").startswith("not judged")]
+    return judgments, judgeable, [r for r in judgeable if r["judge_error"] is None]
+
+
 def test_logprob_judge_on_the_same_completions(pipeline, tiny_models, tmp_path):
     _, run_dir, results = pipeline
     recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"kind": "logprob"}, binarize={"score": "overall"}))
     other = tmp_path / "run"
-    shutil.copytree(run_dir / "complete", other / "complete")
-    run_stage("judge", recipe, other)
-    judgments = rows(other / "judge" / "judgments")
-    judgeable = [r for r in judgments if not (r["judge_error"] or "").startswith("not judged")]
-    scored = [r for r in judgeable if r["judge_error"] is None]
+    judgments, judgeable, scored = rejudge(run_dir, recipe, other)
     assert len(scored) >= len(judgeable) * 0.9 and len(judgeable) >= len(judgments) / 2
     assert all(1.0 <= r["overall"] <= 5.0 and r["raw_judgment"] in "12345" for r in scored)
     assert len({round(r["overall"], 6) for r in scored}) > len(scored) // 2, "expected continuous scores"
@@ -215,11 +221,7 @@ def test_reward_model_judge_on_the_same_completions(pipeline, tiny_models, tmp_p
     recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"kind": "reward_model", "engine": engine},
                                      binarize={"score": "overall"}))
     other = tmp_path / "run"
-    shutil.copytree(run_dir / "complete", other / "complete")
-    run_stage("judge", recipe, other)
-    judgments = rows(other / "judge" / "judgments")
-    judgeable = [r for r in judgments if not (r["judge_error"] or "").startswith("not judged")]
-    scored = [r for r in judgeable if r["judge_error"] is None]
+    _, judgeable, scored = rejudge(run_dir, recipe, other)
     assert len(scored) == len(judgeable) > 0 and all(r["judge"].endswith("(reward_model)") for r in scored)
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["reward"])
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"])
@@ -273,12 +275,9 @@ def test_openai_judge_scores_through_a_local_openai_compatible_server(pipeline, 
                     "max_retries": 1, "structured_output": "regex", "max_in_flight": 4, **endpoint_changes}
         recipe = load_recipe(tiny_recipe(tmp_path / name, tiny_models, judge={"kind": "openai", "engine": None,
                                                                                "endpoint": endpoint}))
-        shutil.copytree(run_dir / "complete", tmp_path / name / "run" / "complete")
-        result = run_stage("judge", recipe, tmp_path / name / "run")
-        judgments = rows(tmp_path / name / "run" / "judge" / "judgments")
-        assert result.counts["judgments"] == len(judgments) == sum(
-            results["complete"].counts[m.name] for m in recipe.complete.models)
-        return [r for r in judgments if not (r["judge_error"] or "").startswith("not judged")]
+        judgments, judgeable, _ = rejudge(run_dir, recipe, tmp_path / name / "run")
+        assert len(judgments) == sum(results["complete"].counts[m.name] for m in recipe.complete.models)
+        return judgeable
 
     (tmp_path / "ok").mkdir()
     judged = judge_with("ok")

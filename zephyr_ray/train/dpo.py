@@ -15,23 +15,19 @@ from typing import Any
 from ..config import Recipe
 from ..data import is_complete
 from ..stage import StageResult, Timer, already_done, stage_section
-from .loop import finish, latest_hf_checkpoint, load_tokenizer, run_torch_trainer, train_with_ray, trainer_arguments
+from .loop import (finish, latest_hf_checkpoint, load_tokenizer, run_torch_trainer, train_with_ray,
+                   trainer_arguments, worker_inputs)
 
 logger = logging.getLogger(__name__)
 
 
 def dpo_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: TRL's DPOTrainer on ``chosen``/``rejected`` chats (the shared prompt is implicit)."""
-    import datasets
     from trl import DPOConfig, DPOTrainer
-
-    from ..engines import prepare_training_process
 
     recipe: Recipe = config["recipe"]
     cfg = recipe.train_dpo
-    extra = prepare_training_process(recipe.hardware, config["cache_dir"], deepspeed=cfg.zero_stage > 0)
-    tokenizer = load_tokenizer(config["model"], cfg)
-    train = datasets.load_dataset("parquet", data_files=config["data_files"], split="train")
+    extra, tokenizer, train = worker_inputs(config, cfg)
     args = DPOConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra), beta=cfg.beta,
                      loss_type=[cfg.loss_type])
     trainer = DPOTrainer(model=config["model"], ref_model=None, args=args,

@@ -51,6 +51,20 @@ def load_tokenizer(model: str, training: Training) -> Any:
     return tokenizer
 
 
+def worker_inputs(config: dict[str, Any], training: Training) -> tuple[dict[str, Any], Any, Any]:
+    """In a Ray Train worker: set up the process for this hardware, then (extra TrainingArguments, tokenizer with
+    the recipe's chat template, the stage's training rows as a ``datasets.Dataset``)."""
+    import datasets
+
+    from ..engines import prepare_training_process
+
+    recipe: Recipe = config["recipe"]
+    extra = prepare_training_process(recipe.hardware, config["cache_dir"], deepspeed=training.zero_stage > 0)
+    tokenizer = load_tokenizer(config["model"], training)
+    rows = datasets.load_dataset("parquet", data_files=config["data_files"], split="train")
+    return extra, tokenizer, rows
+
+
 def trainer_arguments(training: Training, hardware: Hardware, output_dir: str, extra: dict[str, Any]) -> dict:
     """TrainingArguments fields for TRL's SFTConfig/DPOConfig from a recipe section; ``trl_args`` win."""
     from ..engines import deepspeed_config
@@ -188,8 +202,8 @@ def model_card(stage: str, recipe: Recipe, training: Training, base: str, data: 
     return "\n".join([
         f"# {recipe.name}: {stage}",
         "",
-        f"Trained by zephyr-ray stage `{stage}` from `{base}` with the recipe `{recipe.name}` "
-        f"({recipe.hardware.num_workers} {recipe.hardware.accelerator} workers, ZeRO stage {training.zero_stage}).",
+        (f"Trained by zephyr-ray stage `{stage}` from `{base}` with the recipe `{recipe.name}` "
+         f"({recipe.hardware.num_workers} {recipe.hardware.accelerator} workers, ZeRO stage {training.zero_stage})."),
         ("Chat template: Zephyr's (`<|system|>`, `<|user|>`, `<|assistant|>`, each turn closed by `</s>`)."
          if training.chat_template == "zephyr" else "Chat template: the recipe's own (see chat_template.jinja)."),
         "",

@@ -15,23 +15,18 @@ from typing import Any
 from ..config import Recipe
 from ..data import is_complete, read_contract
 from ..stage import StageResult, Timer, already_done, stage_section
-from .loop import finish, latest_hf_checkpoint, load_tokenizer, run_torch_trainer, train_with_ray, trainer_arguments
+from .loop import finish, latest_hf_checkpoint, run_torch_trainer, train_with_ray, trainer_arguments, worker_inputs
 
 logger = logging.getLogger(__name__)
 
 
 def sft_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: TRL's SFTTrainer on the dialogues' ``messages``."""
-    import datasets
     from trl import SFTConfig, SFTTrainer
-
-    from ..engines import prepare_training_process
 
     recipe: Recipe = config["recipe"]
     cfg = recipe.train_sft
-    extra = prepare_training_process(recipe.hardware, config["cache_dir"], deepspeed=cfg.zero_stage > 0)
-    tokenizer = load_tokenizer(config["model"], cfg)
-    train = datasets.load_dataset("parquet", data_files=config["data_files"], split="train")
+    extra, tokenizer, train = worker_inputs(config, cfg)
     args = SFTConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra), packing=cfg.packing,
                      assistant_only_loss=cfg.assistant_only_loss, eos_token=tokenizer.eos_token)
     peft_config = None
