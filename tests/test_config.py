@@ -90,13 +90,14 @@ def test_cross_field_problems_are_reported_beside_field_errors(tmp_path):
         hardware: {accelerator: cpu, num_workers: 3}
         train_sft: {learning_rate: 1.0e-5, global_batch_size: 8}
         judge: {kind: openai}
-        serve: {min_replicas: 3, max_replicas: 2}
+        serve:
+          models: [{model_id: a}, {model_id: b, min_replicas: 3, max_replicas: 2}]
         """)
     assert problems(path) == [
         f"{path}:3: train_sft.global_batch_size: global_batch_size 8 does not divide over 3 workers; "
         "use a multiple of 3",
         f"{path}:4: judge: kind 'openai' needs an `endpoint`",
-        f"{path}:5: serve: min_replicas (3) exceeds max_replicas (2)",
+        f"{path}:6: serve.models.1: min_replicas (3) exceeds max_replicas (2)",
     ]
 
 

@@ -80,6 +80,11 @@ class Training(_Section):
                               "latest checkpoint; -1: no limit")
     chat_template: str = Field(default="zephyr", description="'zephyr', or a Jinja chat template; saved with the "
                                "model")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="experiment trackers the HF Trainer logs to (rank 0), beside Ray Train; "
+        "tensorboard writes to <stage>/tensorboard, the others read their settings (keys, URIs) from the workers' "
+        "environment"
+    )
     trl_args: dict[str, Any] = Field(
         default_factory=dict, description="further fields of TRL's SFTConfig/DPOConfig, passed through as they are"
     )
@@ -212,19 +217,54 @@ class EvaluateConfig(_Section):
     baseline: str | None = Field(default=None, description="model or output set for the pairwise win rate")
 
 
-class ServeConfig(_Section):
-    model: str | None = Field(default=None, description="model directory; by default the recipe's final model")
-    model_id: str = "zephyr"
+class ServedModel(_Section):
+    """One model behind the endpoint, answering with the chat template saved with it."""
+
+    model_id: str = Field(default="zephyr", min_length=1, description="the name clients ask for (`model`)")
+    model: str | None = Field(default=None, description="model directory or hub id; by default the recipe's final "
+                              "model (train_dpo/model, else train_sft/model)")
     max_model_len: int = Field(default=4096, gt=0)
+    kv_cache_gib: float | None = Field(default=None, gt=0.0)
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    trust_remote_code: bool = False
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM as they are")
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=2, gt=0)
-    target_ongoing_requests: int = Field(default=16, gt=0)
-    api_key_env: str = "ZEPHYR_RAY_API_KEY"
+    target_ongoing_requests: int = Field(default=16, gt=0, description="requests per replica the autoscaler aims "
+                                         "for (Ray Serve LLM's own default never scales up)")
+    max_ongoing_requests: int = Field(default=64, gt=0, description="requests one replica takes before the proxy "
+                                      "queues them")
 
     @model_validator(mode="after")
-    def _replicas(self) -> ServeConfig:
+    def _replicas(self) -> ServedModel:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError(f"target_ongoing_requests ({self.target_ongoing_requests}) exceeds "
+                             f"max_ongoing_requests ({self.max_ongoing_requests}): the replicas could never reach it")
+        return self
+
+    def engine(self, model: str) -> Engine:
+        """The vLLM settings of this model, as the generation stages' engines state them."""
+        return Engine(model=model, max_model_len=self.max_model_len, kv_cache_gib=self.kv_cache_gib,
+                      tensor_parallel_size=self.tensor_parallel_size, trust_remote_code=self.trust_remote_code,
+                      engine_kwargs=self.engine_kwargs)
+
+
+class ServeConfig(_Section):
+    """The OpenAI-compatible endpoint on Ray Serve (``zephyr_ray/serving.py``)."""
+
+    models: list[ServedModel] = Field(default_factory=lambda: [ServedModel()], min_length=1)
+    api_key_env: str = Field(default="ZEPHYR_RAY_API_KEY", description="environment variable holding the API key; "
+                             "when it is set, every route but /health needs it")
+    max_temperature: float = Field(default=2.0, gt=0.0, description="requests above it are refused (OpenAI's bound)")
+    max_request_bytes: int = Field(default=1_048_576, gt=0, description="larger request bodies get 413")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ServeConfig:
+        ids = [m.model_id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"model_id must be unique, got {ids}")
         return self
 
 

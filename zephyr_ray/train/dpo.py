@@ -15,8 +15,16 @@ from typing import Any
 from ..config import Recipe
 from ..data import is_complete
 from ..stage import StageResult, Timer, already_done, stage_section
-from .loop import (finish, latest_hf_checkpoint, load_tokenizer, run_torch_trainer, train_with_ray,
-                   trainer_arguments, worker_inputs)
+from .loop import (
+    finish,
+    latest_hf_checkpoint,
+    load_tokenizer,
+    loop_config,
+    run_torch_trainer,
+    train_with_ray,
+    trainer_arguments,
+    worker_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +87,8 @@ def run_train_dpo(recipe: Recipe, run_dir: Path) -> StageResult:
     counts = split_by_prompt_length(preferences, load_tokenizer(base, cfg), cfg.max_prompt_length, kept, rejects)
     logger.info("train_dpo: %d pairs, %d train, %d rejected (prompt too long)", counts["pairs"], counts["kept"],
                 counts["rejected"])
-    loop_config = {"recipe": recipe, "model": base, "data_files": sorted(str(p) for p in kept.glob("*.parquet")),
-                   "output_dir": str((run_dir / "train_dpo" / "hf").resolve()),
-                   "cache_dir": str((run_dir / ".cache").resolve()),
-                   "record_dir": str((run_dir / "train_dpo" / "attempts").resolve())}
-    result = run_torch_trainer("train_dpo", dpo_worker, loop_config, recipe, cfg, run_dir)
+    files = sorted(str(p) for p in kept.glob("*.parquet"))
+    result = run_torch_trainer("train_dpo", dpo_worker, loop_config("train_dpo", recipe, base, files, run_dir),
+                               recipe, cfg, run_dir)
     data = {"preferences": str(preferences), "rows": counts["kept"], "rejected_long_prompts": counts["rejected"]}
     return finish("train_dpo", result, recipe, cfg, base, data, run_dir, timer.seconds)

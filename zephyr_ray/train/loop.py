@@ -29,9 +29,10 @@ from ..stage import StageResult
 logger = logging.getLogger(__name__)
 
 HF_CHECKPOINT = "checkpoint"  # RayTrainReportCallback's name for the HF checkpoint inside a Ray checkpoint
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-               "adapter_config.json", "adapter_model.safetensors")
+               *TOKENIZER_FILES)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def chat_template_of(training: Training) -> str:
@@ -60,9 +61,27 @@ def worker_inputs(config: dict[str, Any], training: Training) -> tuple[dict[str,
 
     recipe: Recipe = config["recipe"]
     extra = prepare_training_process(recipe.hardware, config["cache_dir"], deepspeed=training.zero_stage > 0)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(config["output_dir"]).parent / "tensorboard"))
     tokenizer = load_tokenizer(config["model"], training)
     rows = datasets.load_dataset("parquet", data_files=config["data_files"], split="train")
     return extra, tokenizer, rows
+
+
+def attention_implementation(hardware: Hardware) -> str:
+    """FlashAttention-2 on GPU when the ``flash-attn`` extra is installed, else PyTorch's SDPA (CPU: always SDPA)."""
+    import importlib.util
+
+    if hardware.accelerator == "gpu" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def model_init_kwargs(training: Training, hardware: Hardware) -> dict[str, Any]:
+    """How the TRL trainers load the model (and DPO's reference): bf16 on GPU when the recipe asks, fp32 on CPU;
+    the attention kernel; never remote code."""
+    bf16 = training.bf16 and hardware.accelerator == "gpu"
+    return {"dtype": "bfloat16" if bf16 else "float32", "attn_implementation": attention_implementation(hardware),
+            "trust_remote_code": False}
 
 
 def trainer_arguments(training: Training, hardware: Hardware, output_dir: str, extra: dict[str, Any]) -> dict:
@@ -78,7 +97,8 @@ def trainer_arguments(training: Training, hardware: Hardware, output_dir: str, e
                 num_train_epochs=training.num_epochs, max_length=training.max_length, bf16=training.bf16 and gpu,
                 gradient_checkpointing=training.gradient_checkpointing and gpu, seed=training.seed,
                 data_seed=training.seed, logging_steps=1, save_strategy="steps", save_steps=training.save_steps,
-                save_only_model=False, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+                save_only_model=False, report_to=list(training.report_to), disable_tqdm=True, dataloader_num_workers=0,
+                model_init_kwargs=model_init_kwargs(training, hardware),
                 deepspeed=deepspeed_config(training, hardware) if training.zero_stage else None, **extra)
     args.update(training.trl_args)
     return args
@@ -143,7 +163,15 @@ def train_with_ray(trainer: Any, resume_from: str | None, record_dir: str) -> No
     trainer.train(resume_from_checkpoint=resume_from)
 
 
-def run_torch_trainer(stage: str, worker: Callable[[dict], None], loop_config: dict[str, Any], recipe: Recipe,
+def loop_config(stage: str, recipe: Recipe, model: str, data_files: list[str], run_dir: Path) -> dict[str, Any]:
+    """What every Ray Train worker of ``stage`` gets: the recipe, the model to start from, its Parquet input, and
+    where to write (absolute paths: workers run elsewhere)."""
+    stage_dir = (run_dir / stage).resolve()
+    return {"recipe": recipe, "model": model, "data_files": data_files, "output_dir": str(stage_dir / "hf"),
+            "cache_dir": str((run_dir / ".cache").resolve()), "record_dir": str(stage_dir / "attempts")}
+
+
+def run_torch_trainer(stage: str, worker: Callable[[dict], None], worker_config: dict[str, Any], recipe: Recipe,
                       training: Training, run_dir: Path) -> Any:
     """Run ``worker`` on ``hardware.num_workers`` Ray Train workers; returns Ray Train's result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -154,13 +182,29 @@ def run_torch_trainer(stage: str, worker: Callable[[dict], None], loop_config: d
     resources = {"CPU": hardware.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     trainer = TorchTrainer(
         worker,
-        train_loop_config=loop_config,
+        train_loop_config=worker_config,
         scaling_config=ScalingConfig(num_workers=hardware.num_workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(name=stage, storage_path=str((run_dir / stage / "ray").resolve()),
                              failure_config=FailureConfig(max_failures=training.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # Ray Train's print-to-logger patch defeats dill's stdout capture: datasets'
+                             # fingerprinting of TRL's map functions then dumps their bytecode into the logs
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
     )
     return trainer.fit()
+
+
+def merge_adapter(source: Path, out: Path) -> None:
+    """A LoRA checkpoint (adapter only) -> the base model with the adapter merged in, at ``out``, so the exported
+    model serves and trains on (DPO) like any other; the adapter itself is kept in ``out/adapter``. The base is
+    loaded from the path or hub id the adapter names, the one the workers trained from."""
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(source, dtype="auto", trust_remote_code=False)
+    model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+    (out / "adapter").mkdir()
+    for name in ADAPTER_FILES:
+        shutil.copy2(source / name, out / "adapter" / name)
 
 
 def export_model(checkpoint: Any, out: Path, card: str) -> None:
@@ -172,8 +216,10 @@ def export_model(checkpoint: Any, out: Path, card: str) -> None:
     with checkpoint.as_directory() as directory:
         source = Path(directory) / HF_CHECKPOINT
         tmp.mkdir(parents=True)
+        if (source / "adapter_config.json").is_file():
+            merge_adapter(source, tmp)
         for name in MODEL_FILES:
-            if (source / name).is_file():
+            if (source / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(source / name, tmp / name)
     if not any(tmp.glob("*.safetensors")):
         raise RuntimeError(f"{source}: the final checkpoint holds no safetensors weights")

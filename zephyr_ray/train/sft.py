@@ -15,7 +15,15 @@ from typing import Any
 from ..config import Recipe
 from ..data import is_complete, read_contract
 from ..stage import StageResult, Timer, already_done, stage_section
-from .loop import finish, latest_hf_checkpoint, run_torch_trainer, train_with_ray, trainer_arguments, worker_inputs
+from .loop import (
+    finish,
+    latest_hf_checkpoint,
+    loop_config,
+    run_torch_trainer,
+    train_with_ray,
+    trainer_arguments,
+    worker_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +61,8 @@ def run_train_sft(recipe: Recipe, run_dir: Path) -> StageResult:
         raise ValueError("train_sft.model: the student model to fine-tune is not set")
     timer = Timer()
     rows = read_contract(dialogues).count()
-    loop_config = {"recipe": recipe, "model": cfg.model,
-                   "data_files": sorted(str(p) for p in dialogues.glob("*.parquet")),
-                   "output_dir": str((run_dir / "train_sft" / "hf").resolve()),
-                   "cache_dir": str((run_dir / ".cache").resolve()),
-                   "record_dir": str((run_dir / "train_sft" / "attempts").resolve())}
-    result = run_torch_trainer("train_sft", sft_worker, loop_config, recipe, cfg, run_dir)
+    files = sorted(str(p) for p in dialogues.glob("*.parquet"))
+    result = run_torch_trainer("train_sft", sft_worker, loop_config("train_sft", recipe, cfg.model, files, run_dir),
+                               recipe, cfg, run_dir)
     data = {"dialogues": str(dialogues), "rows": rows}
     return finish("train_sft", result, recipe, cfg, cfg.model, data, run_dir, timer.seconds)

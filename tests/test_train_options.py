@@ -1,0 +1,159 @@
+"""The SFT options users reach for: assistant-only loss, packing, LoRA and experiment trackers.
+
+The first tests look at what TRL's SFTTrainer builds from our arguments (labels, packed batches) in this process;
+the last runs them together through the real train_sft stage: Ray Train, 2 workers, DeepSpeed ZeRO-3.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zephyr_ray.config import Hardware, TrainSFTConfig, load_recipe
+from zephyr_ray.data import DialogueRow, prompt_id_of, write_parquet_atomic
+from zephyr_ray.stages import run_stage
+from zephyr_ray.tiny import load_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = Hardware(accelerator="cpu", num_workers=1)
+
+
+def chats(n: int, offset: int = 0) -> list[list[dict]]:
+    return [[m for m in row["messages"] if m["role"] != "system"] for row in load_corpus()[offset:offset + n]]
+
+
+def sft_trainer(student: Path, tmp_path: Path, rows: list[list[dict]], **options):
+    """TRL's SFTTrainer in this process with the arguments train_sft generates (no DeepSpeed: zero_stage 0)."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from zephyr_ray.train.loop import load_tokenizer, trainer_arguments
+
+    training = TrainSFTConfig(learning_rate=1e-3, global_batch_size=2, max_length=256, zero_stage=0, **options)
+    tokenizer = load_tokenizer(str(student), training)
+    fields = trainer_arguments(training, CPU, str(tmp_path / "out"), {"use_cpu": True})
+    args = SFTConfig(**fields, packing=training.packing, assistant_only_loss=training.assistant_only_loss,
+                     eos_token=tokenizer.eos_token)
+    train = datasets.Dataset.from_list([{"messages": chat} for chat in rows])
+    return SFTTrainer(model=str(student), args=args, train_dataset=train, processing_class=tokenizer), tokenizer
+
+
+def labelled_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of positions that carry a label."""
+    runs, start = [], None
+    for i, label in enumerate([*labels, -100]):
+        if label != -100 and start is None:
+            start = i
+        elif label == -100 and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_assistant_only_loss_trains_each_reply_and_its_stop_token_only(tiny_models, tmp_path):
+    rows = chats(2)
+    trainer, tokenizer = sft_trainer(tiny_models["student"], tmp_path, rows, packing=False, assistant_only_loss=True)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    for i, chat in enumerate(rows):
+        ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
+        replies = [m["content"] for m in chat if m["role"] == "assistant"]
+        runs = labelled_runs(labels)
+        # next-token labels: a run covers one reply, ending with its </s> (the collator shifts inside the model)
+        assert [tokenizer.decode(ids[a:b]) for a, b in runs] == [reply + "</s>" for reply in replies]
+        mask = batch["attention_mask"][i].tolist()
+        unlabelled_eos = [p for p, t in enumerate(ids) if t == tokenizer.eos_token_id and mask[p] and labels[p] == -100]
+        assert len(unlabelled_eos) == sum(m["role"] == "user" for m in chat), "the user turns' </s> train nothing"
+
+
+def test_full_loss_keeps_every_stop_token_although_pad_is_eos(tiny_models, tmp_path):
+    """Zephyr's tokenizer pads with </s>: the collator must mask padding by position, not by token id."""
+    by_length = sorted(chats(32), key=lambda chat: sum(len(m["content"]) for m in chat))
+    rows = [by_length[-1], by_length[0]]  # the longest and the shortest dialogue: the short one gets padded
+    trainer, tokenizer = sft_trainer(tiny_models["student"], tmp_path, rows, packing=False)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    for i, chat in enumerate(rows):
+        ids, labels, mask = (batch[k][i].tolist() for k in ("input_ids", "labels", "attention_mask"))
+        real_eos = [p for p, t in enumerate(ids) if t == tokenizer.eos_token_id and mask[p]]
+        assert len(real_eos) == len(chat), "one </s> per turn"
+        assert all(labels[p] == tokenizer.eos_token_id for p in real_eos)
+        assert all(labels[p] == -100 for p, m in enumerate(mask) if not m)
+    assert 0 in batch["attention_mask"][1].tolist(), "the short dialogue was padded"
+
+
+def test_packing_keeps_packed_dialogues_from_attending_to_each_other(tiny_models, tmp_path):
+    """Packed rows restart position_ids at each dialogue; with SDPA (no FlashAttention on CPU), transformers turns
+    that into a block-diagonal mask, so each dialogue's logits in a pack equal those of the dialogue alone: no
+    cross-contamination between packed dialogues."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rows = chats(6)
+    trainer, _ = sft_trainer(tiny_models["student"], tmp_path, rows, packing=True)
+    assert trainer.padding_free and len(trainer.train_dataset) < len(rows)
+    pack = trainer.data_collator([trainer.train_dataset[0]])
+    positions = pack["position_ids"][0].tolist()
+    starts = [p for p, pos in enumerate(positions) if pos == 0]
+    assert len(starts) >= 2, "the first pack holds several dialogues"
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        # as TRL's SFTTrainer calls it: no cache (with a cache, transformers does not look for packed rows)
+        packed = model(input_ids=pack["input_ids"], position_ids=pack["position_ids"], use_cache=False).logits[0]
+        for a, b in zip(starts, [*starts[1:], len(positions)], strict=True):
+            alone = model(input_ids=pack["input_ids"][:, a:b]).logits[0]
+            torch.testing.assert_close(packed[a:b], alone, atol=1e-4, rtol=1e-4)
+    assert sum(1 for label in pack["labels"][0].tolist() if label != -100) > 0
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[float]] = {}
+    for events in directory.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    return scalars
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(1200)
+def test_lora_with_packing_and_assistant_only_loss_under_zero3(tiny_models, ray_local, tmp_path):
+    """LoRA + packing + assistant-only loss + TensorBoard through train_sft on 2 ZeRO-3 workers: the adapter trains,
+    the export is the base with the adapter merged (a plain model) plus the adapter itself, and the loss curve is in
+    TensorBoard as well as in Ray Train's result."""
+    import ray
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    rows = [{"prompt": chat[0]["content"], "prompt_id": prompt_id_of(chat[0]["content"]), "messages": chat}
+            for chat in chats(40, offset=8)]
+    write_parquet_atomic(ray.data.from_items(rows), run_dir / "synthesize" / "dialogues",
+                         schema=DialogueRow.arrow_schema())
+    text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
+    data = yaml.safe_load(text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent)))
+    data["train_sft"].update(num_epochs=6, learning_rate=5e-3, packing=True, assistant_only_loss=True,
+                             lora={"r": 8, "alpha": 16, "dropout": 0.0}, report_to=["tensorboard"], max_failures=0)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    result = run_stage("train_sft", load_recipe(tmp_path / "recipe.yaml"), run_dir)
+
+    model = run_dir / "train_sft" / "model"
+    assert result.outputs["model"] == str(model)
+    adapter = json.loads((model / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and (model / "adapter" / "adapter_model.safetensors").is_file()
+    merged, base = load_file(model / "model.safetensors"), load_file(tiny_models["student"] / "model.safetensors")
+    assert set(merged) == set(base), "the export is a plain model: no LoRA tensors left in it"
+    changed = {name for name in base if not (merged[name] == base[name]).all()}
+    assert any("q_proj" in name for name in changed) and any("down_proj" in name for name in changed)
+    assert not any("embed_tokens" in name or "norm" in name for name in changed), "LoRA leaves these alone"
+    lines = [json.loads(line) for path in (run_dir / "train_sft" / "attempts").glob("rank*.jsonl")
+             for line in path.read_text().splitlines()]
+    assert len(lines) == 2 and all(0.4 <= line["params_held"] / line["params_total"] <= 0.6 for line in lines)
+
+    scalars = tensorboard_scalars(run_dir / "train_sft" / "tensorboard")
+    losses = scalars["train/loss"]
+    metrics = json.loads((run_dir / "train_sft" / "metrics.json").read_text())
+    assert len(losses) == metrics["step"] and losses[-1] < losses[0], losses
+    assert metrics["loss"] == pytest.approx(losses[-1], rel=1e-3)
