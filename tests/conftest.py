@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Tests never reach a model or dataset hub: everything they load is built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+TEST_API_KEY_ENV = "ZEPHYR_RAY_TEST_API_KEY"
 TINY_DIR = Path(os.environ.get("ZEPHYR_RAY_TINY_MODELS", REPO / "artifacts" / "tiny-models"))
 
 
@@ -36,6 +38,8 @@ def ray_local():
     CPUs than cores, as engines and readers share the machine."""
     import ray
 
+    # An API key in the environment Ray's processes inherit (the Serve tests' secured app reads it there)
+    os.environ.setdefault(TEST_API_KEY_ENV, "zr-test-" + secrets.token_hex(12))
     metrics_port = free_port()
     context = ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False,
                        _metrics_export_port=metrics_port, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

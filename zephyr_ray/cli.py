@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -41,7 +41,7 @@ def _quiet_engines(verbose: bool) -> None:
 @app.command("tiny-models")
 def tiny_models(
     out_dir: Annotated[Path, typer.Argument(help="directory to write the models into (one subdirectory each)")],
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="build only these models")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", help="build only these models")] = None,
     overwrite: Annotated[bool, typer.Option(help="rebuild models that already exist")] = False,
 ) -> None:
     """Build the tiny Mistral-architecture models (teacher, generator pool, judge, student) for tests and the demo."""
@@ -82,13 +82,13 @@ def validate(
 @app.command()
 def chat(
     model_dir: Annotated[str, typer.Argument(help="model directory (or hub id) with a chat template")],
-    message: Annotated[Optional[str], typer.Option("--message", "-m", help="send one message, print the reply, exit")] = None,
-    system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="send one message, print the reply, exit")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     max_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, max=5.0)] = 0.7,
-    seed: Annotated[Optional[int], typer.Option(help="sampling seed, for repeatable replies")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampling seed, for repeatable replies")] = None,
     max_model_len: Annotated[int, typer.Option(min=16)] = 512,
-    kv_cache_gib: Annotated[Optional[float], typer.Option(help="KV cache size (default: the engine's own rule)")] = None,
+    kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache size (default: the engine's own rule)")] = None,
     verbose: Annotated[bool, typer.Option(help="show engine logs")] = False,
 ) -> None:
     """Chat with a model through a real vLLM engine, behind the model's own chat template."""
@@ -135,7 +135,7 @@ def stage(
     name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")],
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
     run_dir: Annotated[Path, typer.Option(help="where the run's outputs go")] = Path("runs/latest"),
-    address: Annotated[Optional[str], typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
 ) -> None:
     """Run one stage of a recipe; a stage whose output is complete is skipped, a partial one redone."""
     from .config import RecipeError, load_recipe
@@ -153,6 +153,57 @@ def stage(
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         _fail(str(err))
     typer.echo(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+
+
+@app.command("serve")
+def serve_model(
+    model_dir: Annotated[str, typer.Argument(help="model directory (or hub id) with a chat template")],
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0: every one)")] = "127.0.0.1",
+    model_id: Annotated[str | None, typer.Option(help="the name clients ask for (default: the directory's)")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="take the serve and hardware sections from this recipe")] = None,
+    max_model_len: Annotated[int | None, typer.Option(min=16)] = None,
+    kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache size (default: the engine's own rule)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
+) -> None:
+    """Serve a model on Ray Serve: OpenAI-compatible API, chat page at /; prints the URL and a curl line to try."""
+    import time
+
+    from .config import Hardware, RecipeError, ServeConfig, ServedModel, load_recipe
+    from .engines import detect_accelerator
+    from .serving import curl_example, serve_locally
+    from .stages import init_ray
+
+    try:
+        loaded = load_recipe(recipe) if recipe else None
+    except RecipeError as err:
+        _fail(err.problems)
+    config = (loaded.serve if loaded and loaded.serve else None) or ServeConfig()
+    first = config.models[0]
+    changes = {"model": model_dir, "model_id": model_id or (first.model_id if loaded else Path(model_dir).name)}
+    if max_model_len is not None:
+        changes["max_model_len"] = max_model_len
+    if kv_cache_gib is not None:
+        changes["kv_cache_gib"] = kv_cache_gib
+    config = config.model_copy(update={"models": [ServedModel.model_validate({**first.model_dump(), **changes})]})
+    hardware = loaded.hardware if loaded else Hardware(accelerator=detect_accelerator(), num_workers=1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    init_ray(hardware, address)
+    try:
+        url = serve_locally(config, hardware, host=host, port=port)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    key_env = config.api_key_env if os.environ.get(config.api_key_env) else None
+    typer.echo(f"\nserving '{config.models[0].model_id}' at {url}/v1 (chat page: {url}/)"
+               f"{f'; API key required ({key_env})' if key_env else '; no API key set: open to anyone who can reach it'}")
+    typer.echo(f"try:\n  {curl_example(url, config.models[0].model_id, key_env)}\nCtrl-C stops it.")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
 
 
 def _input_lines():

@@ -234,6 +234,8 @@ class ServedModel(_Section):
                                          "for (Ray Serve LLM's own default never scales up)")
     max_ongoing_requests: int = Field(default=64, gt=0, description="requests one replica takes before the proxy "
                                       "queues them")
+    upscale_delay_s: float = Field(default=30.0, ge=0.0, description="load held this long before a replica is added")
+    downscale_delay_s: float = Field(default=600.0, ge=0.0, description="idle this long before one is removed")
 
     @model_validator(mode="after")
     def _replicas(self) -> ServedModel:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from .config import Recipe
+from .config import Hardware, Recipe
 from .engines import prepare_process_env
 from .stage import StageResult
 
@@ -23,25 +23,25 @@ def stage_functions() -> dict[str, Callable[[Recipe, Path], StageResult]]:
             "binarize": run_binarize, "train_dpo": run_train_dpo}
 
 
-def init_ray(recipe: Recipe, address: str | None = None) -> None:
+def init_ray(hardware: Hardware, address: str | None = None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or a running one); else start a local Ray sized for
     the recipe: more logical CPUs than cores on a CPU machine, since engines and light stages share them."""
     import ray
 
     if ray.is_initialized():
         return
-    prepare_process_env(recipe.hardware)
+    prepare_process_env(hardware)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
         return
-    if recipe.hardware.accelerator == "cpu":
+    if hardware.accelerator == "cpu":
         ray.init(num_cpus=max(4, os.cpu_count() or 1))
     else:
         ray.init()
 
 
 def run_stage(name: str, recipe: Recipe, run_dir: Path, address: str | None = None) -> StageResult:
-    init_ray(recipe, address)
+    init_ray(recipe.hardware, address)
     run_dir.mkdir(parents=True, exist_ok=True)
     return stage_functions()[name](recipe, run_dir)

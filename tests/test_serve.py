@@ -1,0 +1,300 @@
+"""The Serve application on the tiny teacher, through the official `openai` client, curl and headless Chromium.
+
+Two apps share the test's Ray: `zephyr-ray serve` (the CLI, in a subprocess) deploys the secured one at `/` with
+an API key, and the fixture deploys an open one (no key configured) at `/open`.
+"""
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+import yaml
+from conftest import REPO, TEST_API_KEY_ENV, free_port
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(1500)]
+MODEL_SETTINGS = {"max_model_len": 512, "kv_cache_gib": 0.5, "min_replicas": 1, "max_replicas": 1}
+QUESTION = [{"role": "user", "content": "How do bees make honey?"}]
+
+
+@pytest.fixture(scope="module")
+def endpoint(tiny_models, ray_local, tmp_path_factory):
+    from ray import serve
+
+    from zephyr_ray.config import Hardware, ServeConfig, ServedModel
+    from zephyr_ray.serving import build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    recipe = yaml.safe_load((REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text())
+    recipe["serve"] = {"api_key_env": TEST_API_KEY_ENV, "models": [{"model_id": "tiny-chat", **MODEL_SETTINGS}]}
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    port = free_port()
+    log_path = tmp / "serve-cli.log"
+    command = [sys.executable, "-m", "zephyr_ray.cli", "serve", str(tiny_models["teacher"]), "--recipe",
+               str(tmp / "recipe.yaml"), "--port", str(port), "--address", ray_local.address]
+    with open(log_path, "w") as log:
+        cli = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.time() + 600
+    while "Ctrl-C stops it" not in log_path.read_text():
+        assert cli.poll() is None, log_path.read_text()[-4000:]
+        assert time.time() < deadline, "the app did not come up in 600 s: " + log_path.read_text()[-4000:]
+        time.sleep(1)
+    scaling = {**MODEL_SETTINGS, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1.0}
+    open_config = ServeConfig(models=[ServedModel(model_id="tiny-open", model=str(tiny_models["teacher"]),
+                                                  **scaling)], api_key_env="ZEPHYR_RAY_NO_SUCH_KEY")
+    serve.run(build_app(open_config, Hardware(accelerator="cpu", num_workers=1)), name="zephyr-open",
+              route_prefix="/open")
+    url = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=url, key=os.environ[TEST_API_KEY_ENV], log=log_path, tmp=tmp, metrics=ray_local.metrics_url)
+    serve.delete("zephyr-open")
+    cli.send_signal(signal.SIGINT)
+    try:
+        cli.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        cli.kill()
+
+
+def client(endpoint, prefix: str = "", key: str | None = None):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{endpoint.url}{prefix}/v1", api_key=key or endpoint.key, max_retries=0, timeout=120)
+
+
+def test_the_cli_prints_the_url_and_a_curl_line_that_works(endpoint):
+    text = endpoint.log.read_text()
+    assert f"serving 'tiny-chat' at {endpoint.url}/v1 (chat page: {endpoint.url}/)" in text
+    curl_line = next(line.strip() for line in text.splitlines() if line.strip().startswith("curl "))
+    assert f"${TEST_API_KEY_ENV}" in curl_line, "the curl line sends the key from the environment, not in clear"
+    reply = subprocess.run(["bash", "-c", curl_line], check=True, capture_output=True, text=True, timeout=120)
+    body = json.loads(reply.stdout)
+    assert body["choices"][0]["message"]["content"], body
+
+
+def test_chat_streaming_models_and_completions_through_the_openai_client(endpoint, tiny_models):
+    from transformers import AutoTokenizer
+
+    api = client(endpoint)
+    assert [m.id for m in api.models.list().data] == ["tiny-chat"]
+    reply = api.chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=32, temperature=0.0)
+    text = reply.choices[0].message.content
+    assert text and reply.choices[0].finish_reason in ("stop", "length")
+    # the prompt the engine saw is the Zephyr rendering of the messages (the template saved with the model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    rendered = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert reply.usage.prompt_tokens == len(rendered)
+
+    stream = api.chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=32, temperature=0.0,
+                                         stream=True)
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert len(pieces) > 1, "the reply came in one piece, not streamed"
+    assert "".join(pieces) == text
+
+    # the same prompt as token ids through /v1/completions (as text, the tokenizer would prepend <s>)
+    completion = api.completions.create(model="tiny-chat", prompt=list(rendered), max_tokens=32, temperature=0.0)
+    assert completion.choices[0].text == text
+
+
+BAD_REQUESTS = [  # (body changes, status, field the error names)
+    ({"model": "no-such-model"}, 404, "model"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "system", "content": "be brief"}, {"role": "tool", "content": "x"}]}, 400,
+     "messages[1].role"),
+    ({"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+    ({"max_tokens": -3}, 400, "max_tokens"),
+    ({"temperature": 50}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "bee " * 3000}]}, 400, "maximum context length"),
+]
+
+
+@pytest.mark.parametrize(("change", "status", "field"), BAD_REQUESTS, ids=[case[2] for case in BAD_REQUESTS])
+def test_a_bad_request_gets_a_4xx_naming_the_field(endpoint, change, status, field):
+    body = {"model": "tiny-chat", "messages": QUESTION, "max_tokens": 8, **change}
+    response = requests.post(f"{endpoint.url}/v1/chat/completions", json=body, timeout=120,
+                             headers={"Authorization": f"Bearer {endpoint.key}"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert field in error["message"] or error.get("param") == field, error
+
+
+def test_malformed_json_gets_400_and_the_server_keeps_serving(endpoint):
+    headers = {"Authorization": f"Bearer {endpoint.key}", "Content-Type": "application/json"}
+    response = requests.post(f"{endpoint.url}/v1/chat/completions", data="{not json", headers=headers, timeout=60)
+    assert response.status_code == 400 and "error" in response.json()
+    too_big = requests.post(f"{endpoint.url}/v1/chat/completions", data="x" * (2 * 2**20), headers=headers,
+                            timeout=60)
+    assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "body"
+    assert requests.get(f"{endpoint.url}/health", timeout=30).json() == {"status": "ok"}
+    reply = client(endpoint).chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=8)
+    assert reply.choices[0].message.content
+
+
+def test_the_api_key_guards_every_route_but_health(endpoint):
+    import openai
+
+    for key in ("wrong-key",):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            client(endpoint, key=key).models.list()
+        assert caught.value.status_code == 401 and caught.value.body["type"] == "authentication_error"
+    no_key = requests.post(f"{endpoint.url}/v1/chat/completions", json={"model": "tiny-chat", "messages": QUESTION},
+                           timeout=30)
+    assert no_key.status_code == 401 and no_key.json()["error"]["type"] == "authentication_error"
+    page = requests.get(f"{endpoint.url}/", timeout=30)
+    assert page.status_code == 401 and page.headers["WWW-Authenticate"].startswith("Basic")
+    assert requests.get(f"{endpoint.url}/", auth=("anyone", endpoint.key), timeout=30).status_code == 200
+    assert requests.get(f"{endpoint.url}/health", timeout=30).status_code == 200
+    # the app with no key configured answers anyone
+    reply = client(endpoint, prefix="/open", key="anything").chat.completions.create(
+        model="tiny-open", messages=QUESTION, max_tokens=8)
+    assert reply.choices[0].message.content
+    # and the key never reaches a log
+    logs = Path("/tmp/ray/session_latest/logs")
+    leaked = [str(p) for p in logs.rglob("*") if p.is_file() and endpoint.key.encode() in p.read_bytes()]
+    assert not leaked and endpoint.key not in endpoint.log.read_text()
+
+
+def test_bounded_load_200_requests_at_concurrency_16_has_no_5xx(endpoint):
+    def one(i: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        response = requests.post(f"{endpoint.url}/v1/chat/completions", timeout=300,
+                                 headers={"Authorization": f"Bearer {endpoint.key}"},
+                                 json={"model": "tiny-chat", "max_tokens": 16, "temperature": 0.7, "seed": i,
+                                       "messages": [{"role": "user", "content": f"Question {i}: how do bees fly?"}]})
+        return response.status_code, time.perf_counter() - started
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(200)))
+    seconds = time.perf_counter() - started
+    statuses = [status for status, _ in results]
+    latencies = sorted(latency for _, latency in results)
+    p50, p99 = statistics.median(latencies), latencies[int(0.99 * len(latencies)) - 1]
+    report = {"requests": 200, "concurrency": 16, "ok": statuses.count(200), "seconds": round(seconds, 2),
+              "p50_s": round(p50, 3), "p99_s": round(p99, 3), "requests_per_s": round(200 / seconds, 2)}
+    print("load:", json.dumps(report))
+    (endpoint.tmp / "load.json").write_text(json.dumps(report))
+    assert not [s for s in statuses if s >= 500], statuses
+    assert statuses.count(200) == 200, statuses
+
+
+def metric_total(text: str, name: str, label_value: str) -> float:
+    """Sum of a Prometheus metric over the series that carry ``label_value`` in some label."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and f'="{label_value}"' in line)
+
+
+def test_requests_latency_and_tokens_show_on_the_ray_metrics_endpoint(endpoint):
+    deadline = time.time() + 90
+    while True:
+        text = requests.get(endpoint.metrics, timeout=30).text
+        requests_seen = metric_total(text, "ray_serve_num_http_requests_total", "zephyr")
+        latency_seen = metric_total(text, "ray_serve_http_request_latency_ms_count", "zephyr")
+        tokens = metric_total(text, "ray_vllm_generation_tokens_total", "tiny-chat")
+        if (requests_seen >= 200 and latency_seen >= 200 and tokens > 0) or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert requests_seen >= 200 and latency_seen >= 200, (requests_seen, latency_seen)
+    assert tokens > 0 and metric_total(text, "ray_vllm_prompt_tokens_total", "tiny-chat") > 0
+
+
+def test_the_chat_page_streams_a_reply_in_headless_chromium(endpoint):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is not installed (.ci/run installs it)"
+    shot = endpoint.tmp / "chat-page.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        context = browser.new_context(http_credentials={"username": "me", "password": endpoint.key},
+                                      viewport={"width": 1000, "height": 700})
+        page = context.new_page()
+        page.goto(endpoint.url + "/")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        assert page.locator("#system").input_value(), "the system prompt is shown"
+        # count the reply's updates: a streamed reply is written in several steps
+        page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
+            .observe(document.getElementById('log'), {subtree: true, characterData: true, childList: true}); }""")
+        for n, text in enumerate(["How do bees make honey?", "And what do they eat?"], start=1):
+            page.fill("#input", text)
+            page.keyboard.press("Enter")
+            page.wait_for_function(f"""() => {{ const r = document.querySelectorAll('.msg.assistant');
+                return r.length == {n} && r[{n - 1}].dataset.streaming === 'false'; }}""", timeout=120_000)
+        replies = page.locator(".msg.assistant .text").all_inner_texts()
+        assert page.locator(".msg.user .text").all_inner_texts() == ["How do bees make honey?",
+                                                                       "And what do they eat?"]
+        assert len(replies) == 2 and all(r.strip() for r in replies), replies
+        assert page.evaluate("window.updates") > 4, "the replies did not stream"
+        assert not page.locator(".msg.error").count()
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 10_000
+    keep = REPO / "artifacts" / "screenshots"
+    keep.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, keep / "chat-page.png")  # for a person to look at
+
+
+def test_autoscaling_adds_a_replica_under_load(endpoint):
+    """The open app: 1 to 2 replicas, 2 ongoing requests per replica as the target. Eight clients in a loop push
+    it over; the second vLLM replica starts and takes requests."""
+    from ray import serve
+
+    def replicas() -> int:
+        status = serve.status().applications["zephyr-open"].deployments["LLMServer:tiny-open"]
+        return status.replica_states.get("RUNNING", 0)
+
+    assert replicas() == 1
+    api = client(endpoint, prefix="/open", key="anything")
+    stop, failures = threading.Event(), []
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            try:
+                api.chat.completions.create(model="tiny-open", messages=QUESTION, max_tokens=64)
+            except Exception as err:  # noqa: BLE001 - counted, and the test fails on any
+                failures.append(repr(err))
+
+    threads = [threading.Thread(target=keep_asking, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline, scaled = time.time() + 300, 0
+    while time.time() < deadline and (scaled := replicas()) < 2:
+        time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert scaled == 2, "the autoscaler never added the second replica"
+    assert not failures, failures[:3]
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "zephyr-7b-gpu.yaml"])
+def test_the_serve_configs_pass_rays_schema_and_build(name, ray_local, tiny_models):
+    from ray.serve.schema import ServeDeploySchema
+
+    from zephyr_ray.config import load_recipe
+    from zephyr_ray.serving import app_builder, llm_config
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / name).read_text()))
+    (application,) = config.applications
+    assert application.import_path == "zephyr_ray.serving:app_builder" and application.route_prefix == "/"
+    recipe = load_recipe(REPO / application.args["recipe"])
+    served = recipe.serve.models[0]
+    assert served.max_replicas > served.min_replicas and served.target_ongoing_requests < 10_000
+    if recipe.hardware.accelerator == "cpu":
+        built = app_builder({**application.args, "model": str(tiny_models["teacher"])})
+        assert type(built).__name__ == "Application"
+    else:  # the GPU variant: one GPU per replica, bf16, autoscaling from the recipe
+        cfg = llm_config(served, "HuggingFaceH4/zephyr-7b-beta", recipe.hardware)
+        assert cfg.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 1}]
+        assert cfg.engine_kwargs["dtype"] == "bfloat16"
+        assert cfg.deployment_config["autoscaling_config"]["max_replicas"] == served.max_replicas

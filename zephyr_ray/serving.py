@@ -1,0 +1,291 @@
+"""The finished model on Ray Serve: ``ray.serve.llm`` (vLLM) behind an OpenAI-compatible ingress of our own.
+
+The ingress is Ray Serve LLM's ``OpenAiIngress`` (``/v1/chat/completions`` with server-sent-event streaming,
+``/v1/completions``, ``/v1/models``) on Ray's own FastAPI app (its request ids, error format and HTTP metrics), with
+what a public endpoint needs in front of it:
+
+- an API key: when the variable named by ``serve.api_key_env`` is set, every route but ``/health`` needs
+  ``Authorization: Bearer <key>`` (or HTTP Basic with the key as password, which the chat page's browser sends by
+  itself); keys are compared in constant time and never logged. The key is read from the environment of the process
+  that runs the ingress, never passed through Ray, so it shows in no Serve config or dashboard;
+- checks that answer a bad request with a 4xx naming the field, before it reaches an engine;
+- ``/health`` and the chat page at ``/``.
+
+Each model's chat template is the one saved with it (vLLM applies the tokenizer's template); autoscaling is set from
+the recipe, as Ray Serve LLM's default target never scales up.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the request types of the ingress' route methods
+# from their annotations at run time, and those classes are imported inside ``ingress_class``.
+import base64
+import hmac
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .config import Hardware, Recipe, ServeConfig, ServedModel
+from .engines import check_model_dir, placement_bundles, vllm_engine_kwargs
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+OPEN_ROUTES = ("/health",)  # reachable without the key: load balancers and probes
+APP_NAME = "zephyr"
+
+
+def final_model(run_dir: Path) -> Path | None:
+    """The recipe's last trained model in ``run_dir``: dDPO's, else dSFT's (None when neither is finished)."""
+    from .data import is_complete
+
+    for stage in ("train_dpo", "train_sft"):
+        if is_complete(run_dir / stage / "model"):
+            return run_dir / stage / "model"
+    return None
+
+
+def model_source(served: ServedModel, run_dir: Path | None) -> str:
+    if served.model is not None:
+        return served.model
+    model = final_model(run_dir) if run_dir is not None else None
+    if model is None:
+        raise FileNotFoundError(f"serve: model '{served.model_id}' names no `model` and {run_dir} holds no finished "
+                                "train_dpo/model or train_sft/model")
+    return str(model)
+
+
+def llm_config(served: ServedModel, source: str, hardware: Hardware) -> Any:
+    """Ray Serve LLM's config for one model: vLLM settings as the generation stages use them, autoscaling from the
+    recipe."""
+    from ray.serve.llm import LLMConfig
+
+    if Path(source).expanduser().exists() and (problems := check_model_dir(source)):
+        raise ValueError("; ".join(problems))
+    engine = served.engine(str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source)
+    return LLMConfig(
+        model_loading_config={"model_id": served.model_id, "model_source": engine.model},
+        engine_kwargs=vllm_engine_kwargs(engine, hardware),
+        placement_group_config={"bundles": placement_bundles(engine, hardware)},
+        deployment_config={
+            "autoscaling_config": {"min_replicas": served.min_replicas, "max_replicas": served.max_replicas,
+                                   "initial_replicas": max(1, served.min_replicas),
+                                   "target_ongoing_requests": served.target_ongoing_requests,
+                                   "upscale_delay_s": served.upscale_delay_s,
+                                   "downscale_delay_s": served.downscale_delay_s},
+            "max_ongoing_requests": served.max_ongoing_requests,
+            # on CPU the replica actor only relays to the engine process, which holds the bundle's CPU
+            **({"ray_actor_options": {"num_cpus": 0}} if hardware.accelerator == "cpu" else {}),
+        },
+        log_engine_metrics=True,
+    )
+
+
+def openai_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> Any:
+    """A JSON response in OpenAI's error format (what the ``openai`` client turns into its exceptions)."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
+                                                               "code": status}})
+
+
+def request_problem(body: Any, known_models: set[str], max_temperature: float) -> tuple[str, str] | None:
+    """(field, message) for the first thing wrong with a chat or completion request, else None."""
+    if body.model not in known_models:
+        return "model", f"model '{body.model}' is not served here; models: {sorted(known_models)}"
+    messages = getattr(body, "messages", None)
+    if messages is not None:
+        if not messages:
+            return "messages", "messages must hold at least one message"
+        for i, message in enumerate(messages):
+            message = message if isinstance(message, dict) else dict(message)
+            if (role := message.get("role")) not in ROLES:
+                return f"messages[{i}].role", f"role '{role}' is not one of {list(ROLES)}"
+            if not isinstance(message.get("content"), str):
+                return f"messages[{i}].content", "content must be a string (text models only)"
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, field, None)
+        if value is not None and value < 1:
+            return field, f"{field} must be at least 1, got {value}"
+    temperature = getattr(body, "temperature", None)
+    if temperature is not None and not 0.0 <= temperature <= max_temperature:
+        return "temperature", f"temperature must be within [0, {max_temperature}], got {temperature}"
+    top_p = getattr(body, "top_p", None)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        return "top_p", f"top_p must be within (0, 1], got {top_p}"
+    n = getattr(body, "n", None)
+    if n is not None and not 1 <= n <= 16:
+        return "n", f"n must be within [1, 16], got {n}"
+    return None
+
+
+TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as the request field it names: ('body', 'messages', 0, 'SomeUnionMember',
+    'content', 'str') -> 'messages[0].content' (union members and type tags dropped)."""
+    path = ""
+    for item in loc[1:] if loc and loc[0] in ("body", "query") else loc:
+        if isinstance(item, int):
+            path += f"[{item}]" if path else ""
+        elif item[:1].isupper() or "[" in item or "-" in item or item in TYPE_TAGS:
+            continue
+        else:
+            path += f".{item}" if path else item
+    return path or "body"
+
+
+def presented_key(authorization: str) -> str:
+    """The key in an ``Authorization`` header: ``Bearer <key>``, or HTTP Basic with the key as the password."""
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return ""
+    return ""
+
+
+def chat_page() -> str:
+    return resources.files("zephyr_ray.resources").joinpath("chat.html").read_text(encoding="utf-8")
+
+
+def build_fastapi_app(config: ServeConfig) -> Any:
+    """Ray Serve LLM's FastAPI app (its middleware: request ids, errors, HTTP metrics) plus ours: body size limit and
+    the API key, and the open routes."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from ray.llm._internal.serve.core.ingress.ingress import init as ray_llm_fastapi_app
+    from starlette.responses import HTMLResponse, Response
+
+    app = ray_llm_fastapi_app()
+    api_key_env, max_bytes = config.api_key_env, config.max_request_bytes
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        key = os.environ.get(api_key_env)
+        presented = presented_key(request.headers.get("authorization", ""))
+        if key and request.url.path not in OPEN_ROUTES and not hmac.compare_digest(presented.encode(), key.encode()):
+            response = openai_error(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                                    kind="authentication_error")
+            if not request.url.path.startswith("/v1/"):  # the chat page: let the browser ask for it
+                response.headers["WWW-Authenticate"] = 'Basic realm="zephyr-ray", charset="UTF-8"'
+            return response
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
+            return openai_error(413, f"request body over {max_bytes} bytes", param="body")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> Response:
+        first = error.errors()[0] if error.errors() else {"loc": ("body",), "msg": "invalid request"}
+        field = field_path(tuple(first.get("loc", ("body",))))
+        return openai_error(400, f"{field}: {first.get('msg', 'invalid value')}", param=field)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    page = chat_page()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+def ingress_class(config: ServeConfig) -> Any:
+    """Ray Serve LLM's ``OpenAiIngress`` with request checks in front of chat and completions."""
+    from fastapi import Request
+    from ray.serve.llm.ingress import OpenAiIngress
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+    max_temperature, api_key_env = config.max_temperature, config.api_key_env
+
+    class ZephyrIngress(OpenAiIngress):
+        def __init__(self, llm_deployments: dict, model_cards: dict, *, lora_paths: dict | None = None,
+                     require_key: bool = False) -> None:
+            if require_key and not os.environ.get(api_key_env):
+                raise RuntimeError(f"the app was built with {api_key_env} set, but it is not set where this ingress "
+                                   "runs: set it on the cluster's nodes (refusing to serve without the key)")
+            super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+            self._served = set(llm_deployments)
+
+        def _check(self, body: Any) -> Any:
+            problem = request_problem(body, self._served, max_temperature)
+            if problem is None:
+                return None
+            field, message = problem
+            return openai_error(404 if field == "model" else 400, message, param=field,
+                                kind="invalid_request_error" if field != "model" else "not_found_error")
+
+        async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
+            return self._check(body) or await super().chat(body, request)
+
+        async def completions(self, body: CompletionRequest, request: Request) -> Any:
+            return self._check(body) or await super().completions(body, request)
+
+    return ZephyrIngress
+
+
+def build_app(config: ServeConfig, hardware: Hardware, run_dir: Path | None = None) -> Any:
+    """The Serve application: one ``LLMServer`` deployment per model behind one ingress."""
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
+    from ray.serve.llm import build_llm_deployment
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    configs = [llm_config(m, model_source(m, run_dir), hardware) for m in config.models]
+    ingress = ingress_class(config)
+    options = ingress.get_deployment_options(configs)
+    if hardware.accelerator == "cpu":
+        options["ray_actor_options"] = {"num_cpus": 0.5}  # the ingress only relays; leave the cores to vLLM
+    deployment = make_fastapi_ingress(ingress, endpoint_map={k: DEFAULT_ENDPOINTS[k] for k in
+                                                             ("models", "model_data", "completions", "chat")},
+                                      app=build_fastapi_app(config))
+    require_key = bool(os.environ.get(config.api_key_env))
+    return serve.deployment(deployment, name="ZephyrIngress", **options).bind(
+        llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
+        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
+        require_key=require_key,
+    )
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For ``serve run`` / ``serve deploy`` (``import_path: zephyr_ray.serving:app_builder``). ``args``: ``recipe``
+    (its ``serve`` and ``hardware`` sections), and ``run_dir`` (whose final model is served) or ``model`` (a model
+    directory or hub id for the first served model). Relative paths are taken from the directory the command runs
+    in."""
+    from .config import load_recipe
+
+    recipe: Recipe = load_recipe(Path(args["recipe"]))
+    config = recipe.serve or ServeConfig()
+    if args.get("model"):
+        model = str(args["model"])
+        model = str(Path(model).resolve()) if Path(model).exists() else model
+        config = config.model_copy(update={"models": [config.models[0].model_copy(update={"model": model}),
+                                                      *config.models[1:]]})
+    run_dir = Path(args["run_dir"]).resolve() if args.get("run_dir") else None
+    return build_app(config, recipe.hardware, run_dir)
+
+
+def serve_locally(config: ServeConfig, hardware: Hardware, host: str = "127.0.0.1", port: int = 8000,
+                  run_dir: Path | None = None) -> str:
+    """Deploy the app on the Ray this process is connected to, HTTP on ``host:port``; returns the base URL once
+    every replica is up."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config, hardware, run_dir), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def curl_example(url: str, model_id: str, api_key_env: str | None) -> str:
+    auth = f' -H "Authorization: Bearer ${api_key_env}"' if api_key_env else ""
+    return (f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+            f"-d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")
