@@ -47,3 +47,23 @@ def ray_local():
     yield SimpleNamespace(metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
                           dashboard_url=f"http://{context.dashboard_url}", address=context.address_info["address"])
     ray.shutdown()
+
+
+def render_page(url: str, screenshot: Path, **context: object) -> list[tuple[str, int]]:
+    """Open ``url`` in headless Chromium (Debian's, through Playwright), save a full-page screenshot, and return
+    each image's (alt, rendered natural width): 0 means it did not load."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is not installed (.ci/run installs it)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_context(viewport={"width": 1100, "height": 900}, **context).new_page()
+        page.goto(url)
+        page.wait_for_load_state("load")
+        images = [tuple(i) for i in page.evaluate("[...document.images].map(i => [i.alt, i.naturalWidth])")]
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return images

@@ -21,6 +21,7 @@ import pytest
 import requests
 import yaml
 from conftest import REPO, TEST_API_KEY_ENV, free_port
+from test_cluster_configs import dashboard_metrics
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1500)]
 MODEL_SETTINGS = {"max_model_len": 512, "kv_cache_gib": 0.5, "min_replicas": 1, "max_replicas": 1}
@@ -206,6 +207,8 @@ def test_requests_latency_and_tokens_show_on_the_ray_metrics_endpoint(endpoint):
         time.sleep(3)
     assert requests_seen >= 200 and latency_seen >= 200, (requests_seen, latency_seen)
     assert tokens > 0 and metric_total(text, "ray_vllm_prompt_tokens_total", "tiny-chat") > 0
+    charted = {name for name in dashboard_metrics() if name.startswith(("ray_serve_", "ray_vllm_"))}
+    assert charted and not [name for name in charted if name not in text], "the Grafana panels chart real metrics"
 
 
 def test_the_chat_page_streams_a_reply_in_headless_chromium(endpoint):

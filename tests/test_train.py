@@ -161,7 +161,7 @@ def test_a_killed_training_worker_resumes_from_the_checkpoint(trained, ray_local
     import sys
     import time
 
-    recipe, run_dir, _, _ = trained
+    _, run_dir, _, _ = trained
     data = yaml.safe_load((run_dir.parent / "recipe.yaml").read_text())
     data["train_sft"].update(num_epochs=8, save_steps=10, max_failures=2)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
@@ -195,3 +195,46 @@ def test_a_killed_training_worker_resumes_from_the_checkpoint(trained, ray_local
     metrics = json.loads((run / "train_sft" / "metrics.json").read_text())
     assert metrics["step"] == lines[0]["max_steps"]
     assert (run / "train_sft" / "model" / "model.safetensors").is_file()
+
+
+def test_training_metrics_show_on_the_ray_metrics_endpoint(trained, ray_local):
+    """Rank 0 published each logged step; the metrics actor keeps the last values after the workers exit."""
+    import time
+    import urllib.request
+
+    _, run_dir, _, _ = trained
+    final = json.loads((run_dir / "train_dpo" / "metrics.json").read_text())
+    wanted = {("train_sft", "loss"), ("train_dpo", "loss"), ("train_dpo", "rewards/margins"),
+              ("train_dpo", "rewards/accuracies"), ("train_dpo", "step")}
+    deadline = time.time() + 60
+    while True:
+        text = urllib.request.urlopen(ray_local.metrics_url, timeout=30).read().decode()
+        seen = {}
+        for line in text.splitlines():
+            if line.startswith("ray_zephyr_train_metric{"):
+                labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.index("}")].split(","))
+                seen[(labels["stage"].strip('"'), labels["name"].strip('"'))] = float(line.rsplit(" ", 1)[1])
+        if wanted <= set(seen) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert wanted <= set(seen), sorted(seen)
+    assert seen[("train_dpo", "step")] == final["step"]
+    assert seen[("train_dpo", "rewards/margins")] == pytest.approx(final["rewards/margins"], rel=1e-4)
+
+
+def test_the_report_shows_the_loss_curves_and_dpo_margins_in_a_browser(trained, tmp_path):
+    from conftest import render_page
+
+    from zephyr_ray.report import write_report
+
+    _, run_dir, _, _ = trained
+    history = json.loads((run_dir / "train_dpo" / "log_history.json").read_text())
+    steps = [row["step"] for row in history if "loss" in row]
+    assert steps == list(range(1, len(steps) + 1))
+    assert steps[-1] == json.loads((run_dir / "train_dpo" / "metrics.json").read_text())["step"]
+    report = write_report(run_dir, tmp_path / "report.html")
+    images = render_page(report.as_uri(), tmp_path / "report.png")
+    assert [alt for alt, _ in images] == ["Data funnel", "Training", "Timings"]
+    assert all(width > 300 for _, width in images), images
+    text = report.read_text()
+    assert "binarize has not run yet" in text and "no evaluation has run yet" in text

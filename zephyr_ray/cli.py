@@ -206,6 +206,46 @@ def serve_model(
         serve.shutdown()
 
 
+@app.command("run")
+def run_recipe_command(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    run_dir: Annotated[Path | None, typer.Option(help="where the run's outputs go (default: runs/<recipe name>)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
+) -> None:
+    """Run every stage of a recipe in order; finished stages are skipped, so the same command resumes a run."""
+    from .config import RecipeError, load_recipe
+    from .run import MANIFEST, run_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as err:
+        _fail(err.problems)
+    run_dir = run_dir or Path("runs") / loaded.name
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        manifest = run_recipe(recipe, run_dir, address=address)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        _fail(str(err))
+    typer.echo("\n".join(f"{stage:<10} {record['status']:<8} {record.get('seconds', 0):8.1f}s"
+                         for stage, record in manifest["stages"].items()))
+    typer.echo(f"run manifest: {run_dir / MANIFEST}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (of `zephyr-ray run` or single stages)")],
+    out: Annotated[Path | None, typer.Option(help="where to write the HTML (default: RUN_DIR/report.html)")] = None,
+) -> None:
+    """Write a self-contained HTML report of a run: data funnel, judge scores, lengths, loss curves, timings."""
+    from .report import write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    typer.echo(f"report: {path}")
+
+
 def _input_lines():
     """Lines typed at a prompt (until Ctrl-D), or piped in on stdin."""
     if not sys.stdin.isatty():
@@ -222,12 +262,35 @@ def _input_lines():
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the tiny models go")] = Path("artifacts"),
     message: Annotated[str, typer.Option("--message", "-m")] = "How do bees make honey?",
+    recipe: Annotated[bool, typer.Option(help="then run the whole tiny recipe and write its report (~10 min)")] = False,
+    run_dir: Annotated[Path, typer.Option(help="where the tiny recipe's run goes")] = Path("runs/tiny-cpu"),
 ) -> None:
-    """Build the tiny models and chat with the teacher through a real vLLM engine on this machine."""
-    tiny_models(workdir / "tiny-models")
+    """Build the tiny models, chat with the teacher through a real vLLM engine, then run the whole tiny recipe
+    (synthesize, dSFT, completions, judge, binarize, dDPO) on a local Ray and write its HTML report."""
+    models = workdir / "tiny-models"
+    tiny_models(models)
     typer.echo(f"\nuser> {message}")
-    chat(str(workdir / "tiny-models" / "teacher"), message=message, system=None, max_tokens=64, temperature=0.0,
+    chat(str(models / "teacher"), message=message, system=None, max_tokens=64, temperature=0.0,
          seed=0, max_model_len=512, kv_cache_gib=0.5, verbose=False)
+    if not recipe:
+        return
+    from .report import write_report
+    from .run import run_recipe
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    if not (jobs / "configs" / "tiny-cpu.yaml").is_file():
+        _fail(f"{jobs}/configs/tiny-cpu.yaml not found: the demo recipe lives in the repository checkout")
+    text = (jobs / "configs" / "tiny-cpu.yaml").read_text()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "recipe.yaml"  # the recipe with this checkout's paths
+    path.write_text(text.replace("./artifacts/tiny-models", str(models.resolve())).replace(
+        "./jobs/data/", f"{jobs / 'data'}/"))
+    typer.echo(f"\n== the tiny recipe, end to end, into {run_dir} (a few minutes on 2 cores)")
+    logging.getLogger("zephyr_ray").setLevel(logging.INFO)  # the stages' counts and rates (chat quieted the rest)
+    manifest = run_recipe(path, run_dir)
+    typer.echo("\n".join(f"{stage:<10} {record['status']:<8} {record.get('seconds', 0):8.1f}s"
+                         for stage, record in manifest["stages"].items()))
+    typer.echo(f"report: {write_report(run_dir)}")
 
 
 def main() -> None:

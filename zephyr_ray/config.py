@@ -187,6 +187,8 @@ class JudgeConfig(_Section):
 
 
 class BinarizeConfig(_Section):
+    dataset: DatasetSource | None = Field(default=None, description="an existing preference set instead of judging "
+                                          "(e.g. HuggingFaceH4/ultrafeedback_binarized, split train_prefs)")
     score: Literal["overall", "mean_aspects"] = Field(
         default="mean_aspects", description="the paper ranks by the mean of the aspects; the released set by overall"
     )

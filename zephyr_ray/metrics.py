@@ -1,7 +1,9 @@
 """Stage metrics as Ray metrics, so the dashboard's Metrics view (and Prometheus) shows every stage's numbers.
 
 Exported by Ray with its ``ray_`` prefix: ``ray_zephyr_stage_count{stage,key}`` (rows, drops by reason, judge
-errors, ...), ``ray_zephyr_stage_seconds{stage}`` and ``ray_zephyr_tokens_per_second{stage,model}``.
+errors, ...), ``ray_zephyr_stage_seconds{stage}``, ``ray_zephyr_tokens_per_second{stage,model}`` and, while a
+training stage runs and after, ``ray_zephyr_train_metric{stage,name}`` (loss, learning rate, grad norm, DPO's
+rewards/margins and rewards/accuracies, ... as the trainer logs them).
 
 Why an actor holds them: Ray exports a gauge for a short while after it is set (about half a minute), and a stage's
 driver exits when the stage ends, taking its gauges with it. A detached actor with no CPU keeps each stage's last
@@ -17,6 +19,12 @@ from typing import Any
 ACTOR_NAME = "zephyr_ray_stage_metrics"
 NAMESPACE = "zephyr_ray"
 REPUBLISH_SECONDS = 5.0
+GAUGES = {  # kind -> (name, description, tag keys); Prometheus sees each name with Ray's "ray_" prefix
+    "count": ("zephyr_stage_count", "rows and drops per stage and key", ("stage", "key")),
+    "seconds": ("zephyr_stage_seconds", "wall time of the stage's last run", ("stage",)),
+    "tokens_per_second": ("zephyr_tokens_per_second", "generated tokens per second", ("stage", "model")),
+    "train": ("zephyr_train_metric", "the trainer's last logged value of each metric", ("stage", "name")),
+}
 
 
 def flat_counts(counts: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -37,12 +45,8 @@ class StageMetrics:
     def __init__(self) -> None:
         from ray.util.metrics import Gauge
 
-        self.gauges = {
-            "count": Gauge("zephyr_stage_count", "rows and drops per stage and key", tag_keys=("stage", "key")),
-            "seconds": Gauge("zephyr_stage_seconds", "wall time of the stage's last run", tag_keys=("stage",)),
-            "tokens_per_second": Gauge("zephyr_tokens_per_second", "generated tokens per second",
-                                       tag_keys=("stage", "model")),
-        }
+        self.gauges = {kind: Gauge(name, description, tag_keys=tags)
+                       for kind, (name, description, tags) in GAUGES.items()}
         self.values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.lock = threading.Lock()
         threading.Thread(target=self._republish, daemon=True).start()
@@ -83,3 +87,11 @@ def record_stage(stage: str, counts: dict[str, Any], seconds: float,
     values += [("tokens_per_second", rate, {"stage": stage, "model": model})
                for model, rate in (tokens_per_second or {}).items()]
     ray.get(stage_metrics_actor().record.remote(values))
+
+
+def record_training(stage: str, logs: dict[str, Any]) -> None:
+    """A trainer's latest logged numbers (fire and forget: training does not wait on the metrics actor)."""
+    values = [("train", float(value), {"stage": stage, "name": name}) for name, value in logs.items()
+              if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    if values:
+        stage_metrics_actor().record.remote(values)

@@ -43,5 +43,6 @@ def init_ray(hardware: Hardware, address: str | None = None) -> None:
 
 def run_stage(name: str, recipe: Recipe, run_dir: Path, address: str | None = None) -> StageResult:
     init_ray(recipe.hardware, address)
+    run_dir = run_dir.resolve()  # workers (Ray Train, Ray Data) run in other directories: hand them absolute paths
     run_dir.mkdir(parents=True, exist_ok=True)
     return stage_functions()[name](recipe, run_dir)

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..config import BinarizeConfig, Recipe
-from ..data import PreferenceRow, count_values, read_contract, split_by_reason, write_parquet_atomic
+from ..data import PreferenceRow, count_values, read_contract, split_by_reason, validated_once, write_parquet_atomic
 from ..stage import StageResult, Timer, already_done, log_rate, stage_section
 from .complete import stable_seed
 from .judge import ASPECTS
@@ -91,6 +91,11 @@ def run_binarize(recipe: Recipe, run_dir: Path) -> StageResult:
     if done := already_done("binarize", run_dir, {"preferences": out, "rejects": rejects_dir}):
         return done
     timer = Timer()
+    if cfg.dataset is not None:  # an existing preference set, validated as it is
+        result = StageResult("binarize", counts=validated_once(cfg.dataset, PreferenceRow, out, rejects_dir),
+                             seconds=timer.seconds, outputs={"preferences": str(out), "rejects": str(rejects_dir)})
+        result.save(run_dir)
+        return result
     judgments = read_contract(run_dir / "judge" / "judgments")
     grouped = judgments.groupby("prompt_id").map_groups(_binarize_group, fn_kwargs={"cfg": cfg},
                                                          batch_format="pyarrow").materialize()

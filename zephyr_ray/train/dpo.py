@@ -40,7 +40,7 @@ def dpo_worker(config: dict[str, Any]) -> None:
                      loss_type=[cfg.loss_type])
     trainer = DPOTrainer(model=config["model"], ref_model=None, args=args,
                          train_dataset=train.select_columns(["chosen", "rejected"]), processing_class=tokenizer)
-    train_with_ray(trainer, latest_hf_checkpoint(), config["record_dir"])
+    train_with_ray(trainer, latest_hf_checkpoint(), config)
 
 
 def split_by_prompt_length(preferences: Path, tokenizer: Any, max_prompt_length: int, kept: Path,

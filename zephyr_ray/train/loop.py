@@ -140,6 +140,20 @@ def attempt_log_callback(record_dir: str) -> Any:
     return AttemptLog()
 
 
+def ray_metrics_callback(stage: str) -> Any:
+    """Rank 0 publishes each logged step (loss, DPO rewards, ...) as Ray metrics, for the dashboard and Grafana."""
+    from transformers import TrainerCallback
+
+    from ..metrics import record_training
+
+    class RayMetrics(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if state.is_world_process_zero and logs:
+                record_training(stage, {**logs, "step": state.global_step})
+
+    return RayMetrics()
+
+
 def latest_hf_checkpoint() -> str | None:
     """The HF checkpoint inside the Ray checkpoint this worker restarts from (None on a fresh start)."""
     import ray.train
@@ -152,11 +166,12 @@ def latest_hf_checkpoint() -> str | None:
     return path
 
 
-def train_with_ray(trainer: Any, resume_from: str | None, record_dir: str) -> None:
+def train_with_ray(trainer: Any, resume_from: str | None, config: dict[str, Any]) -> None:
     """Report checkpoints to Ray Train, resume from ``resume_from``, train."""
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    trainer.add_callback(attempt_log_callback(record_dir))
+    trainer.add_callback(attempt_log_callback(config["record_dir"]))
+    trainer.add_callback(ray_metrics_callback(config["stage"]))
     trainer.add_callback(save_at_end_callback())
     trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)
@@ -167,7 +182,8 @@ def loop_config(stage: str, recipe: Recipe, model: str, data_files: list[str], r
     """What every Ray Train worker of ``stage`` gets: the recipe, the model to start from, its Parquet input, and
     where to write (absolute paths: workers run elsewhere)."""
     stage_dir = (run_dir / stage).resolve()
-    return {"recipe": recipe, "model": model, "data_files": data_files, "output_dir": str(stage_dir / "hf"),
+    return {"stage": stage, "recipe": recipe, "model": model, "data_files": [str(Path(f).resolve()) for f in data_files],
+            "output_dir": str(stage_dir / "hf"),
             "cache_dir": str((run_dir / ".cache").resolve()), "record_dir": str(stage_dir / "attempts")}
 
 
@@ -216,6 +232,9 @@ def export_model(checkpoint: Any, out: Path, card: str) -> None:
     with checkpoint.as_directory() as directory:
         source = Path(directory) / HF_CHECKPOINT
         tmp.mkdir(parents=True)
+        if (source / "trainer_state.json").is_file():  # every logged step: the report's curves
+            history = json.loads((source / "trainer_state.json").read_text()).get("log_history", [])
+            (out.parent / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
         if (source / "adapter_config.json").is_file():
             merge_adapter(source, tmp)
         for name in MODEL_FILES:

@@ -45,7 +45,7 @@ def sft_worker(config: dict[str, Any]) -> None:
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=config["model"], args=args, train_dataset=train.select_columns(["messages"]),
                          processing_class=tokenizer, peft_config=peft_config)
-    train_with_ray(trainer, latest_hf_checkpoint(), config["record_dir"])
+    train_with_ray(trainer, latest_hf_checkpoint(), config)
 
 
 def run_train_sft(recipe: Recipe, run_dir: Path) -> StageResult:

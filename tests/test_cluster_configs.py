@@ -1,0 +1,93 @@
+"""The cluster launcher config, the KubeRay manifests and the Grafana dashboard, checked the way their tools would.
+
+`cluster.yaml` goes through the Ray cluster launcher's own defaults and JSON-schema validation (what `ray up` runs
+before touching a cloud); the RayService's embedded Serve config through Ray Serve's deploy schema.
+"""
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zephyr_ray.cli import STAGES
+from zephyr_ray.metrics import GAUGES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launcher_check(config: dict) -> dict:
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    full = fillout_defaults(copy.deepcopy(config))
+    validate_config(full)
+    return full
+
+
+def test_cluster_yaml_passes_the_launchers_validation():
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    full = launcher_check(config)
+    nodes = full["available_node_types"]
+    head, workers = nodes[full["head_node_type"]], [n for name, n in nodes.items() if name != full["head_node_type"]]
+    assert head["resources"]["CPU"] == 0, "the head runs no work"
+    (gpu,) = workers
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] * gpu["resources"]["GPU"] == 16
+    assert gpu["node_config"]["InstanceType"] == "p4d.24xlarge"
+    assert any("[gpu" in command and "pip install" in command for command in full["setup_commands"])
+    assert any("/mnt/shared" in command for command in full["setup_commands"]), "shared storage for checkpoints"
+
+
+def test_the_launchers_validation_catches_a_broken_cluster_yaml():
+    import jsonschema
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    broken = {**config, "max_wokers": 2}
+    with pytest.raises(jsonschema.ValidationError, match="max_wokers"):
+        launcher_check(broken)
+    missing_head = {**config, "head_node_type": "no-such-type"}
+    with pytest.raises(ValueError, match="head_node_type"):
+        launcher_check(missing_head)
+
+
+def test_the_rayjob_runs_every_stage_on_an_autoscaling_gpu_group():
+    job = yaml.safe_load((REPO / "k8s" / "rayjob-zephyr-7b.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    loop = re.search(r"for stage in ([a-z_ ]+);", job["spec"]["entrypoint"]).group(1).split()
+    assert tuple(loop) == STAGES
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"].startswith("2.60") and cluster["enableInTreeAutoscaling"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (group,) = cluster["workerGroupSpecs"]
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert group["minReplicas"] == 0 and group["maxReplicas"] * gpus == 16
+
+
+def test_the_rayservice_embeds_the_gpu_serve_config_and_takes_the_key_from_a_secret():
+    from ray.serve.schema import ServeDeploySchema
+
+    service = yaml.safe_load((REPO / "k8s" / "rayservice-zephyr-7b.yaml").read_text())
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    embedded = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    standalone = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "zephyr-7b-gpu.yaml").read_text()))
+    assert embedded.applications[0].model_dump() == standalone.applications[0].model_dump()
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert "secretKeyRef" in env["ZEPHYR_RAY_API_KEY"]["valueFrom"] and "value" not in env["ZEPHYR_RAY_API_KEY"]
+
+
+def dashboard_metrics() -> set[str]:
+    dashboard = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    return {name for expr in exprs for name in re.findall(r"\b(ray_[a-z_]+?)(?:_bucket)?\{", expr)}
+
+
+def test_the_grafana_dashboard_charts_every_metric_the_stages_publish():
+    dashboard = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    names = dashboard_metrics()
+    assert {f"ray_{name}" for name, _, _ in GAUGES.values()} <= names
+    assert {"ray_serve_num_http_requests_total", "ray_vllm_generation_tokens_total"} <= names

@@ -1,0 +1,200 @@
+"""``zephyr-ray report RUN_DIR``: one self-contained HTML page (plots inlined as PNG) of what a run did.
+
+It reads what the stages leave behind: ``manifest.json`` (from ``zephyr-ray run``) or each stage's
+``result.json``, ``binarize/stats.json`` (judge scores per pool model, chosen vs rejected length) and the trainers'
+``log_history.json`` (loss curves, DPO reward margins and accuracies). A stage that has not run yet gets a line
+saying so, not an empty plot.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from .metrics import flat_counts
+from .run import MANIFEST, RECIPE_STAGES
+
+REPORT = "report.html"
+
+
+def stage_records(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """stage -> its record (status, counts, seconds), from the manifest, else from each stage's result.json."""
+    manifest = run_dir / MANIFEST
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("stages", {})
+    records = {}
+    for stage in RECIPE_STAGES:
+        result = run_dir / stage / "result.json"
+        if result.is_file():
+            records[stage] = {"status": "done", **json.loads(result.read_text())}
+    return records
+
+
+def figure_png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def funnel_plot(records: dict[str, dict[str, Any]]) -> str | None:
+    """Each stage's counts (rows in, kept, rejected by reason, per model), one panel a stage."""
+    stages = [(stage, flat_counts(record.get("counts", {}))) for stage, record in records.items()]
+    stages = [(stage, {k: v for k, v in counts.items() if not k.startswith("mean_overall") and k != "global_step"})
+              for stage, counts in stages]
+    stages = [(stage, counts) for stage, counts in stages if counts]
+    if not stages:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(len(stages), 1, figsize=(10, 1.2 + 0.32 * sum(len(c) for _, c in stages)),
+                             squeeze=False, gridspec_kw={"height_ratios": [max(len(c), 1) for _, c in stages]})
+    for ax, (stage, counts) in zip(axes[:, 0], stages, strict=True):
+        keys = list(counts)
+        colors = ["#c0392b" if ("reject" in k or "reason" in k or "error" in k) else "#2e5bff" for k in keys]
+        ax.barh(keys, [counts[k] for k in keys], color=colors)
+        ax.invert_yaxis()
+        ax.set_title(stage, loc="left", fontsize=10)
+        for i, key in enumerate(keys):
+            ax.text(counts[key], i, f" {counts[key]:g}", va="center", fontsize=8)
+        ax.tick_params(labelsize=8)
+    return figure_png(fig)
+
+
+def judge_plot(stats: dict[str, Any]) -> str:
+    """Score histogram per pool model, and chosen vs rejected length."""
+    from .feedback.binarize import bin_order
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    models = list(stats["score_histograms"])
+    bins = sorted({b for h in stats["score_histograms"].values() for b in h}, key=bin_order)
+    width = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        axes[0].bar([x + i * width for x in range(len(bins))],
+                    [stats["score_histograms"][model].get(b, 0) for b in bins], width=width, label=model)
+    axes[0].set_xticks([x + 0.4 - width / 2 for x in range(len(bins))], bins, rotation=45)
+    axes[0].set_title(f"judge scores per pool model ({stats['score']})")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(["chosen", "rejected"], [stats["mean_chars_chosen"], stats["mean_chars_rejected"]],
+                color=["#2e7d32", "#c0392b"])
+    axes[1].set_title(f"mean reply length (chars)\nchosen longer in {stats['fraction_chosen_longer']:.0%} of pairs",
+                      fontsize=10)
+    return figure_png(fig)
+
+
+def training_plot(histories: dict[str, list[dict[str, Any]]]) -> str | None:
+    """Loss per step of each training stage; DPO's reward margins and accuracies."""
+    curves = {stage: [row for row in rows if "loss" in row and "step" in row] for stage, rows in histories.items()}
+    curves = {stage: rows for stage, rows in curves.items() if rows}
+    if not curves:
+        return None
+    dpo = [row for row in histories.get("train_dpo", []) if "rewards/margins" in row]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2 if dpo else 1, figsize=(12 if dpo else 6, 3.8), squeeze=False)
+    for stage, rows in curves.items():
+        axes[0, 0].plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".", label=stage)
+    axes[0, 0].set_title("training loss")
+    axes[0, 0].set_xlabel("optimizer step")
+    axes[0, 0].legend(fontsize=8)
+    if dpo:
+        ax = axes[0, 1]
+        ax.plot([r["step"] for r in dpo], [r["rewards/margins"] for r in dpo], marker=".", label="reward margin")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("chosen - rejected reward")
+        twin = ax.twinx()
+        twin.plot([r["step"] for r in dpo], [r.get("rewards/accuracies", 0) for r in dpo], color="#2e7d32",
+                  marker=".", label="reward accuracy")
+        twin.set_ylim(0, 1.05)
+        twin.set_ylabel("accuracy")
+        ax.set_title("DPO: reward margin and accuracy")
+        ax.legend(loc="upper left", fontsize=8)
+        twin.legend(loc="lower right", fontsize=8)
+    return figure_png(fig)
+
+
+def timings_plot(records: dict[str, dict[str, Any]]) -> str | None:
+    timed = {stage: record["seconds"] for stage, record in records.items() if record.get("seconds")}
+    if not timed:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.4 * len(timed)))
+    ax.barh(list(timed), list(timed.values()), color="#667085")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (the stage's last run that did work)")
+    for i, seconds in enumerate(timed.values()):
+        ax.text(seconds, i, f" {seconds:.0f}s", va="center", fontsize=8)
+    return figure_png(fig)
+
+
+def section(title: str, png: str | None, missing: str, caption: str = "") -> str:
+    body = (f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
+            f'<p class="caption">{html.escape(caption)}</p>') if png else f'<p class="missing">{html.escape(missing)}</p>'
+    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the report (atomically) and return its path, ``<run_dir>/report.html`` by default."""
+    records = stage_records(run_dir)
+    if not records:
+        raise FileNotFoundError(f"{run_dir}: no {MANIFEST} and no stage results: nothing has run here")
+    manifest = json.loads((run_dir / MANIFEST).read_text()) if (run_dir / MANIFEST).is_file() else {}
+    stats_path = run_dir / "binarize" / "stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+    histories = {stage: json.loads((run_dir / stage / "log_history.json").read_text())
+                 for stage in ("train_sft", "train_dpo") if (run_dir / stage / "log_history.json").is_file()}
+    status_rows = "".join(
+        f"<tr><td>{html.escape(stage)}</td><td>{html.escape(str(record.get('status', '')))}</td>"
+        f"<td>{record.get('seconds', 0) or 0:.1f}</td><td>{html.escape(str(record.get('error') or ''))}</td></tr>"
+        for stage, record in records.items())
+    versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
+    title = f"zephyr-ray run: {manifest.get('recipe', run_dir.name)}"
+    parts = [
+        section("Data funnel", funnel_plot(records), "no stage has recorded counts yet",
+                "rows in, kept and rejected (red) per stage; reasons and per-model counts as recorded"),
+        section("Judge scores and preference pairs", judge_plot(stats) if stats else None,
+                "binarize has not run yet",
+                f"{stats['pairs']} pairs; chosen/rejected wins per model: {stats['wins']} / {stats['losses']}"
+                if stats else ""),
+        section("Training", training_plot(histories), "no training log history (train_sft/log_history.json, "
+                "train_dpo/log_history.json) in this run yet",
+                "loss per optimizer step (train_sft, train_dpo); DPO's implicit reward margin and accuracy"),
+        section("Evaluation", None, "no evaluation has run yet (the evaluate stage)"),
+        section("Timings", timings_plot(records), "no timings recorded yet"),
+    ]
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font: 14px/1.5 system-ui, sans-serif; color: #1d2433; max-width: 1100px; margin: 24px auto; padding: 0 16px; }}
+h1 {{ font-size: 22px; }} h2 {{ font-size: 17px; border-bottom: 1px solid #d0d5dd; padding-bottom: 4px; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #d0d5dd; padding: 3px 8px; text-align: left; }}
+img {{ max-width: 100%; }} .missing {{ color: #667085; font-style: italic; }} .caption, .meta {{ color: #667085; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="meta">run directory {html.escape(str(run_dir))}; recipe sha256 {html.escape(manifest.get('recipe_sha256', '?')[:16])};
+started {html.escape(str(manifest.get('started_at', '?')))}, finished {html.escape(str(manifest.get('finished_at') or '-'))}</p>
+<p class="meta">{html.escape(versions)}</p>
+<table><tr><th>stage</th><th>status</th><th>seconds</th><th>error</th></tr>{status_rows}</table>
+{''.join(parts)}
+</body></html>
+"""
+    out = out or run_dir / REPORT
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
