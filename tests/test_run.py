@@ -37,7 +37,10 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+         "--disable-usage-stats",
+         # ports of its own: the session's Ray (ray_local) already holds the defaults, e.g. the job agent's 52365
+         *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port"))], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 180
     while ray_cli(["job", "list", "--address", url], token).returncode != 0:
@@ -57,6 +60,15 @@ def ray_cli(args: list[str], token: str, timeout: float = 120) -> subprocess.Com
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([str(Path(sys.executable).parent / "ray"), *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, check=False)
+
+
+def submit_job(head, job_id: str, args: list[str]) -> None:
+    """`ray job submit`, again while the head's job agent is still starting ("No available agent ... try again")."""
+    deadline = time.time() + 180
+    while (done := ray_cli(["job", "submit", "--address", head.url, "--submission-id", job_id, *args],
+                           head.token)).returncode != 0:
+        assert "No available agent" in done.stdout + done.stderr and time.time() < deadline, done.stderr[-3000:]
+        time.sleep(3)
 
 
 def job_status(head, job_id: str) -> str:
@@ -93,12 +105,12 @@ def test_the_recipe_as_a_ray_job_with_token_auth_survives_a_stop_during_training
     recipe["train_sft"].update(num_epochs=12, save_steps=8)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run_dir = tmp_path / "run"
-    submit = ["job", "submit", "--address", ray_head.url, "--working-dir", ".", "--no-wait", "--submission-id"]
-    command = ["--", sys.executable, "jobs/run.py", str(tmp_path / "recipe.yaml"), "--run-dir", str(run_dir)]
+    command = ["--working-dir", ".", "--no-wait", "--", sys.executable, "jobs/run.py", str(tmp_path / "recipe.yaml"),
+               "--run-dir", str(run_dir)]
 
     refused = ray_cli(["job", "list", "--address", ray_head.url], "zr-wrong-token")
     assert refused.returncode != 0, "a wrong token was accepted"
-    assert ray_cli([*submit, "zr-run-1", *command], ray_head.token).returncode == 0
+    submit_job(ray_head, "zr-run-1", command)
 
     snapshot = run_dir / "train_sft" / "ray" / "train_sft" / "checkpoint_manager_snapshot.json"
 
@@ -118,7 +130,7 @@ def test_the_recipe_as_a_ray_job_with_token_auth_survives_a_stop_during_training
     assert ray_cli(["job", "stop", "zr-run-1", "--address", ray_head.url], ray_head.token).returncode == 0
     wait_for(lambda: job_status(ray_head, "zr-run-1") in ("STOPPED", "FAILED"), 120, "the job did not stop")
 
-    assert ray_cli([*submit, "zr-run-2", *command], ray_head.token).returncode == 0
+    submit_job(ray_head, "zr-run-2", command)
     wait_for(lambda: job_status(ray_head, "zr-run-2") not in ("PENDING", "RUNNING"), 900, "the job never ended")
     logs = ray_cli(["job", "logs", "zr-run-2", "--address", ray_head.url], ray_head.token).stdout
     assert job_status(ray_head, "zr-run-2") == "SUCCEEDED", logs[-3000:]
