@@ -206,6 +206,12 @@ def serve_model(
         serve.shutdown()
 
 
+def _stage_table(manifest: dict) -> str:
+    """One line per stage of a run manifest: name, status, seconds."""
+    return "\n".join(f"{stage:<10} {record['status']:<8} {record.get('seconds', 0):8.1f}s"
+                     for stage, record in manifest["stages"].items())
+
+
 @app.command("run")
 def run_recipe_command(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
@@ -226,8 +232,7 @@ def run_recipe_command(
         manifest = run_recipe(recipe, run_dir, address=address)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         _fail(str(err))
-    typer.echo("\n".join(f"{stage:<10} {record['status']:<8} {record.get('seconds', 0):8.1f}s"
-                         for stage, record in manifest["stages"].items()))
+    typer.echo(_stage_table(manifest))
     typer.echo(f"run manifest: {run_dir / MANIFEST}")
 
 
@@ -288,8 +293,7 @@ def demo(
     typer.echo(f"\n== the tiny recipe, end to end, into {run_dir} (a few minutes on 2 cores)")
     logging.getLogger("zephyr_ray").setLevel(logging.INFO)  # the stages' counts and rates (chat quieted the rest)
     manifest = run_recipe(path, run_dir)
-    typer.echo("\n".join(f"{stage:<10} {record['status']:<8} {record.get('seconds', 0):8.1f}s"
-                         for stage, record in manifest["stages"].items()))
+    typer.echo(_stage_table(manifest))
     typer.echo(f"report: {write_report(run_dir)}")
 
 

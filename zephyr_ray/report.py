@@ -1,8 +1,8 @@
 """``zephyr-ray report RUN_DIR``: one self-contained HTML page (plots inlined as PNG) of what a run did.
 
 It reads what the stages leave behind: ``manifest.json`` (from ``zephyr-ray run``) or each stage's
-``result.json``, ``binarize/stats.json`` (judge scores per pool model, chosen vs rejected length) and the trainers'
-``log_history.json`` (loss curves, DPO reward margins and accuracies). A stage that has not run yet gets a line
+``result.json``, ``binarize/stats.json`` and the plot binarize drew from it (judge scores per pool model, wins,
+chosen vs rejected length) and the trainers' ``log_history.json`` (loss curves, DPO reward margins and accuracies). A stage that has not run yet gets a line
 saying so, not an empty plot.
 """
 
@@ -76,28 +76,6 @@ def funnel_plot(records: dict[str, dict[str, Any]]) -> str | None:
     return figure_png(fig)
 
 
-def judge_plot(stats: dict[str, Any]) -> str:
-    """Score histogram per pool model, and chosen vs rejected length."""
-    from .feedback.binarize import bin_order
-
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 1]})
-    models = list(stats["score_histograms"])
-    bins = sorted({b for h in stats["score_histograms"].values() for b in h}, key=bin_order)
-    width = 0.8 / max(len(models), 1)
-    for i, model in enumerate(models):
-        axes[0].bar([x + i * width for x in range(len(bins))],
-                    [stats["score_histograms"][model].get(b, 0) for b in bins], width=width, label=model)
-    axes[0].set_xticks([x + 0.4 - width / 2 for x in range(len(bins))], bins, rotation=45)
-    axes[0].set_title(f"judge scores per pool model ({stats['score']})")
-    axes[0].legend(fontsize=8)
-    axes[1].bar(["chosen", "rejected"], [stats["mean_chars_chosen"], stats["mean_chars_rejected"]],
-                color=["#2e7d32", "#c0392b"])
-    axes[1].set_title(f"mean reply length (chars)\nchosen longer in {stats['fraction_chosen_longer']:.0%} of pairs",
-                      fontsize=10)
-    return figure_png(fig)
-
-
 def training_plot(histories: dict[str, list[dict[str, Any]]]) -> str | None:
     """Loss per step of each training stage; DPO's reward margins and accuracies."""
     curves = {stage: [row for row in rows if "loss" in row and "step" in row] for stage, rows in histories.items()}
@@ -154,8 +132,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     if not records:
         raise FileNotFoundError(f"{run_dir}: no {MANIFEST} and no stage results: nothing has run here")
     manifest = json.loads((run_dir / MANIFEST).read_text()) if (run_dir / MANIFEST).is_file() else {}
-    stats_path = run_dir / "binarize" / "stats.json"
+    stats_path, stats_png = run_dir / "binarize" / "stats.json", run_dir / "binarize" / "stats.png"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+    # binarize already plots its statistics (scores per pool model, wins, chosen vs rejected length): inline that
+    judge_png = base64.b64encode(stats_png.read_bytes()).decode() if stats and stats_png.is_file() else None
     histories = {stage: json.loads((run_dir / stage / "log_history.json").read_text())
                  for stage in ("train_sft", "train_dpo") if (run_dir / stage / "log_history.json").is_file()}
     status_rows = "".join(
@@ -167,7 +147,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     parts = [
         section("Data funnel", funnel_plot(records), "no stage has recorded counts yet",
                 "rows in, kept and rejected (red) per stage; reasons and per-model counts as recorded"),
-        section("Judge scores and preference pairs", judge_plot(stats) if stats else None,
+        section("Judge scores and preference pairs", judge_png,
                 "binarize has not run yet",
                 f"{stats['pairs']} pairs; chosen/rejected wins per model: {stats['wins']} / {stats['losses']}"
                 if stats else ""),
