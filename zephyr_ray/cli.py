@@ -266,22 +266,24 @@ def _input_lines():
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the tiny models go")] = Path("artifacts"),
-    message: Annotated[str, typer.Option("--message", "-m")] = "How do bees make honey?",
-    recipe: Annotated[bool, typer.Option(help="then run the whole tiny recipe and write its report (~10 min)")] = False,
     run_dir: Annotated[Path, typer.Option(help="where the tiny recipe's run goes")] = Path("runs/tiny-cpu"),
+    message: Annotated[str, typer.Option("--message", "-m", help="what to ask the aligned model")] =
+        "How do bees make honey?",
+    recipe: Annotated[bool, typer.Option(help="run the tiny recipe (--no-recipe: build the models and chat with "
+                                               "the teacher only, a one-minute check)")] = True,
 ) -> None:
-    """Build the tiny models, chat with the teacher through a real vLLM engine, then run the whole tiny recipe
-    (synthesize, dSFT, completions, judge, binarize, dDPO) on a local Ray and write its HTML report."""
-    models = workdir / "tiny-models"
-    tiny_models(models)
-    typer.echo(f"\nuser> {message}")
-    chat(str(models / "teacher"), message=message, system=None, max_tokens=64, temperature=0.0,
-         seed=0, max_model_len=512, kv_cache_gib=0.5, verbose=False)
-    if not recipe:
-        return
-    from .report import write_report
+    """Build the tiny models, run the whole tiny recipe (synthesize, dSFT, four pool models' completions, judge,
+    binarize, dDPO) on a local Ray, write its HTML report, and ask the aligned model one question through vLLM."""
+    from .report import example_pairs, write_report
     from .run import run_recipe
 
+    models = workdir / "tiny-models"
+    tiny_models(models)
+    if not recipe:
+        typer.echo(f"\nuser> {message}")
+        chat(str(models / "teacher"), message=message, system=None, max_tokens=64, temperature=0.0,
+             seed=0, max_model_len=512, kv_cache_gib=0.5, verbose=False)
+        return
     jobs = Path(__file__).resolve().parents[1] / "jobs"
     if not (jobs / "configs" / "tiny-cpu.yaml").is_file():
         _fail(f"{jobs}/configs/tiny-cpu.yaml not found: the demo recipe lives in the repository checkout")
@@ -290,11 +292,22 @@ def demo(
     path = run_dir / "recipe.yaml"  # the recipe with this checkout's paths
     path.write_text(text.replace("./artifacts/tiny-models", str(models.resolve())).replace(
         "./jobs/data/", f"{jobs / 'data'}/"))
-    typer.echo(f"\n== the tiny recipe, end to end, into {run_dir} (a few minutes on 2 cores)")
-    logging.getLogger("zephyr_ray").setLevel(logging.INFO)  # the stages' counts and rates (chat quieted the rest)
+    typer.echo(f"\n== the tiny recipe, end to end, into {run_dir} (about 6 minutes on 2 cores; run again, it skips "
+               "what is finished)")
+    logging.getLogger("zephyr_ray").setLevel(logging.INFO)  # the stages' counts and rates
     manifest = run_recipe(path, run_dir)
-    typer.echo(_stage_table(manifest))
-    typer.echo(f"report: {write_report(run_dir)}")
+    typer.echo("\n" + _stage_table(manifest))
+    for pair in example_pairs(run_dir, limit=1):
+        typer.echo(f"\nA preference pair (judge scores {pair['score_chosen']:g} vs {pair['score_rejected']:g}):\n"
+                   f"  prompt:   {pair['prompt']!r}\n  chosen:   {pair['chosen'][-1]['content'][:200]!r} "
+                   f"({pair['chosen_model']})\n  rejected: {pair['rejected'][-1]['content'][:200]!r} "
+                   f"({pair['rejected_model']})")
+    typer.echo(f"\nreport: {write_report(run_dir)}")
+    aligned = run_dir / "train_dpo" / "model"
+    typer.echo(f"\nThe aligned model ({aligned}), through vLLM behind the Zephyr template:\nuser> {message}")
+    chat(str(aligned), message=message, system=None, max_tokens=64, temperature=0.0, seed=0, max_model_len=512,
+         kv_cache_gib=0.5, verbose=False)
+    typer.echo(f"\nnext: zephyr-ray serve {aligned} (OpenAI API and a chat page), zephyr-ray chat {aligned}")
 
 
 def main() -> None:

@@ -103,9 +103,11 @@ def vllm_processor_config(engine: Engine, hardware: Hardware, **overrides: Any) 
         "should_continue_on_error": True,  # a failed row is marked and counted, not the end of the job
     }
     if hardware.accelerator == "cpu":
-        # the pre/post-processing stages are light; keep CPUs free for the engine on a small machine
-        options.update(chat_template_stage={"num_cpus": 0.25}, tokenize_stage={"num_cpus": 0.25},
-                       detokenize_stage={"num_cpus": 0.25})
+        # On a small CPU machine every stage actor is one more Python process to start (seconds each on 2 cores)
+        # beside the engine's own. vLLM tokenizes the templated prompt and detokenizes the output itself, with the
+        # same tokenizer call as Ray's tokenize stage (special tokens added), so only the chat-template actor is
+        # kept, on a quarter CPU. GPU runs keep Ray's separate CPU stages, which keep tokenizing off the engine.
+        options.update(chat_template_stage={"num_cpus": 0.25}, tokenize_stage=False, detokenize_stage=False)
     options.update(overrides)
     return vLLMEngineProcessorConfig(**options)
 

@@ -2,8 +2,8 @@
 
 It reads what the stages leave behind: ``manifest.json`` (from ``zephyr-ray run``) or each stage's
 ``result.json``, ``binarize/stats.json`` and the plot binarize drew from it (judge scores per pool model, wins,
-chosen vs rejected length) and the trainers' ``log_history.json`` (loss curves, DPO reward margins and accuracies). A stage that has not run yet gets a line
-saying so, not an empty plot.
+chosen vs rejected length), the trainers' ``log_history.json`` (loss curves, DPO reward margins and accuracies) and
+the first preference pairs. A stage that has not run yet gets a line saying so, not an empty plot.
 """
 
 from __future__ import annotations
@@ -120,6 +120,33 @@ def timings_plot(records: dict[str, dict[str, Any]]) -> str | None:
     return figure_png(fig)
 
 
+def example_pairs(run_dir: Path, limit: int = 3) -> list[dict[str, Any]]:
+    """The first ``limit`` preference pairs binarize wrote (none before it has run)."""
+    import pyarrow.dataset as pads
+
+    out = run_dir / "binarize" / "preferences"
+    if not (out / "_SUCCESS").is_file():
+        return []
+    return pads.dataset(str(out), format="parquet").head(limit).to_pylist()
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def examples_html(pairs: list[dict[str, Any]]) -> str:
+    """Preference pairs as a table: the prompt, then chosen and rejected replies with their model and score."""
+    rows = "".join(
+        f"<tr><td>{html.escape(_clip(pair['prompt']))}</td>"
+        f"<td>{html.escape(_clip(pair['chosen'][-1]['content']))}<p class=\"meta\">"
+        f"{html.escape(str(pair.get('chosen_model') or ''))} {pair['score_chosen']:g}</p></td>"
+        f"<td>{html.escape(_clip(pair['rejected'][-1]['content']))}<p class=\"meta\">"
+        f"{html.escape(str(pair.get('rejected_model') or ''))} {pair['score_rejected']:g}</p></td></tr>"
+        for pair in pairs)
+    return (f'<section><h2>Example preference pairs</h2><table class="examples"><tr><th>prompt</th><th>chosen</th>'
+            f"<th>rejected</th></tr>{rows}</table></section>") if pairs else ""
+
+
 def section(title: str, png: str | None, missing: str, caption: str = "") -> str:
     body = (f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
             f'<p class="caption">{html.escape(caption)}</p>') if png else f'<p class="missing">{html.escape(missing)}</p>'
@@ -156,6 +183,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
                 "loss per optimizer step (train_sft, train_dpo); DPO's implicit reward margin and accuracy"),
         section("Evaluation", None, "no evaluation has run yet (the evaluate stage)"),
         section("Timings", timings_plot(records), "no timings recorded yet"),
+        examples_html(example_pairs(run_dir)),
     ]
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -163,7 +191,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
 body {{ font: 14px/1.5 system-ui, sans-serif; color: #1d2433; max-width: 1100px; margin: 24px auto; padding: 0 16px; }}
 h1 {{ font-size: 22px; }} h2 {{ font-size: 17px; border-bottom: 1px solid #d0d5dd; padding-bottom: 4px; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #d0d5dd; padding: 3px 8px; text-align: left; }}
-img {{ max-width: 100%; }} .missing {{ color: #667085; font-style: italic; }} .caption, .meta {{ color: #667085; }}
+img {{ max-width: 100%; }} .examples td {{ vertical-align: top; white-space: pre-wrap; width: 33%; }} .missing {{ color: #667085; font-style: italic; }} .caption, .meta {{ color: #667085; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="meta">run directory {html.escape(str(run_dir))}; recipe sha256 {html.escape(manifest.get('recipe_sha256', '?')[:16])};

@@ -28,17 +28,18 @@ def init_ray(hardware: Hardware, address: str | None = None) -> None:
     the recipe: more logical CPUs than cores on a CPU machine, since engines and light stages share them."""
     import ray
 
-    if ray.is_initialized():
-        return
-    prepare_process_env(hardware)
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    if hardware.accelerator == "cpu":
-        ray.init(num_cpus=max(4, os.cpu_count() or 1))
-    else:
-        ray.init()
+    from .data import configure_ray_data
+
+    if not ray.is_initialized():
+        prepare_process_env(hardware)
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        elif hardware.accelerator == "cpu":
+            ray.init(num_cpus=max(4, os.cpu_count() or 1))
+        else:
+            ray.init()
+    configure_ray_data(small_cluster=hardware.accelerator == "cpu")
 
 
 def run_stage(name: str, recipe: Recipe, run_dir: Path, address: str | None = None) -> StageResult:

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PoolModel, Recipe
-from ..data import CompletionRow, PromptRow, is_complete, read_contract, validated_once, write_parquet_atomic
+from ..data import (
+    CompletionRow,
+    PromptRow,
+    column_sum,
+    is_complete,
+    read_contract,
+    validated_once,
+    write_parquet_atomic,
+)
 from ..generate import generate
 from ..stage import StageResult, Timer, log_rate, stage_section
 
@@ -89,7 +97,7 @@ def run_complete(recipe: Recipe, run_dir: Path) -> StageResult:
         rows = generate(requests, model.engine, recipe.hardware).map(to_completion,
                                                                       fn_kwargs={"model_name": model.name})
         written = write_parquet_atomic(rows, out, schema=CompletionRow.arrow_schema())
-        tokens = read_contract(out).sum("num_generated_tokens") if written else 0
+        tokens = column_sum(out, "num_generated_tokens")
         log_rate(f"complete[{model.name}]", written, model_timer.seconds, tokens)
         result.tokens_per_second[model.name] = tokens / max(model_timer.seconds, 1e-9)
         result.counts[model.name] = written

@@ -184,7 +184,15 @@ def loop_config(stage: str, recipe: Recipe, model: str, data_files: list[str], r
     stage_dir = (run_dir / stage).resolve()
     return {"stage": stage, "recipe": recipe, "model": model, "data_files": [str(Path(f).resolve()) for f in data_files],
             "output_dir": str(stage_dir / "hf"),
-            "cache_dir": str((run_dir / ".cache").resolve()), "record_dir": str(stage_dir / "attempts")}
+            "cache_dir": str(build_cache_dir()), "record_dir": str(stage_dir / "attempts")}
+
+
+def build_cache_dir() -> Path:
+    """Where DeepSpeed's JIT-built CPU ops go: per user and machine (``$ZEPHYR_RAY_CACHE``, else
+    ``~/.cache/zephyr-ray``), so they are compiled once (~40 s on 2 cores), not once per run directory. Torch
+    rebuilds an op whose sources or flags changed, and locks the directory while it builds."""
+    configured = os.environ.get("ZEPHYR_RAY_CACHE")
+    return Path(configured or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "zephyr-ray").expanduser()
 
 
 def run_torch_trainer(stage: str, worker: Callable[[dict], None], worker_config: dict[str, Any], recipe: Recipe,
