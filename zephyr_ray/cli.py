@@ -292,7 +292,7 @@ def demo(
     path = run_dir / "recipe.yaml"  # the recipe with this checkout's paths
     path.write_text(text.replace("./artifacts/tiny-models", str(models.resolve())).replace(
         "./jobs/data/", f"{jobs / 'data'}/"))
-    typer.echo(f"\n== the tiny recipe, end to end, into {run_dir} (about 6 minutes on 2 cores; run again, it skips "
+    typer.echo(f"\n== the tiny recipe, end to end, into {run_dir} (about 7 minutes on 2 cores; run again, it skips "
                "what is finished)")
     logging.getLogger("zephyr_ray").setLevel(logging.INFO)  # the stages' counts and rates
     manifest = run_recipe(path, run_dir)
