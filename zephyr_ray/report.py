@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .data import is_complete
 from .metrics import flat_counts
 from .run import MANIFEST, RECIPE_STAGES
 
@@ -125,7 +126,7 @@ def example_pairs(run_dir: Path, limit: int = 3) -> list[dict[str, Any]]:
     import pyarrow.dataset as pads
 
     out = run_dir / "binarize" / "preferences"
-    if not (out / "_SUCCESS").is_file():
+    if not is_complete(out):
         return []
     return pads.dataset(str(out), format="parquet").head(limit).to_pylist()
 
