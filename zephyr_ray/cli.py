@@ -127,7 +127,7 @@ def chat(
             typer.echo(f"assistant> {reply(text)}")
 
 
-STAGES = ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo")
+STAGES = ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo", "evaluate")
 
 
 @app.command()
@@ -153,6 +153,34 @@ def stage(
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         _fail(str(err))
     typer.echo(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+
+
+@app.command()
+def evaluate(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML with an `evaluate` section")],
+    run_dir: Annotated[Path | None, typer.Option(help="the run to evaluate (default: runs/<recipe name>)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
+) -> None:
+    """Grade the recipe's model MT-Bench style and measure its pairwise win rate (the recipe's `evaluate` stage)."""
+    from .config import RecipeError, load_recipe
+    from .evaluate import evaluation_summary
+    from .stages import run_stage
+
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as err:
+        _fail(err.problems)
+    if loaded.evaluate is None:
+        _fail(f"{recipe}: no `evaluate` section")
+    run_dir = run_dir or Path("runs") / loaded.name
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_stage("evaluate", loaded, run_dir, address=address)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    results = json.loads(Path(result.outputs["results"]).read_text())
+    typer.echo(evaluation_summary(results))
+    typer.echo(f"results: {result.outputs['results']}, judgments: {result.outputs['judgments']}")
 
 
 @app.command("serve")

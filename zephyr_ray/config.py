@@ -213,10 +213,103 @@ class TrainDPOConfig(Training):
         return self
 
 
+# MT-Bench's sampling temperature per category (FastChat ``llm_judge``): creative categories sample, those with one
+# right answer decode greedily. Categories not listed take ``MTBenchConfig.default_temperature``.
+MT_BENCH_TEMPERATURES: dict[str, float] = {
+    "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
+    "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0,
+}
+# Categories whose judge sees the reference answer (MT-Bench's reference-guided grading).
+MT_BENCH_REFERENCE_CATEGORIES = ("math", "reasoning", "coding", "arena-hard-200")
+RUN_MODELS = ("train_dpo", "train_sft")  # model names that mean "that stage's model in this run directory"
+
+
+class EvalModel(Engine):
+    """A model that answers the evaluation: ``train_dpo`` / ``train_sft`` (that stage's model in this run), a model
+    directory or a hub id, with the vLLM settings of any engine."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="how results name it (also a directory name)")
+    model: str = Field(default="train_dpo", description="'train_dpo' or 'train_sft' (this run's model), a model "
+                       "directory or a hub id")
+
+
+class EvalJudgeConfig(_Section):
+    """The evaluation's judge: a vLLM model (``engine``) or an OpenAI-compatible endpoint (GPT-4, as MT-Bench uses)."""
+
+    engine: Engine | None = None
+    endpoint: Endpoint | None = None
+    sampling: Sampling = Sampling(temperature=0.0, max_tokens=1024)
+    structured_output: bool = Field(
+        default=True, description="vLLM judges: constrain the answer to 'explanation, then Rating: [[n]]' (or the "
+        "verdict), so it always parses; endpoints follow their own `structured_output`")
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> EvalJudgeConfig:
+        if (self.engine is None) == (self.endpoint is None):
+            raise ValueError("give the judge either an `engine` (a vLLM model) or an `endpoint`, not both")
+        if self.sampling.max_tokens < 32:
+            raise ValueError(f"sampling.max_tokens ({self.sampling.max_tokens}) leaves the judge no room to explain "
+                             "before its rating; use 32 or more")
+        return self
+
+
+class MTBenchConfig(_Section):
+    """Single-answer grading, MT-Bench style: two-turn questions, the judge rates each answer 1-10."""
+
+    questions: DatasetSource = Field(description="FastChat question.jsonl rows (question_id, category, turns, "
+                                     "reference) or HuggingFaceH4/mt_bench_prompts")
+    reference_answers: DatasetSource | None = Field(
+        default=None, description="FastChat reference answers ({question_id, choices: [{turns}]}) for questions "
+        "without an inline `reference`")
+    temperatures: dict[str, float] = Field(default_factory=lambda: dict(MT_BENCH_TEMPERATURES))
+    default_temperature: float = Field(default=0.7, ge=0.0, le=5.0)
+    max_tokens: int = Field(default=1024, gt=0, description="per answer (MT-Bench: 1024)")
+    reference_categories: list[str] = Field(default_factory=lambda: list(MT_BENCH_REFERENCE_CATEGORIES))
+
+
+class PairwiseConfig(_Section):
+    """Pairwise win rate, AlpacaEval style: the judge sees both answers, in both orders; ties allowed."""
+
+    prompts: DatasetSource | None = Field(
+        default=None, description="instructions (AlpacaEval's JSON list: instruction, output, generator, dataset); "
+        "default: the MT-Bench questions' first turns")
+    baseline: EvalModel | None = Field(default=None, description="the model to beat; default: the prompts' `output` "
+                                       "(a reference output set such as AlpacaEval's)")
+    sampling: Sampling = Field(default=Sampling(temperature=0.7, max_tokens=1024),
+                               description="for answers to `prompts` (MT-Bench questions keep their own settings)")
+    bootstrap_samples: int = Field(default=2000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+
+
+class DecontaminateConfig(_Section):
+    """Keep evaluation prompts out of training: training prompts sharing an n-gram (of words, lower-cased) with any
+    evaluation prompt are counted before training, and dropped into the rejects when ``drop`` is set."""
+
+    ngram: int = Field(default=8, ge=3, description="words per n-gram (Tulu 3 uses 8, GPT-3 used 13)")
+    drop: bool = False
+
+
 class EvaluateConfig(_Section):
-    questions: DatasetSource | None = None
-    judge: JudgeConfig | None = None
-    baseline: str | None = Field(default=None, description="model or output set for the pairwise win rate")
+    """Evaluation of the recipe's model on the same judge machinery as the data stages."""
+
+    model: EvalModel = Field(default_factory=lambda: EvalModel(name="dpo"))
+    mt_bench: MTBenchConfig | None = None
+    pairwise: PairwiseConfig | None = None
+    judge: EvalJudgeConfig
+    decontaminate: DecontaminateConfig | None = None
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> EvaluateConfig:
+        if self.mt_bench is None and self.pairwise is None:
+            raise ValueError("give `mt_bench`, `pairwise` or both")
+        if self.pairwise is not None and self.pairwise.prompts is None and self.mt_bench is None:
+            raise ValueError("pairwise.prompts: needed when there is no `mt_bench` question set to take them from")
+        if self.pairwise is not None and self.pairwise.baseline is None and self.pairwise.prompts is None:
+            raise ValueError("pairwise.baseline: MT-Bench questions have no reference outputs; name a baseline model "
+                             "or give `prompts` with an `output` column")
+        if self.pairwise and self.pairwise.baseline and self.pairwise.baseline.name == self.model.name:
+            raise ValueError(f"pairwise.baseline.name: '{self.model.name}' is already the evaluated model's name")
+        return self
 
 
 class ServedModel(_Section):
@@ -449,6 +542,9 @@ def check_recipe_paths(recipe: Recipe, file: str) -> tuple[list[str], list[str]]
             notes.append(f"{key}.api_key_env: {value.api_key_env} is not set here (it must be where the stage runs)")
         if isinstance(value, DatasetSource):
             target, kind = value.path, "dataset"
+        elif isinstance(value, EvalModel) and value.model in RUN_MODELS:
+            notes.append(f"{key}.model: {value.model} is this run's {value.model} model")
+            continue
         elif isinstance(value, (Engine, Training, ServeConfig)) and getattr(value, "model", None):
             target, kind = value.model, "model"
         else:

@@ -240,12 +240,123 @@ class PreferenceRow(PromptRow):
         return self
 
 
+def _question_id(value: Any) -> Any:
+    """MT-Bench ids are integers; ours are text, so ids of any set fit one column."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class QuestionRow(Row):
+    """An MT-Bench question, as in FastChat's ``question.jsonl`` (``question_id``, ``category``, ``turns``, optional
+    ``reference``); ``HuggingFaceH4/mt_bench_prompts``' columns (``prompt_id``, ``prompt``) are read the same way."""
+
+    derived: ClassVar[tuple[str, ...]] = ("question_id",)
+    unique_key: ClassVar[str | None] = "question_id"
+    question_id: str
+    category: str
+    turns: list[str]
+    reference: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, row: Any) -> Any:
+        if not isinstance(row, dict):
+            return row
+        row = dict(row)
+        if "turns" not in row and isinstance(row.get("prompt"), list):
+            row["turns"] = row.pop("prompt")
+        if "question_id" not in row and "prompt_id" in row:
+            row["question_id"] = row.pop("prompt_id")
+        row["question_id"] = _question_id(row.get("question_id"))
+        if row.get("reference") == []:  # the hub copy gives every question a reference list, empty when none
+            row["reference"] = None
+        return row
+
+    @field_validator("question_id", "category")
+    @classmethod
+    def _name(cls, value: str, info: Any) -> str:
+        return _check_text(value, info.field_name, max_chars=200).strip()
+
+    @field_validator("turns")
+    @classmethod
+    def _turns(cls, turns: list[str]) -> list[str]:
+        if not turns:
+            raise ValueError("turns is empty")
+        return [_check_text(turn, f"turns[{i}]") for i, turn in enumerate(turns)]
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, reference: list[str] | None) -> list[str] | None:
+        return None if reference is None else [_check_text(r, f"reference[{i}]") for i, r in enumerate(reference)]
+
+
+class ReferenceAnswerRow(Row):
+    """A reference answer in FastChat's answer format (``question_id``, ``choices: [{turns: [...]}]``); ``turns``
+    is taken from the first choice."""
+
+    unique_key: ClassVar[str | None] = "question_id"
+    question_id: str
+    turns: list[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, row: Any) -> Any:
+        if isinstance(row, dict):
+            row = {**row, "question_id": _question_id(row.get("question_id"))}
+            choices = row.get("choices")
+            if "turns" not in row and isinstance(choices, list) and choices and isinstance(choices[0], dict):
+                row["turns"] = choices[0].get("turns")
+        return row
+
+    @field_validator("turns")
+    @classmethod
+    def _turns(cls, turns: list[str]) -> list[str]:
+        if not turns:
+            raise ValueError("turns is empty")
+        return [_check_text(turn, f"turns[{i}]") for i, turn in enumerate(turns)]
+
+
+class InstructionRow(Row):
+    """A pairwise-evaluation instruction, as in AlpacaEval's JSON (``instruction``, and a reference set's
+    ``output``, ``generator``, ``dataset``); ``instruction_id`` is the sha256 of the instruction."""
+
+    derived: ClassVar[tuple[str, ...]] = ("instruction_id",)
+    unique_key: ClassVar[str | None] = "instruction_id"
+    instruction: str
+    instruction_id: str
+    output: str | None = None
+    generator: str | None = None
+    dataset: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, row: Any) -> Any:
+        if isinstance(row, dict):
+            if "instruction" not in row and isinstance(row.get("prompt"), str):
+                row = {**row, "instruction": row["prompt"]}
+            if "instruction_id" not in row and isinstance(row.get("instruction"), str):
+                row = {**row, "instruction_id": prompt_id_of(row["instruction"])}
+        return row
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction(cls, value: str) -> str:
+        return _check_text(value, "instruction")
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str | None) -> str | None:
+        return None if value is None else _check_text(value, "output")
+
+
 CONTRACTS: dict[str, type[Row]] = {
     "prompt": PromptRow,
     "dialogue": DialogueRow,
     "completion": CompletionRow,
     "judgment": JudgmentRow,
     "preference": PreferenceRow,
+    "question": QuestionRow,
+    "reference_answer": ReferenceAnswerRow,
+    "instruction": InstructionRow,
 }
 
 
@@ -338,6 +449,9 @@ def _local_files(path: Path) -> tuple[str, list[Path]]:
 def _jsonl_rows(batch: dict[str, Any]) -> Any:
     """Split JSONL files into raw rows, line by line: a line that is not UTF-8 becomes a decode error, not a crash."""
     for file, data in zip(batch["path"], batch["bytes"]):
+        if file.endswith(".json") and data.lstrip()[:1] == b"[":
+            yield _raw_table(file, _json_array_rows(data))
+            continue
         rows = []
         for number, line in enumerate(data.split(b"\n"), start=1):
             if not line.strip():
@@ -347,6 +461,19 @@ def _jsonl_rows(batch: dict[str, Any]) -> Any:
             except UnicodeDecodeError as err:
                 rows.append((number, line.decode("utf-8", "backslashreplace"), f"not valid UTF-8 ({err.reason} at byte {err.start} of the line)"))
         yield _raw_table(file, rows)
+
+
+def _json_array_rows(data: bytes) -> list[tuple[int, str | None, str | None]]:
+    """A ``.json`` file holding one JSON list (AlpacaEval's format): its items are the rows, numbered from 1. A file
+    that does not parse is one reject, with the reason."""
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return [(1, None, f"not valid UTF-8 ({err.reason} at byte {err.start} of the file)")]
+    except json.JSONDecodeError as err:
+        reason = f"not a valid JSON list: {err.msg} at line {err.lineno} column {err.colno}"
+        return [(1, _preview(data.decode("utf-8")), reason)]
+    return [(number, json.dumps(item, ensure_ascii=False), None) for number, item in enumerate(items, start=1)]
 
 
 def _parquet_rows(batch: dict[str, Any]) -> Any:
@@ -435,10 +562,14 @@ class ValidationReport:
     accepted: int = 0
     rejected: int = 0
     reasons: Counter = field(default_factory=Counter)
+    contaminated: int | None = None  # rows sharing an n-gram with an evaluation prompt (None: not screened)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "total": self.total, "accepted": self.accepted, "rejected": self.rejected,
-                "reasons": dict(self.reasons.most_common())}
+        counts = {"source": self.source, "total": self.total, "accepted": self.accepted, "rejected": self.rejected,
+                  "reasons": dict(self.reasons.most_common())}
+        if self.contaminated is not None:
+            counts["contaminated"] = self.contaminated
+        return counts
 
 
 @dataclass
@@ -449,17 +580,22 @@ class Validated:
 
 
 def _checked_schema(contract: type[Row]) -> pa.Schema:
-    return pa.schema(list(contract.arrow_schema()) + list(REJECT_SCHEMA))
+    return pa.schema(list(contract.arrow_schema()) + list(REJECT_SCHEMA) + [("contaminated_by", pa.string())])
 
 
-def _check_batch(batch: pa.Table, contract: type[Row]) -> pa.Table:
+def _check_batch(batch: pa.Table, contract: type[Row], screen: Any = None) -> pa.Table:
     out = []
     for row in batch.to_pylist():
         accepted, reject = check_row(row["_raw"], row["_decode_error"], contract)
+        hit = screen.match(accepted["prompt"]) if screen is not None and accepted is not None else None
+        contaminated_by = None if hit is None else f"evaluation prompt {hit.item}: '{hit.words}'"
+        if hit is not None and screen.drop:
+            accepted, reject = None, {"field": "prompt", "reason": f"contaminated: shares {len(hit.words.split())} "
+                                      f"words with {contaminated_by}"}
         if accepted is not None:
-            out.append({**accepted, "source": row["_source"], "row": row["_row"]})
+            out.append({**accepted, "source": row["_source"], "row": row["_row"], "contaminated_by": contaminated_by})
         else:
-            out.append({**reject, "source": row["_source"], "row": row["_row"],
+            out.append({**reject, "source": row["_source"], "row": row["_row"], "contaminated_by": contaminated_by,
                         "raw": None if row["_raw"] is None else _preview(row["_raw"])})
     return pa.Table.from_pylist(out, schema=_checked_schema(contract))
 
@@ -496,9 +632,13 @@ def split_by_reason(checked: Any, kept_columns: list[str], rejected_columns: lis
     return kept, rejected
 
 
-def validate(raw: Any, contract: type[Row], source: str) -> Validated:
-    """Check raw rows against a contract; accepted and rejected rows come back as two Ray datasets plus counts."""
-    checked = raw.map_batches(_check_batch, fn_kwargs={"contract": contract}, batch_format="pyarrow")
+def validate(raw: Any, contract: type[Row], source: str, screen: Any = None) -> Validated:
+    """Check raw rows against a contract; accepted and rejected rows come back as two Ray datasets plus counts.
+
+    With a ``screen`` (``decontaminate.Screen``), prompts that overlap evaluation prompts are counted, and rejected
+    when the screen drops them."""
+    checked = raw.map_batches(_check_batch, fn_kwargs={"contract": contract, "screen": screen},
+                              batch_format="pyarrow")
     if contract.unique_key:
         checked = checked.groupby(contract.unique_key).map_groups(
             _mark_duplicates, fn_kwargs={"key": contract.unique_key}, batch_format="pyarrow")
@@ -508,15 +648,17 @@ def validate(raw: Any, contract: type[Row], source: str) -> Validated:
     accepted_rows = reasons.pop(None, 0)
     report = ValidationReport(source=source, total=accepted_rows + sum(reasons.values()), accepted=accepted_rows,
                               rejected=sum(reasons.values()), reasons=reasons)
+    if screen is not None:
+        report.contaminated = sum(n for by, n in count_values(checked, "contaminated_by").items() if by is not None)
     logger.info("%s: %d rows, %d accepted, %d rejected", source, report.total, report.accepted, report.rejected)
     return Validated(accepted, rejected, report)
 
 
 def load(path: str, contract: type[Row] | str, split: str = "train", name: str | None = None,
-         limit: int | None = None) -> Validated:
+         limit: int | None = None, screen: Any = None) -> Validated:
     """Read ``path`` (hub id, JSONL, Parquet) and validate it against ``contract``."""
     contract = CONTRACTS[contract] if isinstance(contract, str) else contract
-    return validate(read_raw(path, split=split, name=name, limit=limit), contract, source=path)
+    return validate(read_raw(path, split=split, name=name, limit=limit), contract, source=path, screen=screen)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -622,11 +764,20 @@ def read_contract(*out_dirs: str | Path) -> Any:
     return ray.data.read_parquet([str(d) for d in out_dirs], file_extensions=["parquet"])
 
 
-def validated_once(source: Any, contract: type[Row], out_dir: Path, rejects_dir: Path) -> dict[str, Any]:
-    """Validate a stage's input into ``out_dir`` (+ rejects) unless an earlier run already did; returns the counts."""
+VALIDATION_REPORT = "_validation.json"
+
+
+def validated_once(source: Any, contract: type[Row], out_dir: Path, rejects_dir: Path,
+                   screen: Any = None) -> dict[str, Any]:
+    """Validate a stage's input into ``out_dir`` (+ rejects) unless an earlier run already did; returns the counts
+    (kept beside the rows, so a re-run reports what the first run found)."""
     if is_complete(out_dir) and is_complete(rejects_dir):
+        if (out_dir / VALIDATION_REPORT).is_file():
+            return json.loads((out_dir / VALIDATION_REPORT).read_text())
         accepted = json.loads((out_dir / SUCCESS_MARKER).read_text())["rows"]
         rejected = json.loads((rejects_dir / SUCCESS_MARKER).read_text())["rows"]
         return {"source": source.path, "total": accepted + rejected, "accepted": accepted, "rejected": rejected}
-    result = load(source.path, contract, split=source.split, name=source.name, limit=source.limit)
-    return write_validated(result, out_dir, rejects_dir, contract).as_dict()
+    result = load(source.path, contract, split=source.split, name=source.name, limit=source.limit, screen=screen)
+    counts = write_validated(result, out_dir, rejects_dir, contract).as_dict()
+    (out_dir / VALIDATION_REPORT).write_text(json.dumps(counts, indent=2) + "\n")
+    return counts

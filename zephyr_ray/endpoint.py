@@ -109,6 +109,14 @@ class EndpointChat:
         return pa.Table.from_pylist(list(self.pool.map(self._one, rows)))
 
 
+def sampling_fields(sampling: dict[str, Any]) -> dict[str, Any]:
+    """A ``Sampling`` section as ``chat.completions.create`` fields (the seed only when one is set)."""
+    fields = {"temperature": sampling["temperature"], "top_p": sampling["top_p"], "max_tokens": sampling["max_tokens"]}
+    if sampling.get("seed") is not None:
+        fields["seed"] = sampling["seed"]
+    return fields
+
+
 def chat_via_endpoint(ds: Any, endpoint: Endpoint, batch_size: int = 16) -> Any:
     """Lazily add the endpoint's answer to every row of ``ds`` (see ``EndpointChat``)."""
     key = endpoint_key(endpoint)

@@ -148,6 +148,33 @@ def examples_html(pairs: list[dict[str, Any]]) -> str:
             f"<th>rejected</th></tr>{rows}</table></section>") if pairs else ""
 
 
+def contamination_counts(records: dict[str, dict[str, Any]]) -> list[tuple[str, int, int]]:
+    """(stage input, prompts checked, contaminated) for every training input screened against the evaluation."""
+    found = []
+    for stage, record in records.items():
+        counts = record.get("counts", {})
+        for name, value in [(stage, counts), *((f"{stage} {k}", v) for k, v in counts.items())]:
+            if isinstance(value, dict) and "contaminated" in value:
+                found.append((name, value.get("total", 0), value["contaminated"]))
+    return found
+
+
+def evaluation_caption(run_dir: Path, records: dict[str, dict[str, Any]]) -> str:
+    """The evaluation's numbers in words: MT-Bench per model, the win rate and its interval, decontamination."""
+    results_path = run_dir / "evaluate" / "results.json"
+    parts = []
+    if results_path.is_file():
+        from .evaluate import evaluation_summary
+
+        parts.append(evaluation_summary(json.loads(results_path.read_text())).replace("\n  ", "; ").replace(
+            "\n", ". "))
+    screened = contamination_counts(records)
+    if screened:
+        parts.append("decontamination: " + ", ".join(f"{name}: {bad} of {total} prompts overlap the evaluation"
+                                                    for name, total, bad in screened))
+    return ". ".join(parts)
+
+
 def section(title: str, png: str | None, missing: str, caption: str = "") -> str:
     body = (f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
             f'<p class="caption">{html.escape(caption)}</p>') if png else f'<p class="missing">{html.escape(missing)}</p>'
@@ -164,6 +191,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     # binarize already plots its statistics (scores per pool model, wins, chosen vs rejected length): inline that
     judge_png = base64.b64encode(stats_png.read_bytes()).decode() if stats and stats_png.is_file() else None
+    eval_png = run_dir / "evaluate" / "evaluate.png"
+    evaluation_png = base64.b64encode(eval_png.read_bytes()).decode() if eval_png.is_file() else None
     histories = {stage: json.loads((run_dir / stage / "log_history.json").read_text())
                  for stage in ("train_sft", "train_dpo") if (run_dir / stage / "log_history.json").is_file()}
     status_rows = "".join(
@@ -182,7 +211,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         section("Training", training_plot(histories), "no training log history (train_sft/log_history.json, "
                 "train_dpo/log_history.json) in this run yet",
                 "loss per optimizer step (train_sft, train_dpo); DPO's implicit reward margin and accuracy"),
-        section("Evaluation", None, "no evaluation has run yet (the evaluate stage)"),
+        section("Evaluation", evaluation_png, "no evaluation has run yet (the evaluate stage)",
+                evaluation_caption(run_dir, records)),
         section("Timings", timings_plot(records), "no timings recorded yet"),
         examples_html(example_pairs(run_dir)),
     ]

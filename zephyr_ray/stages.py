@@ -12,6 +12,7 @@ from .stage import StageResult
 
 
 def stage_functions() -> dict[str, Callable[[Recipe, Path], StageResult]]:
+    from .evaluate import run_evaluate
     from .feedback.binarize import run_binarize
     from .feedback.complete import run_complete
     from .feedback.judge import run_judge
@@ -20,7 +21,7 @@ def stage_functions() -> dict[str, Callable[[Recipe, Path], StageResult]]:
     from .train.sft import run_train_sft
 
     return {"synthesize": run_synthesize, "train_sft": run_train_sft, "complete": run_complete, "judge": run_judge,
-            "binarize": run_binarize, "train_dpo": run_train_dpo}
+            "binarize": run_binarize, "train_dpo": run_train_dpo, "evaluate": run_evaluate}
 
 
 def init_ray(hardware: Hardware, address: str | None = None) -> None:

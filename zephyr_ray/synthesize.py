@@ -30,6 +30,7 @@ from .data import (
     validated_once,
     write_parquet_atomic,
 )
+from .decontaminate import training_screen
 from .feedback.complete import stable_seed
 from .generate import generate
 from .stage import StageResult, Timer, already_done, log_rate, stage_section
@@ -126,12 +127,14 @@ def run_synthesize(recipe: Recipe, run_dir: Path) -> StageResult:
     timer = Timer()
     result = StageResult("synthesize", outputs={"dialogues": str(out), "rejects": str(rejects_dir)})
     if cfg.dataset is not None:  # an existing dialogue set, validated as it is
-        result.counts = validated_once(cfg.dataset, DialogueRow, out, rejects_dir)
+        result.counts = validated_once(cfg.dataset, DialogueRow, out, rejects_dir,
+                                       screen=training_screen(recipe, run_dir))
         result.seconds = timer.seconds
         result.save(run_dir)
         return result
 
-    result.counts["seeds"] = validated_once(cfg.seeds, PromptRow, stage_dir / "seeds", stage_dir / "seed_rejects")
+    result.counts["seeds"] = validated_once(cfg.seeds, PromptRow, stage_dir / "seeds", stage_dir / "seed_rejects",
+                                            screen=training_screen(recipe, run_dir))
     # One engine at a time: each pass (teacher turn or user-simulator turn) is written to disk before the next
     # starts, so a small machine never holds two engines, and a re-run resumes at the first unfinished pass.
     passes = []

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from ..config import BinarizeConfig, Recipe
 from ..data import PreferenceRow, count_values, read_contract, split_by_reason, validated_once, write_parquet_atomic
+from ..decontaminate import training_screen
 from ..stage import StageResult, Timer, already_done, log_rate, stage_section
 from .complete import stable_seed
 from .judge import ASPECTS
@@ -92,7 +93,8 @@ def run_binarize(recipe: Recipe, run_dir: Path) -> StageResult:
         return done
     timer = Timer()
     if cfg.dataset is not None:  # an existing preference set, validated as it is
-        result = StageResult("binarize", counts=validated_once(cfg.dataset, PreferenceRow, out, rejects_dir),
+        counts = validated_once(cfg.dataset, PreferenceRow, out, rejects_dir, screen=training_screen(recipe, run_dir))
+        result = StageResult("binarize", counts=counts,
                              seconds=timer.seconds, outputs={"preferences": str(out), "rejects": str(rejects_dir)})
         result.save(run_dir)
         return result

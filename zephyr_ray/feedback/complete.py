@@ -23,6 +23,7 @@ from ..data import (
     validated_once,
     write_parquet_atomic,
 )
+from ..decontaminate import training_screen
 from ..generate import generate
 from ..stage import StageResult, Timer, log_rate, stage_section
 
@@ -83,7 +84,8 @@ def run_complete(recipe: Recipe, run_dir: Path) -> StageResult:
     timer = Timer()
     result = StageResult("complete")
     prompts_dir = run_dir / "complete" / "prompts"
-    result.counts["prompts"] = validated_once(cfg.prompts, PromptRow, prompts_dir, run_dir / "complete" / "rejects")
+    result.counts["prompts"] = validated_once(cfg.prompts, PromptRow, prompts_dir, run_dir / "complete" / "rejects",
+                                              screen=training_screen(recipe, run_dir))
     accepted = read_contract(prompts_dir)
     for model in cfg.models:
         out = model_dir(run_dir, model.name)

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import Recipe
 from ..data import JudgmentRow, read_contract, text_problem, write_parquet_atomic
-from ..endpoint import chat_via_endpoint
+from ..endpoint import chat_via_endpoint, sampling_fields
 from ..generate import classify, generate
 from ..stage import StageResult, Timer, already_done, log_rate, stage_section
 from .complete import model_dir
@@ -150,10 +150,7 @@ def reward_request(row: dict[str, Any]) -> dict[str, Any]:
 
 def endpoint_request(row: dict[str, Any], sampling: dict[str, Any], structured_output: str) -> dict[str, Any]:
     """The rubric chat for an OpenAI-compatible endpoint, with its structured output in the form it takes."""
-    request: dict[str, Any] = {"temperature": sampling["temperature"], "top_p": sampling["top_p"],
-                               "max_tokens": sampling["max_tokens"]}
-    if sampling.get("seed") is not None:
-        request["seed"] = sampling["seed"]
+    request = sampling_fields(sampling)
     if structured_output == "json_schema":
         request["response_format"] = {"type": "json_schema",
                                       "json_schema": {"name": "rubric", "schema": RUBRIC_SCHEMA, "strict": True}}
