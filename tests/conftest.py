@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,3 +72,32 @@ def render_page(url: str, screenshot: Path, **context: object) -> list[tuple[str
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     return images
+
+
+@pytest.fixture
+def judge_server(tiny_models, tmp_path):
+    """The tiny judge behind vLLM's OpenAI-compatible server, on a free port, with an API key."""
+    port, key = free_port(), "zr-test-" + secrets.token_hex(12)
+    log_path = tmp_path / "vllm-server.log"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["judge"]),
+               "--served-model-name", "tiny-judge", "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
+               "--max-model-len", "1536", "--dtype", "float32", "--enforce-eager", "--load-format", "safetensors",
+               "--kv-cache-memory-bytes", str(2**29)]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, f"vLLM server exited: {log_path.read_text()[-3000:]}"
+            assert time.time() < deadline, f"vLLM server not up in 300 s: {log_path.read_text()[-3000:]}"
+            try:
+                request = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {key}"})
+                if urllib.request.urlopen(request, timeout=5).status == 200:
+                    break
+            except OSError:
+                time.sleep(2)
+        yield url, key
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -159,25 +159,28 @@ def contamination_counts(records: dict[str, dict[str, Any]]) -> list[tuple[str, 
     return found
 
 
-def evaluation_caption(run_dir: Path, records: dict[str, dict[str, Any]]) -> str:
-    """The evaluation's numbers in words: MT-Bench per model, the win rate and its interval, decontamination."""
+def evaluation_caption(run_dir: Path) -> str:
+    """The evaluation's numbers in words: MT-Bench per model, the win rate and its interval."""
     results_path = run_dir / "evaluate" / "results.json"
-    parts = []
-    if results_path.is_file():
-        from .evaluate import evaluation_summary
+    if not results_path.is_file():
+        return ""
+    from .evaluate import evaluation_summary
 
-        parts.append(evaluation_summary(json.loads(results_path.read_text())).replace("\n  ", "; ").replace(
-            "\n", ". "))
+    return evaluation_summary(json.loads(results_path.read_text())).replace("\n  ", ": ").replace("\n", ". ")
+
+
+def decontamination_note(records: dict[str, dict[str, Any]]) -> str:
     screened = contamination_counts(records)
-    if screened:
-        parts.append("decontamination: " + ", ".join(f"{name}: {bad} of {total} prompts overlap the evaluation"
-                                                    for name, total, bad in screened))
-    return ". ".join(parts)
+    return ("Decontamination: " + ", ".join(f"{name}: {bad} of {total} prompts overlap the evaluation"
+                                            for name, total, bad in screened)) if screened else ""
 
 
-def section(title: str, png: str | None, missing: str, caption: str = "") -> str:
+def section(title: str, png: str | None, missing: str, caption: str = "", note: str = "") -> str:
+    """A titled plot with its caption, or the line saying why there is none; ``note`` shows either way."""
     body = (f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
             f'<p class="caption">{html.escape(caption)}</p>') if png else f'<p class="missing">{html.escape(missing)}</p>'
+    if note:
+        body += f'<p class="caption">{html.escape(note)}</p>'
     return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
 
 
@@ -212,7 +215,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
                 "train_dpo/log_history.json) in this run yet",
                 "loss per optimizer step (train_sft, train_dpo); DPO's implicit reward margin and accuracy"),
         section("Evaluation", evaluation_png, "no evaluation has run yet (the evaluate stage)",
-                evaluation_caption(run_dir, records)),
+                evaluation_caption(run_dir), decontamination_note(records)),
         section("Timings", timings_plot(records), "no timings recorded yet"),
         examples_html(example_pairs(run_dir)),
     ]

@@ -1,0 +1,208 @@
+"""The evaluate stage with real vLLM engines on Ray Data: MT-Bench-style grading of the shipped question set, the
+pairwise win rate of a model against itself, the judge behind an OpenAI-compatible server; and decontamination of
+training prompts against the evaluation set, through the stages that read them."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from zephyr_ray.config import MT_BENCH_TEMPERATURES, DatasetSource, load_recipe
+from zephyr_ray.data import InstructionRow, PromptRow, load, validated_once
+from zephyr_ray.decontaminate import training_screen
+from zephyr_ray.report import write_report
+from zephyr_ray.stages import run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTIONS = [json.loads(line) for line in (REPO / "jobs" / "data" / "tiny_mt_bench.jsonl").read_text().splitlines()]
+
+
+def recipe_file(tmp: Path, tiny_models: dict, evaluate: dict | None = None, **sections) -> Path:
+    """tiny-cpu.yaml on the test's tiny models, with its evaluate section changed by ``evaluate``."""
+    text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
+    text = text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent))
+    data = yaml.safe_load(text.replace("./jobs/data", str(REPO / "jobs" / "data")))
+    data["evaluate"].update(evaluate or {})
+    data.update(sections)
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(data))
+    return tmp / "recipe.yaml"
+
+
+def rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_models, ray_local, tmp_path_factory):
+    """generator-0 graded on the shipped questions, and against itself (two names, one engine), by the tiny judge."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    engine = {"model": str(tiny_models["generator-0"]), "max_model_len": 512, "batch_size": 16, "kv_cache_gib": 0.5}
+    recipe = load_recipe(recipe_file(tmp, tiny_models, {
+        "model": {"name": "gen0", **engine},
+        "pairwise": {"baseline": {"name": "gen0-again", **engine}},
+    }))
+    run_dir = tmp / "run"
+    return recipe, run_dir, run_stage("evaluate", recipe, run_dir)
+
+
+pytestmark = pytest.mark.timeout(1200)
+
+
+@pytest.mark.engine
+def test_every_turn_of_the_shipped_questions_gets_a_rating_or_a_counted_failure(evaluated):
+    _, run_dir, result = evaluated
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    judgments = rows(run_dir / "evaluate" / "judgments")
+    graded = [j for j in judgments if j["set"] == "mt_bench"]
+    keys = {(j["model"], j["question_id"], j["turn"]) for j in graded}
+    assert keys == {(m, str(q["question_id"]), t) for m in ("gen0", "gen0-again") for q in QUESTIONS for t in (1, 2)}
+    assert len(graded) == len(keys) == 64
+    for j in graded:
+        assert (j["rating"] is None) != (j["judge_error"] is None), j
+        assert j["rating"] is None or 1 <= j["rating"] <= 10
+    for model in ("gen0", "gen0-again"):
+        r = results["mt_bench"][model]
+        assert r["graded"] == 32 and r["rated"] + r["unanswered"] + r["judge_failures"] == 32
+        assert r["rated"] >= 16 and 1 <= r["score"] <= 10
+        assert set(r["categories"]) == {q["category"] for q in QUESTIONS}
+    assert result.counts["judgments"] == len(judgments) and result.counts["questions"]["accepted"] == 16
+    # reference-guided for math, reasoning and coding only; turn 2 is judged with turn 1's answer before it
+    for j in graded:
+        if j["judge_prompt"] is not None:
+            assert j["reference_used"] == (j["category"] in ("math", "reasoning", "coding"))
+            assert ("[Reference answer" in j["judge_prompt"]) == j["reference_used"]
+    answers = {(a["model"], a["question_id"]): a for a in rows(run_dir / "evaluate" / "answers" / "gen0")}
+    for q in QUESTIONS:
+        answer = answers[("gen0", str(q["question_id"]))]
+        assert answer["temperature"] == MT_BENCH_TEMPERATURES[q["category"]]
+        assert answer["turns"] == q["turns"] and len(answer["answers"]) == 2
+        judged = next(j for j in graded if j["model"] == "gen0" and j["question_id"] == str(q["question_id"])
+                      and j["turn"] == 2)
+        if judged["judge_prompt"] is not None:
+            assert judged["judge_prompt"].index(answer["answers"][0]) < judged["judge_prompt"].index(q["turns"][1])
+
+
+@pytest.mark.engine
+def test_a_model_against_itself_wins_half_within_its_interval(evaluated):
+    _, run_dir, _ = evaluated
+    pairwise = json.loads((run_dir / "evaluate" / "results.json").read_text())["pairwise"]
+    assert pairwise["instructions"] == 16 and pairwise["judgments"] == 32
+    assert pairwise["compared"] >= 12
+    low, high = pairwise["interval"]
+    assert low <= 0.5 <= high, pairwise
+    assert pairwise["wins"] + pairwise["ties"] + pairwise["losses"] == pairwise["compared"]
+    assert 0 <= pairwise["length_controlled_win_rate"] <= 1
+    judged = [j for j in rows(run_dir / "evaluate" / "judgments") if j["set"] == "pairwise"]
+    assert {j["order"] for j in judged} == {"model_first", "baseline_first"}
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert metrics["win_rate"] == pairwise["win_rate"] and "mt_bench/gen0" in metrics
+
+
+@pytest.mark.engine
+def test_rerun_skips_and_the_report_shows_the_evaluation(evaluated, tmp_path):
+    recipe, run_dir, result = evaluated
+    again = run_stage("evaluate", recipe, run_dir)
+    assert again.skipped and again.counts == result.counts
+    page = write_report(run_dir, tmp_path / "report.html").read_text()
+    evaluation = page[page.index("<h2>Evaluation</h2>"):]
+    assert evaluation.startswith('<h2>Evaluation</h2><img alt="Evaluation" src="data:image/png;base64,')
+    assert "MT-Bench gen0:" in evaluation and "win rate gen0 vs gen0-again" in evaluation
+
+
+@pytest.mark.engine
+def test_the_judge_behind_an_openai_compatible_server(evaluated, tiny_models, judge_server, tmp_path, monkeypatch):
+    """The same answers judged through vLLM's OpenAI server (the answers are reused: only the judge runs)."""
+    _, run_dir, _ = evaluated
+    url, key = judge_server
+    monkeypatch.setenv("ZR_TEST_EVAL_JUDGE_KEY", key)
+    other = tmp_path / "run"
+    shutil.copytree(run_dir / "evaluate" / "answers", other / "evaluate" / "answers")
+    engine = {"model": str(tiny_models["generator-0"]), "max_model_len": 512, "kv_cache_gib": 0.5}
+    recipe = load_recipe(recipe_file(tmp_path, tiny_models, {
+        "model": {"name": "gen0", **engine}, "pairwise": {"baseline": {"name": "gen0-again", **engine}},
+        "judge": {"endpoint": {"base_url": url, "model": "tiny-judge", "api_key_env": "ZR_TEST_EVAL_JUDGE_KEY",
+                               "qps": 50, "max_in_flight": 8, "structured_output": "regex"},
+                  "sampling": {"temperature": 0.0, "max_tokens": 128}},
+    }))
+    run_stage("evaluate", recipe, other)
+    results = json.loads((other / "evaluate" / "results.json").read_text())
+    assert results["judge"].startswith(f"tiny-judge @ {url}")
+    for r in results["mt_bench"].values():
+        assert r["graded"] == 32 and r["rated"] + r["unanswered"] + r["judge_failures"] == 32 and r["rated"] >= 16
+    low, high = results["pairwise"]["interval"]
+    assert low <= 0.5 <= high
+    for path in other.rglob("*"):
+        assert not path.is_file() or key.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+
+
+def planted_training_prompts(path: Path) -> int:
+    """Clean prompts, near misses (7 shared words) and 3 planted overlaps with the shipped questions; returns the
+    number planted."""
+    clean = [json.loads(line)["prompt"] for line in (REPO / "jobs" / "data" / "tiny_prompts.jsonl").read_text()
+             .splitlines()][:8]
+    planted = [
+        "Tom is taller than Sam. Sam is taller than Ann. Who is the shortest?",  # question 105, verbatim
+        "Quick one. PRETEND you are a pirate captain -- tell me about your ship!",  # 103, other case and punctuation
+        "Tell me which bread from your shop would you suggest for lunch",  # 8 words of 104's second turn
+    ]
+    near_misses = ["I wonder: bread from your shop would you suggest?",  # 7 words of 104's second turn
+                   "Is Tom taller than Sam or not?"]
+    prompts = clean + planted + near_misses
+    path.write_text("".join(json.dumps({"prompt": p, "messages": [{"role": "user", "content": p},
+                                                                    {"role": "assistant", "content": "Sure."}]})
+                            + "\n" for p in prompts))
+    return len(planted)
+
+
+def test_decontamination_counts_planted_overlaps_and_drops_them_into_the_rejects(tiny_models, ray_local, tmp_path):
+    data = tmp_path / "train.jsonl"
+    planted = planted_training_prompts(data)
+    total = len(data.read_text().splitlines())
+
+    # counted only (drop: false): every prompt kept, the overlaps counted
+    recipe = load_recipe(recipe_file(tmp_path / "count", tiny_models, {"decontaminate": {"ngram": 8, "drop": False}}))
+    run_dir = tmp_path / "count" / "run"
+    screen = training_screen(recipe, run_dir)
+    counts = validated_once(DatasetSource(path=str(data)), PromptRow, run_dir / "prompts", run_dir / "rejects",
+                            screen=screen)
+    assert (counts["total"], counts["accepted"], counts["rejected"], counts["contaminated"]) == (total, total, 0,
+                                                                                                 planted)
+
+    # dropped (the tiny recipe's setting), through a stage: synthesize reading an existing dialogue set
+    recipe = load_recipe(recipe_file(tmp_path / "drop", tiny_models, synthesize={"dataset": {"path": str(data)}}))
+    run_dir = tmp_path / "drop" / "run"
+    result = run_stage("synthesize", recipe, run_dir)
+    assert (result.counts["total"], result.counts["accepted"], result.counts["rejected"],
+            result.counts["contaminated"]) == (total, total - planted, planted, planted)
+    rejects = rows(run_dir / "synthesize" / "rejects")
+    assert sorted(r["reason"].split("evaluation prompt ")[1].split(":")[0] for r in rejects) == [
+        "mt_bench 103 turn 1", "mt_bench 104 turn 2", "mt_bench 105 turn 1"]
+    assert all(r["reason"].startswith("contaminated: shares") and r["field"] == "prompt" for r in rejects)
+    assert {json.loads(r["raw"])["prompt"] for r in rejects} <= {json.loads(line)["prompt"]
+                                                                     for line in data.read_text().splitlines()}
+    again = run_stage("synthesize", recipe, run_dir)  # a re-run reports what the first run found
+    assert again.skipped and again.counts["contaminated"] == planted
+    caption = write_report(run_dir).read_text()
+    assert f"synthesize: {planted} of {total} prompts overlap the evaluation" in caption
+
+
+def test_alpacaeval_json_lists_load_as_they_are_and_a_broken_file_is_one_reject(ray_local, tmp_path):
+    good = tmp_path / "alpaca_eval.json"
+    good.write_text(json.dumps([
+        {"instruction": "Name a color.", "output": "Blue.", "generator": "ref", "dataset": "helpful_base"},
+        {"instruction": "Say hi.", "output": "Hi!", "generator": "ref", "dataset": "oasst"},
+        {"output": "no instruction", "generator": "ref", "dataset": "oasst"},
+    ], indent=2))
+    loaded = load(str(good), InstructionRow)
+    assert (loaded.report.accepted, loaded.report.rejected) == (2, 1)
+    reject = loaded.rejected.take_all()[0]
+    assert (reject["row"], reject["field"], reject["reason"]) == (3, "instruction", "missing field")
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "x"},\n  {"instruction": ')
+    loaded = load(str(broken), InstructionRow)
+    assert (loaded.report.accepted, loaded.report.rejected) == (0, 1)
+    assert loaded.rejected.take_all()[0]["reason"].startswith("not a valid JSON list: Expecting value at line 2")

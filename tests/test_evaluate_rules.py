@@ -1,0 +1,188 @@
+"""The evaluation's rules without engines: question formats, judge prompts and parsing, win-rate statistics,
+decontamination's n-gram screen, and the config checks."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from zephyr_ray.config import RecipeError, load_recipe
+from zephyr_ray.data import InstructionRow, QuestionRow, ReferenceAnswerRow, check_row
+from zephyr_ray.decontaminate import Screen
+from zephyr_ray.evaluate import (
+    bootstrap_interval,
+    explanation_chars,
+    grade_prompt,
+    grading_results,
+    length_controlled,
+    output_regex,
+    pairwise_results,
+    parse_rating,
+    parse_verdict,
+    to_judgment,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "jobs" / "data" / "tiny_mt_bench.jsonl"
+
+
+def test_the_shipped_question_set_is_mt_bench_format_with_references_where_mt_bench_has_them():
+    rows = [json.loads(line) for line in SHIPPED.read_text().splitlines()]
+    accepted = [check_row(json.dumps(row), None, QuestionRow)[0] for row in rows]
+    assert all(accepted) and len(accepted) == 16
+    assert {q["category"] for q in accepted} == {"writing", "roleplay", "reasoning", "math", "coding", "extraction",
+                                                 "stem", "humanities"}
+    assert all(len(q["turns"]) == 2 for q in accepted)
+    assert {q["category"] for q in accepted if q["reference"]} == {"math", "reasoning", "coding"}
+
+
+def test_question_rows_read_fastchat_and_the_hub_copy_alike():
+    fastchat = {"question_id": 81, "category": "writing", "turns": ["a", "b"]}
+    hub = {"prompt_id": 81, "category": "writing", "prompt": ["a", "b"], "reference": []}
+    assert check_row(json.dumps(fastchat), None, QuestionRow)[0] == check_row(json.dumps(hub), None, QuestionRow)[0] \
+        == {"question_id": "81", "category": "writing", "turns": ["a", "b"], "reference": None}
+    _, reject = check_row(json.dumps({"question_id": 1, "category": "math", "turns": []}), None, QuestionRow)
+    assert reject == {"field": "turns", "reason": "turns is empty"}
+    _, reject = check_row(json.dumps({"question_id": 1, "category": "math", "turns": ["ok", " "]}), None, QuestionRow)
+    assert reject["field"] == "turns" and "turns[1] is empty" in reject["reason"]
+    answer = {"question_id": 81, "model_id": "gpt-4", "choices": [{"index": 0, "turns": ["r1", "r2"]}]}
+    assert check_row(json.dumps(answer), None, ReferenceAnswerRow)[0] == {"question_id": "81", "turns": ["r1", "r2"]}
+    alpaca = {"instruction": "Say hi", "output": "Hi!", "generator": "gpt4_turbo", "dataset": "helpful_base"}
+    row = check_row(json.dumps(alpaca), None, InstructionRow)[0]
+    assert row["instruction"] == "Say hi" and len(row["instruction_id"]) == 64 and row["generator"] == "gpt4_turbo"
+
+
+def test_turn_two_is_judged_with_turn_one_and_the_references_of_both_turns():
+    question = {"turns": ["What is 2+3?", "Times 4?"], "reference": ["5", "20"]}
+    prompt = grade_prompt(question, ["It is 5.", "It is 20."], turn=2, use_reference=True)
+    assert prompt.index("What is 2+3?") < prompt.index("It is 5.") < prompt.index("Times 4?") < prompt.index("It is 20.")
+    assert "[Reference answer, turn 1]\n5" in prompt and "[Reference answer, turn 2]\n20" in prompt
+    assert "Rating: [[5]]" in prompt
+    plain = grade_prompt(question, ["It is 5."], turn=1, use_reference=False)
+    assert "Reference" not in plain and "It is 5." in plain
+
+
+@pytest.mark.parametrize(("text", "rating", "error"), [
+    ("Good answer.\n\nRating: [[8]]", 8.0, None),
+    ("Rating: [[8.5]]", 8.5, None),
+    ("Rating: [7]", 7.0, None),  # FastChat's single-bracket fallback
+    ('{"explanation": "fine", "rating": 6}', 6.0, None),
+    ("Rating: [[8]] ... no wait, [[8]]", 8.0, None),
+    ("I like it.", None, "no [[rating]] in the judge's answer"),
+    ("[[3]] or [[9]]", None, "several different ratings in the judge's answer: [3.0, 9.0]"),
+    ("Rating: [[11]]", None, "rating 11 is outside 1-10"),
+])
+def test_ratings_parse_or_say_why_not(text, rating, error):
+    assert parse_rating(text) == (rating, error)
+
+
+@pytest.mark.parametrize(("text", "verdict"), [("B is better. [[A]]", "first"), ("[[B]]", "second"),
+                                               ("[[C]]", "tie"), ('{"verdict": "B"}', "second")])
+def test_verdicts_parse(text, verdict):
+    assert parse_verdict(text) == (verdict, None)
+
+
+def test_unclear_verdicts_are_failures_with_a_reason():
+    assert parse_verdict("both fine")[1] == "no [[A]], [[B]] or [[C]] verdict in the judge's answer"
+    assert parse_verdict("[[A]] no, [[B]]")[1].startswith("several different verdicts")
+
+
+def test_the_constrained_output_fits_the_judges_token_budget_and_parses():
+    for kind, sample in (("grade", "x" * explanation_chars(128) + "\n\nRating: [[10]]"),
+                         ("pair", "Both are short.\n\nVerdict: [[C]]")):
+        assert re.fullmatch(output_regex(kind, 128), sample)
+    assert not re.fullmatch(output_regex("grade", 128), "x" * (explanation_chars(128) + 1) + "\n\nRating: [[3]]")
+    assert 2 * explanation_chars(128) + 16 <= 128
+
+
+def pair_judgment(instruction: str, order: str, verdict_letter: str, model_chars: int = 100,
+                  opponent_chars: int = 100) -> dict:
+    request = {"kind": "pair", "judgment": {"set": "pairwise", "question_id": instruction, "order": order,
+                                            "model": "dpo", "opponent": "sft", "model_chars": model_chars,
+                                            "opponent_chars": opponent_chars, "rating": None, "verdict": None}}
+    return to_judgment(request, {"generated_text": f"ok\n\nVerdict: [[{verdict_letter}]]", "generation_error": None})
+
+
+def test_a_judge_that_always_picks_the_first_answer_gives_ties_not_wins():
+    judgments = [pair_judgment(str(i), order, "A") for i in range(20) for order in ("model_first", "baseline_first")]
+    assert {j["verdict"] for j in judgments if j["order"] == "model_first"} == {"model"}
+    assert {j["verdict"] for j in judgments if j["order"] == "baseline_first"} == {"opponent"}
+    result = pairwise_results(judgments, samples=500, confidence=0.95)
+    assert result["win_rate"] == 0.5 and result["interval"] == [0.5, 0.5] and result["ties"] == 20
+    assert result["position_consistency"] == 0.0 and result["first_position_preference"] == 1.0
+
+
+def test_win_rate_interval_and_failures():
+    judgments = [pair_judgment(str(i), order, "A" if order == "model_first" else "B")
+                 for i in range(12) for order in ("model_first", "baseline_first")]  # the model wins 12 times
+    judgments += [pair_judgment(str(i), order, "B" if order == "model_first" else "A")
+                  for i in range(12, 20) for order in ("model_first", "baseline_first")]  # and loses 8
+    failed = to_judgment({"kind": "pair", "judgment": {"set": "pairwise", "question_id": "20", "order": "model_first",
+                                                       "model": "dpo", "opponent": "sft", "model_chars": 1,
+                                                       "opponent_chars": 1, "verdict": None}},
+                         {"generated_text": "no idea", "generation_error": None})
+    result = pairwise_results([*judgments, failed], samples=2000, confidence=0.95)
+    assert (result["wins"], result["ties"], result["losses"]) == (12, 0, 8)
+    assert result["win_rate"] == 0.6 and result["instructions"] == 21 and result["compared"] == 20
+    assert result["judge_failures"] == 1 and result["position_consistency"] == 1.0
+    low, high = result["interval"]
+    assert 0.35 < low < 0.6 < high < 0.85
+    assert bootstrap_interval([0, 1] * 10, 2000, 0.95) == bootstrap_interval([0, 1] * 10, 2000, 0.95)
+
+
+def test_length_control_discounts_wins_that_only_come_with_length():
+    # the model wins exactly when its answer is longer, which it is 3 times in 4: raw 75%, about even at equal length
+    scores = [1.0] * 15 + [0.0] * 5
+    differences = [0.5 + 0.01 * i for i in range(15)] + [-0.5 - 0.01 * i for i in range(5)]
+    assert abs(length_controlled(scores, differences) - 0.5) < 0.15
+    # an even split with no length effect stays at 50%
+    assert length_controlled([1.0, 0.0] * 10, [0.0] * 20) == pytest.approx(0.5, abs=1e-6)
+    judgments = [pair_judgment(str(i), order, "A" if (order == "model_first") == (score == 1.0) else "B",
+                               model_chars=int(100 * (1 + d)), opponent_chars=100)
+                 for i, (score, d) in enumerate(zip(scores, differences, strict=True))
+                 for order in ("model_first", "baseline_first")]
+    result = pairwise_results(judgments, samples=500, confidence=0.95)
+    assert result["win_rate"] == 0.75 and result["length_controlled_win_rate"] < 0.65
+    assert [(b["instructions"], b["win_rate"]) for b in result["length_bins"]] == [(5, 0.0), (0, None), (15, 1.0)]
+
+
+def test_grading_results_count_every_turn():
+    def judgment(turn, category, rating, error=None):
+        return {"set": "mt_bench", "model": "dpo", "turn": turn, "category": category, "rating": rating,
+                "judge_error": error, "question_id": "1", "verdict": None}
+
+    results = grading_results([judgment(1, "math", 8.0), judgment(2, "math", 6.0), judgment(1, "writing", 4.0),
+                               judgment(2, "writing", None, "not judged: no answer (empty answer)"),
+                               judgment(1, "stem", None, "no [[rating]] in the judge's answer")])
+    assert results["dpo"] == {"score": 6.0, "turns": {"1": 6.0, "2": 6.0},
+                              "categories": {"math": 7.0, "stem": None, "writing": 4.0},
+                              "graded": 5, "rated": 3, "unanswered": 1, "judge_failures": 1}
+
+
+def test_the_screen_finds_shared_ngrams_whatever_the_case_and_punctuation():
+    screen = Screen.build([("q1", "Explain how a rainbow forms after a summer storm in the hills."),
+                           ("q2", "Name three primary colors."), ("q3", "Hi there")], n=8)
+    assert screen.match("PLEASE explain how a rainbow forms, after a summer storm!").item == "q1"
+    assert screen.match("explain how a rainbow forms after a summer storm").words == \
+        "explain how a rainbow forms after a summer"
+    assert screen.match("how a rainbow forms after a summer") is None  # 7 shared words: under n
+    assert screen.match("Quick: name three primary colors please").item == "q2"  # shorter than n: matched whole
+    assert screen.match("hi there, how are you?") is None  # under MIN_WORDS: not an n-gram to screen with
+
+
+def test_evaluate_sections_are_checked_at_load(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("name: x\nevaluate:\n  judge: {engine: {model: j}, endpoint: {base_url: http://x/v1, model: m}}\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert any("either an `engine`" in p for p in caught.value.problems)
+    path.write_text("name: x\nevaluate:\n  judge: {engine: {model: j}}\n  pairwise: {}\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert any("pairwise.prompts" in p for p in caught.value.problems)
+    path.write_text("name: x\nevaluate:\n  judge: {engine: {model: j}}\n  model: {name: 'a b'}\n"
+                    "  mt_bench: {questions: {path: q.jsonl}}\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert any(p.startswith(f"{path}:4: evaluate.model.name:") for p in caught.value.problems)
