@@ -1,5 +1,5 @@
 """CI's check of what `make demo` left behind: every stage of the tiny recipe done, its outputs complete, and a
-report with all its plots (only evaluation, a stage the recipe does not have yet, may be missing).
+report with all its plots, the evaluation's numbers among them.
 
     python scripts/check_demo.py [RUN_DIR]      (default: runs/tiny-cpu)
 """
@@ -24,11 +24,17 @@ def problems(run_dir: Path) -> list[str]:
             found.append(f"{output}: empty")
     page = (run_dir / "report.html").read_text()
     plots = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
-    for title in ("Data funnel", "Judge scores and preference pairs", "Training", "Timings"):
+    for title in ("Data funnel", "Judge scores and preference pairs", "Training", "Evaluation", "Timings"):
         if title not in plots:
             found.append(f"report.html: no {title!r} plot")
     missing = re.findall(r'<h2>([^<]+)</h2><p class="missing">', page)
-    found += [f"report.html: section {title!r} is empty" for title in missing if title != "Evaluation"]
+    found += [f"report.html: section {title!r} is empty" for title in missing]
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    for model, graded in results["mt_bench"].items():
+        if graded["rated"] + graded["unanswered"] + graded["judge_failures"] != graded["graded"]:
+            found.append(f"evaluate: turns of {model} unaccounted for: {graded}")
+    if results["pairwise"]["win_rate"] is None:
+        found.append("evaluate: no pairwise comparison came out")
     if "Example preference pairs" not in page:
         found.append("report.html: no example preference pairs")
     return found

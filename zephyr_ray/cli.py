@@ -301,7 +301,7 @@ def demo(
                                                "the teacher only, a one-minute check)")] = True,
 ) -> None:
     """Build the tiny models, run the whole tiny recipe (synthesize, dSFT, four pool models' completions, judge,
-    binarize, dDPO) on a local Ray, write its HTML report, and ask the aligned model one question through vLLM."""
+    binarize, dDPO, evaluate) on a local Ray, write its HTML report, and ask the aligned model one question."""
     from .report import example_pairs, write_report
     from .run import run_recipe
 
@@ -320,7 +320,7 @@ def demo(
     path = run_dir / "recipe.yaml"  # the recipe with this checkout's paths
     path.write_text(text.replace("./artifacts/tiny-models", str(models.resolve())).replace(
         "./jobs/data/", f"{jobs / 'data'}/"))
-    typer.echo(f"\n== the tiny recipe, end to end, into {run_dir} (about 7 minutes on 2 cores; run again, it skips "
+    typer.echo(f"\n== the tiny recipe, end to end, into {run_dir} (about 10 minutes on 2 cores; run again, it skips "
                "what is finished)")
     logging.getLogger("zephyr_ray").setLevel(logging.INFO)  # the stages' counts and rates
     manifest = run_recipe(path, run_dir)
@@ -330,6 +330,11 @@ def demo(
                    f"  prompt:   {pair['prompt']!r}\n  chosen:   {pair['chosen'][-1]['content'][:200]!r} "
                    f"({pair['chosen_model']})\n  rejected: {pair['rejected'][-1]['content'][:200]!r} "
                    f"({pair['rejected_model']})")
+    results = run_dir / "evaluate" / "results.json"
+    if results.is_file():
+        from .evaluate import evaluation_summary
+
+        typer.echo(f"\nEvaluation (tiny judge; {results}):\n{evaluation_summary(json.loads(results.read_text()))}")
     typer.echo(f"\nreport: {write_report(run_dir)}")
     aligned = run_dir / "train_dpo" / "model"
     typer.echo(f"\nThe aligned model ({aligned}), through vLLM behind the Zephyr template:\nuser> {message}")

@@ -67,7 +67,8 @@ def funnel_plot(records: dict[str, dict[str, Any]]) -> str | None:
                              squeeze=False, gridspec_kw={"height_ratios": [max(len(c), 1) for _, c in stages]})
     for ax, (stage, counts) in zip(axes[:, 0], stages, strict=True):
         keys = list(counts)
-        colors = ["#c0392b" if ("reject" in k or "reason" in k or "error" in k) else "#2e5bff" for k in keys]
+        colors = ["#c0392b" if any(w in k for w in ("reject", "reason", "error", "contaminated", "failure")) else "#2e5bff"
+                  for k in keys]
         ax.barh(keys, [counts[k] for k in keys], color=colors)
         ax.invert_yaxis()
         ax.set_title(stage, loc="left", fontsize=10)
