@@ -3,13 +3,16 @@ pairwise win rate of a model against itself, the judge behind an OpenAI-compatib
 training prompts against the evaluation set, through the stages that read them."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from zephyr_ray.cli import app
 from zephyr_ray.config import MT_BENCH_TEMPERATURES, DatasetSource, load_recipe
 from zephyr_ray.data import InstructionRow, PromptRow, load, validated_once
 from zephyr_ray.decontaminate import training_screen
@@ -47,6 +50,10 @@ def evaluated(tiny_models, ray_local, tmp_path_factory):
     }))
     run_dir = tmp / "run"
     return recipe, run_dir, run_stage("evaluate", recipe, run_dir)
+
+
+def recipe_path(run_dir: Path) -> Path:
+    return run_dir.parent / "recipe.yaml"
 
 
 pytestmark = pytest.mark.timeout(1200)
@@ -107,6 +114,11 @@ def test_rerun_skips_and_the_report_shows_the_evaluation(evaluated, tmp_path):
     recipe, run_dir, result = evaluated
     again = run_stage("evaluate", recipe, run_dir)
     assert again.skipped and again.counts == result.counts
+    # the command prints the numbers (in-process: it joins this test's Ray)
+    out = CliRunner().invoke(app, ["evaluate", str(recipe_path(run_dir)), "--run-dir", str(run_dir)])
+    assert out.exit_code == 0, out.output
+    assert "MT-Bench gen0: " in out.output
+    assert re.search(r"win rate gen0 vs gen0-again: \d+\.\d% \[\d+\.\d%, \d+\.\d%\]", out.output), out.output
     page = write_report(run_dir, tmp_path / "report.html").read_text()
     evaluation = page[page.index("<h2>Evaluation</h2>"):]
     assert evaluation.startswith('<h2>Evaluation</h2><img alt="Evaluation" src="data:image/png;base64,')

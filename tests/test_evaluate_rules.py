@@ -186,3 +186,25 @@ def test_evaluate_sections_are_checked_at_load(tmp_path):
     with pytest.raises(RecipeError) as caught:
         load_recipe(path)
     assert any(p.startswith(f"{path}:4: evaluate.model.name:") for p in caught.value.problems)
+
+
+def test_pairwise_against_reference_outputs_asks_both_orders_and_settles_missing_outputs():
+    from zephyr_ray.config import EvaluateConfig
+    from zephyr_ray.evaluate import EvaluationSets, pairwise_requests
+
+    cfg = EvaluateConfig.model_validate({"pairwise": {"prompts": {"path": "alpaca_eval.json"}},
+                                         "judge": {"engine": {"model": "judge"}}})
+    sets = EvaluationSets(questions=[], counts={}, instructions=[
+        {"instruction": "Name a color.", "instruction_id": "i1", "output": "Blue.", "generator": "gpt4",
+         "dataset": "helpful_base"},
+        {"instruction": "Say hi.", "instruction_id": "i2", "output": None, "generator": None, "dataset": "oasst"}])
+    answers = {"dpo": [{"set": "pairwise", "question_id": "i1", "answers": ["Red, I think."]},
+                       {"set": "pairwise", "question_id": "i2", "answers": ["Hi!"]}]}
+    requests, settled = pairwise_requests(cfg, sets, answers, judge="j")
+    assert [json.loads(r["key"]) for r in requests] == [["pair", "i1", "model_first"], ["pair", "i1", "baseline_first"]]
+    first, second = (r["prompt"] for r in requests)
+    assert first.index("Red, I think.") < first.index("Blue.") and second.index("Blue.") < second.index("Red, I think.")
+    assert {r["judgment"]["opponent"] for r in requests} == {"gpt4"}
+    assert [(s["question_id"], s["order"], s["judge_error"]) for s in settled] == [
+        ("i2", "model_first", "not judged: no answer from reference outputs"),
+        ("i2", "baseline_first", "not judged: no answer from reference outputs")]

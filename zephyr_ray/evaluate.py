@@ -627,7 +627,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("win rate (ties count half)")
         ax.set_title(f"{pairwise['model']} vs {pairwise['opponent']}: win rate, "
                      f"{pairwise['confidence']:.0%} interval")
-        ax.tick_params(axis="x", rotation=20)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
