@@ -485,6 +485,17 @@ def _format_error(file: str, error: dict[str, Any], lines: dict[tuple, int]) -> 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe YAML; raises ``RecipeError`` listing every problem, each naming file and key."""
+    try:
+        return _load_recipe(path)
+    except RecipeError:
+        raise
+    except RecursionError:  # YAML nested thousands deep, or an alias inside itself (`a: &a [*a]`)
+        raise RecipeError([f"{path}: invalid YAML: nested too deeply, or an alias that contains itself"]) from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise RecipeError([f"{path}: invalid YAML: {err}"]) from None
+
+
+def _load_recipe(path: str | Path) -> Recipe:
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")

@@ -388,6 +388,10 @@ def check_row(raw: str | None, decode_error: str | None, contract: type[Row]) ->
         data = json.loads(raw)
     except json.JSONDecodeError as err:
         return None, {"field": None, "reason": f"not valid JSON: {err.msg} at column {err.colno}"}
+    except RecursionError:
+        return None, {"field": None, "reason": "not valid JSON: nested too deeply"}
+    except ValueError as err:  # an integer of more than 4300 digits
+        return None, {"field": None, "reason": f"not valid JSON: {err}"}
     if not isinstance(data, dict):
         return None, {"field": None, "reason": f"a row must be a JSON object, got {type(data).__name__}"}
     try:
@@ -473,6 +477,11 @@ def _json_array_rows(data: bytes) -> list[tuple[int, str | None, str | None]]:
     except json.JSONDecodeError as err:
         reason = f"not a valid JSON list: {err.msg} at line {err.lineno} column {err.colno}"
         return [(1, _preview(data.decode("utf-8")), reason)]
+    except (RecursionError, ValueError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        return [(1, _preview(data.decode("utf-8")), f"not a valid JSON list: {reason}")]
+    if not isinstance(items, list):
+        return [(1, _preview(data.decode("utf-8")), f"a JSON list was expected, got {type(items).__name__}")]
     return [(number, json.dumps(item, ensure_ascii=False), None) for number, item in enumerate(items, start=1)]
 
 
