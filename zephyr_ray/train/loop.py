@@ -78,10 +78,10 @@ def attention_implementation(hardware: Hardware) -> str:
 
 def model_init_kwargs(training: Training, hardware: Hardware) -> dict[str, Any]:
     """How the TRL trainers load the model (and DPO's reference): bf16 on GPU when the recipe asks, fp32 on CPU;
-    the attention kernel; never remote code."""
+    the attention kernel; never remote code, never pickled weights."""
     bf16 = training.bf16 and hardware.accelerator == "gpu"
     return {"dtype": "bfloat16" if bf16 else "float32", "attn_implementation": attention_implementation(hardware),
-            "trust_remote_code": False}
+            "trust_remote_code": False, "use_safetensors": True}
 
 
 def trainer_arguments(training: Training, hardware: Hardware, output_dir: str, extra: dict[str, Any]) -> dict:

@@ -1,0 +1,46 @@
+"""The security defaults of SECURITY.md, checked where they are decided: no remote code unless a recipe says so,
+weights from safetensors only (engines and training), recipes read without Python tags."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zephyr_ray.config import Engine, Hardware, RecipeError, TrainSFTConfig, load_recipe
+from zephyr_ray.engines import check_model_dir, vllm_engine_kwargs
+from zephyr_ray.train.loop import model_init_kwargs
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "gpu"])
+def test_engines_load_safetensors_and_no_remote_code_unless_the_recipe_says_so(accelerator):
+    hardware = Hardware(accelerator=accelerator)
+    kwargs = vllm_engine_kwargs(Engine(model="m"), hardware)
+    assert kwargs["load_format"] == "safetensors" and kwargs["trust_remote_code"] is False
+    assert vllm_engine_kwargs(Engine(model="m", trust_remote_code=True), hardware)["trust_remote_code"] is True
+
+
+def test_training_refuses_pickled_weights(tiny_models, tmp_path):
+    """A model directory holding only pytorch_model.bin (a pickle) is not loaded by training's model loader."""
+    from transformers import AutoModelForCausalLM
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_models["student"], pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    kwargs = model_init_kwargs(TrainSFTConfig(learning_rate=1e-5, global_batch_size=8), Hardware(accelerator="cpu"))
+    assert kwargs["trust_remote_code"] is False and kwargs["use_safetensors"] is True
+    with pytest.raises(OSError, match="safetensors"):
+        AutoModelForCausalLM.from_pretrained(pickled, **kwargs)
+    assert AutoModelForCausalLM.from_pretrained(tiny_models["student"], **kwargs) is not None
+    assert check_model_dir(str(pickled)) == [f"{pickled}: no .safetensors weights (pickle weights "
+                                             "['pytorch_model.bin'] are not loaded)"]
+
+
+def test_recipes_cannot_construct_python_objects(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"name: x\nhardware: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(RecipeError, match="could not determine a constructor"):
+        load_recipe(path)
+    assert not marker.exists()
