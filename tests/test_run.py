@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, record_reliability
 
 from zephyr_ray.tiny import load_corpus
 
@@ -147,6 +147,9 @@ def test_the_recipe_as_a_ray_job_with_token_auth_survives_a_stop_during_training
               for line in (run_dir / "train_sft" / "attempts" / "rank0.jsonl").read_text().splitlines()]
     assert starts[0] == 0 and starts[-1] > 0 and starts[-1] % 8 == 0, starts
     assert ray_head.token not in (run_dir / "manifest.json").read_text() + logs
+    record_reliability("fault", "`ray job stop` during train_sft, then the same job submitted again (token auth on)",
+                       f"synthesize skipped (kept from the first job); training resumed at step {starts[-1]} from its "
+                       "checkpoint; the manifest records both runs' stages", "nothing: no finished stage redone")
 
 
 def test_binarize_can_take_an_existing_preference_set_instead_of_judging(ray_local, tmp_path):

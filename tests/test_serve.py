@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 import yaml
-from conftest import REPO, TEST_API_KEY_ENV, free_port
+from conftest import REPO, TEST_API_KEY_ENV, free_port, record_reliability
 from test_cluster_configs import dashboard_metrics
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1500)]
@@ -139,6 +139,107 @@ def test_malformed_json_gets_400_and_the_server_keeps_serving(endpoint):
     assert requests.get(f"{endpoint.url}/health", timeout=30).json() == {"status": "ok"}
     reply = client(endpoint).chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=8)
     assert reply.choices[0].message.content
+
+
+def test_a_chunked_body_over_the_limit_gets_413_too(endpoint):
+    """A body sent without Content-Length (chunked) is counted as it arrives and stopped at the limit."""
+    headers = {"Authorization": f"Bearer {endpoint.key}", "Content-Type": "application/json"}
+
+    def chunks():
+        yield b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "'
+        for _ in range(3):
+            yield b"x" * 2**20
+        yield b'"}]}'
+
+    response = requests.post(f"{endpoint.url}/v1/chat/completions", data=chunks(), headers=headers, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["param"] == "body", response.text
+    small = json.dumps({"model": "tiny-chat", "messages": QUESTION, "max_tokens": 4}).encode()
+    response = requests.post(f"{endpoint.url}/v1/chat/completions", data=iter([small[:20], small[20:]]),
+                             headers=headers, timeout=120)
+    assert response.status_code == 200, response.text  # a chunked body under the limit is served
+    record_reliability("hostile HTTP", "bodies over `max_request_bytes` (1 MiB): 2 MiB with Content-Length, 3 MiB "
+                       "chunked", "413 in OpenAI's error format, param `body`, before any engine work; a small chunked "
+                       "body is served", "nothing: the server kept serving")
+
+
+def raw_http(endpoint, request: bytes) -> bytes:
+    """Send ``request`` as it is on a socket; the status line (or b'' when the server closed the connection)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint.url)
+    with socket.create_connection((url.hostname, url.port), timeout=60) as conn:
+        conn.sendall(request)
+        try:
+            return conn.recv(65536).split(b"\r\n", 1)[0]
+        except (ConnectionResetError, TimeoutError):
+            return b""
+
+
+def test_header_abuse_gets_4xx_or_a_closed_connection_and_the_server_keeps_serving(endpoint):
+    key = endpoint.key
+    cases = {
+        "a 100 kB header": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+        "2,000 headers": b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + b"".join(
+            f"X-H{i}: {i}\r\n".encode() for i in range(2000)) + b"\r\n",
+        "a bare CR inside a header": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Evil: a\rb\r\n\r\n",
+        "a non-ASCII header name": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-\xff\xfe: 1\r\n\r\n",
+        "two Authorization headers, one right": (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                                f"wrong\r\nAuthorization: Bearer {key}\r\n\r\n").encode(),
+        "a Bearer with the key twice": f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key} {key}"
+                                       f"\r\n\r\n".encode(),
+        "Basic with bad base64": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Basic !!!\r\n\r\n",
+        "a key in the wrong scheme": f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Token {key}"
+                                     f"\r\n\r\n".encode(),
+        "Content-Length not a number": (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n"
+                                        b"Authorization: Bearer " + key.encode() + b"\r\n\r\n"),
+    }
+    seen = {}
+    for name, request in cases.items():
+        status = raw_http(endpoint, request)
+        seen[name] = status.decode("latin-1")
+        code = int(status.split()[1]) if status.startswith(b"HTTP/1.1 ") else None
+        assert code is None or 400 <= code < 500, (name, status)  # refused, never served, never a 5xx
+    assert requests.get(f"{endpoint.url}/health", timeout=30).status_code == 200
+    reply = client(endpoint).chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=4)
+    assert reply.choices[0].message.content
+    summary = "; ".join(f"{name}: {status.removeprefix('HTTP/1.1 ') or 'connection closed'}"
+                        for name, status in seen.items())
+    record_reliability("hostile HTTP", "header abuse: " + ", ".join(cases), summary,
+                       "nothing: no request served without the exact key, the server kept serving")
+
+
+def test_many_streams_dropped_mid_stream_are_let_go(endpoint):
+    """32 clients start streaming replies and hang up after the first chunk: the engine lets the requests go (they
+    leave vLLM's running set long before 32 x 400 tokens could have been generated) and new requests are served."""
+    body = {"model": "tiny-chat", "messages": QUESTION, "max_tokens": 400, "stream": True, "temperature": 1.0,
+            "ignore_eos": True}
+
+    def start_and_drop(i: int) -> bool:
+        with requests.post(f"{endpoint.url}/v1/chat/completions", json={**body, "seed": i}, stream=True,
+                           timeout=120, headers={"Authorization": f"Bearer {endpoint.key}"}) as response:
+            first = next(response.iter_lines(), b"")
+            return response.status_code == 200 and first.startswith(b"data:")
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        streamed = list(pool.map(start_and_drop, range(32)))
+    assert all(streamed), streamed
+
+    def running() -> float:
+        text = requests.get(endpoint.metrics, timeout=30).text
+        return metric_total(text, "ray_vllm_num_requests_running", "tiny-chat")
+
+    deadline = time.time() + 120
+    while (now := running()) > 0 and time.time() < deadline:
+        time.sleep(1)
+    drained = time.perf_counter() - started
+    assert now == 0, f"{now} dropped requests still running after {drained:.0f} s"
+    reply = client(endpoint).chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=4)
+    assert reply.choices[0].message.content
+    record_reliability("hostile HTTP", "32 concurrent streams (400 tokens each asked) dropped by the client after "
+                       "the first chunk", f"the engine's running requests were back to 0 {drained:.0f} s after the "
+                       "first request; new requests served", "nothing: no request left running, no 5xx")
 
 
 def test_the_api_key_guards_every_route_but_health(endpoint):
@@ -278,6 +379,59 @@ def test_autoscaling_adds_a_replica_under_load(endpoint):
         thread.join(timeout=120)
     assert scaled == 2, "the autoscaler never added the second replica"
     assert not failures, failures[:3]
+
+
+def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests(endpoint):
+    """Eight clients keep asking the open app; one LLMServer replica process is SIGKILLed. Clients may see the
+    requests that replica held fail (at most the 8 in flight), Serve starts a new replica, and every request after
+    the recovery succeeds."""
+    from ray import serve
+    from ray.util.state import list_actors
+
+    def replicas() -> int:
+        status = serve.status().applications["zephyr-open"].deployments["LLMServer:tiny-open"]
+        return status.replica_states.get("RUNNING", 0)
+
+    before = replicas()
+    api = client(endpoint, prefix="/open", key="anything")
+    stop, outcomes, lock = threading.Event(), [], threading.Lock()
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            try:
+                api.chat.completions.create(model="tiny-open", messages=QUESTION, max_tokens=32)
+                outcome = "ok"
+            except Exception as err:  # noqa: BLE001 - every failure is counted and reported
+                outcome = type(err).__name__
+            with lock:
+                outcomes.append((time.time(), outcome))
+
+    threads = [threading.Thread(target=keep_asking, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(5)
+    victim = next(a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                  if (a.class_name or "").startswith("ServeReplica:zephyr-open:LLMServer"))
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = time.time()
+    deadline = time.time() + 300
+    while time.time() < deadline and not (replicas() >= before and time.time() > killed_at + 10):
+        time.sleep(2)
+    recovered_at = time.time()
+    time.sleep(10)  # load on the recovered app
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    failed = [(t, o) for t, o in outcomes if o != "ok"]
+    after = [o for t, o in outcomes if t > recovered_at + 5]
+    assert replicas() >= before, "Serve did not replace the killed replica"
+    assert len(failed) <= 8, failed  # at most what was in flight when it died
+    assert after and all(o == "ok" for o in after), after
+    record_reliability("fault", f"a Serve LLMServer replica SIGKILLed under load (8 clients, {before} replicas)",
+                       f"{len(failed)} of {len(outcomes)} requests failed ({sorted({o for _, o in failed})}), all "
+                       f"in flight at the kill; Serve replaced the replica in {recovered_at - killed_at:.0f} s; "
+                       f"all {len(after)} requests after that succeeded",
+                       f"only the {len(failed)} requests in flight on the killed replica (the client sees the error)")
 
 
 @pytest.mark.parametrize("name", ["tiny-cpu.yaml", "zephyr-7b-gpu.yaml"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import record_reliability
 
 from zephyr_ray.config import load_recipe
 from zephyr_ray.data import DialogueRow, PreferenceRow, prompt_id_of, write_parquet_atomic
@@ -195,6 +196,10 @@ def test_a_killed_training_worker_resumes_from_the_checkpoint(trained, ray_local
     metrics = json.loads((run / "train_sft" / "metrics.json").read_text())
     assert metrics["step"] == lines[0]["max_steps"]
     assert (run / "train_sft" / "model" / "model.safetensors").is_file()
+    record_reliability("fault", "a Ray Train worker SIGKILLed mid-epoch (train_sft, ZeRO-3, 2 workers)",
+                       f"Ray Train restarted the worker group; both ranks resumed at step {starts[0][1]} (the last "
+                       f"checkpoint), not 0; finished at step {metrics['step']} of {lines[0]['max_steps']}",
+                       f"nothing: the {starts[0][1]} checkpointed steps were not redone, no step was skipped")
 
 
 def test_training_metrics_show_on_the_ray_metrics_endpoint(trained, ray_local):

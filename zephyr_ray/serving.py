@@ -8,7 +8,8 @@ what a public endpoint needs in front of it:
   ``Authorization: Bearer <key>`` (or HTTP Basic with the key as password, which the chat page's browser sends by
   itself); keys are compared in constant time and never logged. The key is read from the environment of the process
   that runs the ingress, never passed through Ray, so it shows in no Serve config or dashboard;
-- checks that answer a bad request with a 4xx naming the field, before it reaches an engine;
+- checks that answer a bad request with a 4xx naming the field, before it reaches an engine, and a body limit
+  (``serve.max_request_bytes``, by ``Content-Length`` or counted as a chunked body arrives);
 - ``/health`` and the chat page at ``/``.
 
 Each model's chat template is the one saved with it (vLLM applies the tokenizer's template); autoscaling is set from
@@ -153,6 +154,37 @@ def chat_page() -> str:
     return resources.files("zephyr_ray.resources").joinpath("chat.html").read_text(encoding="utf-8")
 
 
+def body_limit_middleware(max_bytes: int) -> Any:
+    """An ASGI middleware that counts request body bytes as they arrive and stops at ``max_bytes`` with 413.
+
+    The guard below refuses an over-long ``Content-Length`` at once; a chunked body states no length, so this one
+    counts. It raises an ``HTTPException`` from the body stream, which FastAPI passes on as it is (other errors
+    while reading a body become its generic 400)."""
+    from fastapi import HTTPException
+
+    class BodyLimit:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            received = 0
+
+            async def counted() -> dict:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > max_bytes:
+                        raise HTTPException(413, f"request body over {max_bytes} bytes")
+                return message
+
+            return await self.app(scope, counted, send)
+
+    return BodyLimit
+
+
 def build_fastapi_app(config: ServeConfig) -> Any:
     """Ray Serve LLM's FastAPI app (its middleware: request ids, errors, HTTP metrics) plus ours: body size limit and
     the API key, and the open routes."""
@@ -179,11 +211,17 @@ def build_fastapi_app(config: ServeConfig) -> Any:
             return openai_error(413, f"request body over {max_bytes} bytes", param="body")
         return await call_next(request)
 
+    app.add_middleware(body_limit_middleware(max_bytes))  # added last: outermost, it sees the raw body stream
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> Response:
         first = error.errors()[0] if error.errors() else {"loc": ("body",), "msg": "invalid request"}
         field = field_path(tuple(first.get("loc", ("body",))))
         return openai_error(400, f"{field}: {first.get('msg', 'invalid value')}", param=field)
+
+    @app.exception_handler(413)  # the body limit's, in OpenAI's error format like the Content-Length check
+    async def too_large(request: Request, error: Exception) -> Response:
+        return openai_error(413, f"request body over {max_bytes} bytes", param="body")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
