@@ -325,10 +325,14 @@ def test_openai_judge_scores_through_a_local_openai_compatible_server(pipeline, 
     (tmp_path / "down").mkdir()
     down = judge_with("down", base_url=f"http://127.0.0.1:{free_port()}/v1")
     assert down and all("APIConnectionError" in r["judge_error"] for r in down)
-    for path in tmp_path.rglob("*"):
-        if path.is_file() and path.name != "vllm-server.log":
-            assert key.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+    files = [path for path in tmp_path.rglob("*") if path.is_file() and path.name != "vllm-server.log"]
+    for path in files:
+        assert key.encode() not in path.read_bytes(), f"the API key leaked into {path}"
     assert key not in caplog.text
+    record_reliability("security", "a judge endpoint's API key planted in the environment; a wrong key; the "
+                       "endpoint down", f"judged with the key; wrong key: every row `judge failed: HTTP 401`; down: "
+                       f"every row `APIConnectionError`; the key found in none of {len(files)} files of the run "
+                       "directories, nor in the logs", "nothing: every completion has a judgment row")
 
 
 def test_killed_job_resumes_to_the_same_rows(pipeline, tiny_models, ray_local, tmp_path):

@@ -139,6 +139,8 @@ def test_malformed_json_gets_400_and_the_server_keeps_serving(endpoint):
     assert requests.get(f"{endpoint.url}/health", timeout=30).json() == {"status": "ok"}
     reply = client(endpoint).chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=8)
     assert reply.choices[0].message.content
+    record_reliability("hostile HTTP", "malformed JSON body", "400 in OpenAI's error format; /health and chat kept "
+                       "answering", "nothing")
 
 
 def test_a_chunked_body_over_the_limit_gets_413_too(endpoint):
@@ -264,6 +266,9 @@ def test_the_api_key_guards_every_route_but_health(endpoint):
     logs = Path("/tmp/ray/session_latest/logs")
     leaked = [str(p) for p in logs.rglob("*") if p.is_file() and endpoint.key.encode() in p.read_bytes()]
     assert not leaked and endpoint.key not in endpoint.log.read_text()
+    record_reliability("security", "the endpoint's API key: wrong, missing, Basic for the page, /health open",
+                       "401 with OpenAI's error type on /v1/* and / (Basic challenge); /health 200; the key in none "
+                       "of Ray's session logs nor the CLI's log", "nothing")
 
 
 def test_bounded_load_200_requests_at_concurrency_16_has_no_5xx(endpoint):
@@ -288,6 +293,9 @@ def test_bounded_load_200_requests_at_concurrency_16_has_no_5xx(endpoint):
     (endpoint.tmp / "load.json").write_text(json.dumps(report))
     assert not [s for s in statuses if s >= 500], statuses
     assert statuses.count(200) == 200, statuses
+    record_reliability("load", "200 chat requests at concurrency 16 on one CPU replica",
+                       f"all 200 answered 200; p50 {report['p50_s']} s, p99 {report['p99_s']} s, "
+                       f"{report['requests_per_s']} req/s", "nothing: no 5xx")
 
 
 def metric_total(text: str, name: str, label_value: str) -> float:
