@@ -154,6 +154,7 @@ def rejudge(run_dir: Path, recipe, other: Path) -> tuple[list[dict], list[dict],
     return judgments, judgeable, [r for r in judgeable if r["judge_error"] is None]
 
 
+@pytest.mark.fault
 def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(pipeline, ray_local, tmp_path):
     """SIGKILL the judge's vLLM engine actor in the middle of its pass: Ray Data starts a new one and retries the
     lost batches; the judgments hold every completion exactly once, like the undisturbed pass."""
@@ -335,6 +336,7 @@ def test_openai_judge_scores_through_a_local_openai_compatible_server(pipeline, 
                        "directories, nor in the logs", "nothing: every completion has a judgment row")
 
 
+@pytest.mark.fault
 def test_killed_job_resumes_to_the_same_rows(pipeline, tiny_models, ray_local, tmp_path):
     """`ray job submit` of jobs/stage.py; the job's driver is SIGKILLed once the first pool model is written; a
     second submission redoes only the missing models and ends with the rows of the uninterrupted run."""

@@ -217,3 +217,36 @@ def test_every_line_of_any_bytes_becomes_a_row_or_a_decode_error():
     any_lines()
     record_reliability("hostile input", "JSONL files of any bytes (invalid UTF-8, blank and broken lines)", str(tally),
                        "nothing: every non-blank line is a row or a counted decode error")
+
+
+def test_whole_files_of_hostile_rows_are_accounted_for_row_by_row(ray_local, tmp_path):
+    """Through Ray Data as a stage reads them: files mixing valid rows, hostile rows, invalid UTF-8 lines and repeated
+    prompts; accepted + rejected = lines, each reject with its file row and reason, repeats rejected after the
+    first."""
+    from zephyr_ray.data import PromptRow, load
+
+    seen = {"files": 0, "lines": 0, "kept": 0, "rejected": 0}
+
+    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(rows=st.lists(st.one_of(
+        st.sampled_from(["How do bees fly?", "Why is the sky blue?", "Name a fruit."]).map(
+            lambda p: json.dumps({"prompt": p}).encode()),  # valid, often repeated
+        json_values.map(lambda v: json.dumps({"prompt": v}).encode()),
+        st.binary(max_size=30).filter(lambda b: b"\n" not in b and b.strip())), min_size=1, max_size=60))
+    def hostile_file(rows):
+        path = tmp_path / f"prompts-{seen['files']}.jsonl"
+        path.write_bytes(b"\n".join(rows) + b"\n")
+        result = load(str(path), PromptRow)
+        accepted, rejected = result.accepted.take_all(), result.rejected.take_all()
+        assert len(accepted) + len(rejected) == len(rows) == result.report.total
+        assert len({r["prompt_id"] for r in accepted}) == len(accepted), "a repeated prompt was kept"
+        assert len({r["row"] for r in rejected}) == len(rejected), "a line was rejected twice"
+        assert all(r["reason"] and r["source"] == str(path) and 1 <= r["row"] <= len(rows) for r in rejected)
+        for key, n in (("files", 1), ("lines", len(rows)), ("kept", len(accepted)), ("rejected", len(rejected))):
+            seen[key] += n
+
+    hostile_file()
+    record_reliability("hostile input", "whole JSONL files through Ray Data: valid, hostile and non-UTF-8 lines and "
+                       "repeated prompts mixed", f"{seen['files']} files, {seen['lines']} lines: {seen['kept']} kept, "
+                       f"{seen['rejected']} rejected, each with its row number and reason; repeats rejected after "
+                       "the first", "nothing")

@@ -89,6 +89,7 @@ def wait_for(predicate, seconds: float, what: str) -> None:
         time.sleep(2)
 
 
+@pytest.mark.fault
 def test_the_recipe_as_a_ray_job_with_token_auth_survives_a_stop_during_training(tiny_models, ray_head, tmp_path):
     """`ray job submit` of `jobs/run.py` to a real head with token auth: a wrong token is refused; the job is
     stopped while train_sft trains (after its first checkpoint), submitted again, and finishes: synthesize is not

@@ -389,6 +389,7 @@ def test_autoscaling_adds_a_replica_under_load(endpoint):
     assert not failures, failures[:3]
 
 
+@pytest.mark.fault
 def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests(endpoint):
     """Eight clients keep asking the open app; one LLMServer replica process is SIGKILLed. Clients may see the
     requests that replica held fail (at most the 8 in flight), Serve starts a new replica, and every request after
