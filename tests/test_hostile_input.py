@@ -227,7 +227,7 @@ def test_whole_files_of_hostile_rows_are_accounted_for_row_by_row(ray_local, tmp
 
     seen = {"files": 0, "lines": 0, "kept": 0, "rejected": 0}
 
-    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
     @given(rows=st.lists(st.one_of(
         st.sampled_from(["How do bees fly?", "Why is the sky blue?", "Name a fruit."]).map(
             lambda p: json.dumps({"prompt": p}).encode()),  # valid, often repeated

@@ -212,10 +212,14 @@ def test_header_abuse_gets_4xx_or_a_closed_connection_and_the_server_keeps_servi
 
 
 def test_many_streams_dropped_mid_stream_are_let_go(endpoint):
-    """32 clients start streaming replies and hang up after the first chunk: the engine lets the requests go (they
-    leave vLLM's running set long before 32 x 400 tokens could have been generated) and new requests are served."""
+    """32 clients start streaming 400-token replies and hang up after the first chunk: the engine stops generating
+    for them (its token counter grows by far less than the 12,800 tokens asked) and new requests are served."""
     body = {"model": "tiny-chat", "messages": QUESTION, "max_tokens": 400, "stream": True, "temperature": 1.0,
             "ignore_eos": True}
+
+    def generated() -> float:
+        return metric_total(requests.get(endpoint.metrics, timeout=30).text, "ray_vllm_generation_tokens_total",
+                            "tiny-chat")
 
     def start_and_drop(i: int) -> bool:
         with requests.post(f"{endpoint.url}/v1/chat/completions", json={**body, "seed": i}, stream=True,
@@ -223,25 +227,24 @@ def test_many_streams_dropped_mid_stream_are_let_go(endpoint):
             first = next(response.iter_lines(), b"")
             return response.status_code == 200 and first.startswith(b"data:")
 
-    started = time.perf_counter()
+    before = generated()  # the tests before this one generated a few dozen tokens at most
     with ThreadPoolExecutor(32) as pool:
         streamed = list(pool.map(start_and_drop, range(32)))
     assert all(streamed), streamed
-
-    def running() -> float:
-        text = requests.get(endpoint.metrics, timeout=30).text
-        return metric_total(text, "ray_vllm_num_requests_running", "tiny-chat")
-
-    deadline = time.time() + 120
-    while (now := running()) > 0 and time.time() < deadline:
-        time.sleep(1)
-    drained = time.perf_counter() - started
-    assert now == 0, f"{now} dropped requests still running after {drained:.0f} s"
+    after, deadline = generated(), time.time() + 120
+    while time.time() < deadline:  # Ray exports the engine's counters every few seconds: wait until it settles
+        time.sleep(11)
+        after, settled = generated(), after
+        if after == settled and after > before:
+            break
+    asked = 32 * body["max_tokens"]
+    assert before < after < before + asked / 2, (before, after)
     reply = client(endpoint).chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=4)
     assert reply.choices[0].message.content
-    record_reliability("hostile HTTP", "32 concurrent streams (400 tokens each asked) dropped by the client after "
-                       "the first chunk", f"the engine's running requests were back to 0 {drained:.0f} s after the "
-                       "first request; new requests served", "nothing: no request left running, no 5xx")
+    record_reliability("hostile HTTP", f"32 concurrent streams ({body['max_tokens']} tokens each asked, "
+                       "ignore_eos) dropped by the client after the first chunk",
+                       f"the engine generated {after - before:.0f} tokens for them, not {asked}: dropped streams are "
+                       "aborted; new requests served", "nothing: no engine work left running, no 5xx")
 
 
 def test_the_api_key_guards_every_route_but_health(endpoint):

@@ -155,12 +155,12 @@ def chat_page() -> str:
 
 
 def body_limit_middleware(max_bytes: int) -> Any:
-    """An ASGI middleware that counts request body bytes as they arrive and stops at ``max_bytes`` with 413.
+    """An ASGI middleware that counts request body bytes as they arrive and answers 413 past ``max_bytes``.
 
     The guard below refuses an over-long ``Content-Length`` at once; a chunked body states no length, so this one
-    counts. It raises an ``HTTPException`` from the body stream, which FastAPI passes on as it is (other errors
-    while reading a body become its generic 400)."""
-    from fastapi import HTTPException
+    counts. Past the limit it sends the 413 itself and tells the app the client left (``http.disconnect``), dropping
+    whatever the app then tries to send: an exception raised from the body stream would reach FastAPI wrapped by
+    the middlewares' task groups and come out as a generic 400."""
 
     class BodyLimit:
         def __init__(self, app: Any) -> None:
@@ -169,18 +169,27 @@ def body_limit_middleware(max_bytes: int) -> Any:
         async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
             if scope["type"] != "http":
                 return await self.app(scope, receive, send)
-            received = 0
+            received, refused = 0, False
 
             async def counted() -> dict:
-                nonlocal received
+                nonlocal received, refused
+                if refused:
+                    return {"type": "http.disconnect"}
                 message = await receive()
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > max_bytes:
-                        raise HTTPException(413, f"request body over {max_bytes} bytes")
+                        refused = True
+                        await openai_error(413, f"request body over {max_bytes} bytes", param="body")(
+                            scope, receive, send)
+                        return {"type": "http.disconnect"}
                 return message
 
-            return await self.app(scope, counted, send)
+            async def unless_refused(message: dict) -> None:
+                if not refused:
+                    await send(message)
+
+            return await self.app(scope, counted, unless_refused)
 
     return BodyLimit
 
@@ -218,10 +227,6 @@ def build_fastapi_app(config: ServeConfig) -> Any:
         first = error.errors()[0] if error.errors() else {"loc": ("body",), "msg": "invalid request"}
         field = field_path(tuple(first.get("loc", ("body",))))
         return openai_error(400, f"{field}: {first.get('msg', 'invalid value')}", param=field)
-
-    @app.exception_handler(413)  # the body limit's, in OpenAI's error format like the Content-Length check
-    async def too_large(request: Request, error: Exception) -> Response:
-        return openai_error(413, f"request body over {max_bytes} bytes", param="body")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
