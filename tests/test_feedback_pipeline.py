@@ -173,7 +173,7 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
             if engines:  # ALIVE once its constructor (the engine's start) returned: now it takes batches
                 time.sleep(2.0)
                 os.kill(engines[0].pid, signal.SIGKILL)
-                killed.append(engines[0].pid)
+                killed.append(engines[0].actor_id)
                 return
             time.sleep(0.5)
 
@@ -185,6 +185,8 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
         done.set()
         killer.join(timeout=60)
     assert killed, "the engine actor was never seen alive"
+    (actor,) = list_actors(filters=[("actor_id", "=", killed[0])], detail=True)
+    assert actor.num_restarts >= 1, "Ray never restarted the killed engine actor"
 
     def key(row: dict) -> tuple:
         return row["prompt_id"], row["model"]
@@ -194,7 +196,8 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
     assert len(set(map(key, judgments))) == len(judgments), "a row was written twice"
     assert len(scored) >= 0.8 * sum(1 for r in undisturbed if r["judge_error"] is None)
     record_reliability("fault", "a vLLM engine actor SIGKILLed mid-pass (judge, Ray Data actor pool)",
-                       f"Ray Data started a new engine actor and retried the lost batches; {len(judgments)} "
+                       f"Ray restarted the engine actor ({actor.num_restarts}x) and Ray Data retried its lost "
+                       f"batches; {len(judgments)} "
                        f"judgments written, {len(scored)} scored (undisturbed: "
                        f"{sum(1 for r in undisturbed if r['judge_error'] is None)})",
                        "nothing: every completion judged exactly once, none twice")
