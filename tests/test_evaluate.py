@@ -148,12 +148,13 @@ def test_the_judge_behind_an_openai_compatible_server(evaluated, tiny_models, ju
         assert r["graded"] == 32 and r["rated"] + r["unanswered"] + r["judge_failures"] == 32 and r["rated"] >= 16
     low, high = results["pairwise"]["interval"]
     assert low <= 0.5 <= high
+    write_report(other)
     files = [path for path in other.rglob("*") if path.is_file()]
     for path in files:
         assert key.encode() not in path.read_bytes(), f"the API key leaked into {path}"
     record_reliability("security", "the evaluation judge's API key planted in the environment",
                        f"MT-Bench grading and win rate through the endpoint; the key in none of the {len(files)} "
-                       "files of the run directory (answers, judgments, results, report inputs)", "nothing")
+                       "files of the run directory (answers, judgments, results, metrics, report.html)", "nothing")
 
 
 def planted_training_prompts(path: Path) -> int:
