@@ -13,8 +13,9 @@ HEADER = """# Reliability: faults and hostile input, tried
 
 Every row was written by the test that tried the case, after its checks passed (`tests/conftest.py:
 record_reliability`); `python scripts/reliability_table.py runs/reliability.jsonl --out docs/reliability.md` rebuilds
-this page from a test run, and CI prints it after the suite. "Lost" must be nothing: every row in, every request
-that was not in flight, every finished stage accounted for.
+this page from a test run, and CI prints it after the suite. "Lost" must be nothing: every row in, every finished
+stage, every request accounted for; the one exception is a request in flight on a Serve replica that dies, which
+its client sees fail (counted in the row).
 
 """
 

@@ -155,14 +155,18 @@ def rejudge(run_dir: Path, recipe, other: Path) -> tuple[list[dict], list[dict],
 
 
 @pytest.mark.fault
-def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(pipeline, ray_local, tmp_path):
+def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(pipeline, tiny_models, ray_local,
+                                                                              tmp_path):
     """SIGKILL the judge's vLLM engine actor in the middle of its pass: Ray Data starts a new one and retries the
     lost batches; the judgments hold every completion exactly once, like the undisturbed pass."""
     import threading
 
     from ray.util.state import list_actors
 
-    recipe, run_dir, _ = pipeline
+    _, run_dir, _ = pipeline
+    # one completion per batch, so the pass is many small tasks and lasts long enough to be interrupted mid-way
+    judge = yaml.safe_load((run_dir.parent / "recipe.yaml").read_text())["judge"]
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"engine": {**judge["engine"], "batch_size": 1}}))
     killed, done = [], threading.Event()
 
     def kill_the_engine_once_it_works() -> None:
@@ -388,5 +392,6 @@ def test_killed_job_resumes_to_the_same_rows(pipeline, tiny_models, ray_local, t
         assert not list((run / "complete" / "models").glob(f".{name}.tmp-*"))
     record_reliability("fault", "the job's driver SIGKILLed mid-stage (complete, after its first pool model)",
                        f"the resubmitted job skipped the finished model, cleared the half-written one and generated "
-                       f"the other {len(models) - 1}; rows identical to an uninterrupted run (per-row seeds)",
+                       f"the rest ({len(models) - 1} of {len(models)} models); rows identical to an uninterrupted run "
+                       "(per-row seeds)",
                        "nothing: every prompt once per model, no duplicate, no .tmp output left")
