@@ -27,6 +27,16 @@ def _fail(lines: list[str] | str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _recipe_or_fail(path: Path):
+    """The recipe at ``path``, or exit with one error line per problem (file, line, key)."""
+    from .config import RecipeError, load_recipe
+
+    try:
+        return load_recipe(path)
+    except RecipeError as err:
+        _fail(err.problems)
+
+
 def _quiet_engines(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not verbose:
@@ -138,15 +148,11 @@ def stage(
     address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
 ) -> None:
     """Run one stage of a recipe; a stage whose output is complete is skipped, a partial one redone."""
-    from .config import RecipeError, load_recipe
     from .stages import run_stage
 
     if name not in STAGES:
         _fail(f"unknown stage '{name}'; choose from {', '.join(STAGES)}")
-    try:
-        loaded = load_recipe(recipe)
-    except RecipeError as err:
-        _fail(err.problems)
+    loaded = _recipe_or_fail(recipe)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = run_stage(name, loaded, run_dir, address=address)
@@ -162,14 +168,10 @@ def evaluate(
     address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
 ) -> None:
     """Grade the recipe's model MT-Bench style and measure its pairwise win rate (the recipe's `evaluate` stage)."""
-    from .config import RecipeError, load_recipe
     from .evaluate import evaluation_summary
     from .stages import run_stage
 
-    try:
-        loaded = load_recipe(recipe)
-    except RecipeError as err:
-        _fail(err.problems)
+    loaded = _recipe_or_fail(recipe)
     if loaded.evaluate is None:
         _fail(f"{recipe}: no `evaluate` section")
     run_dir = run_dir or Path("runs") / loaded.name
@@ -247,13 +249,9 @@ def run_recipe_command(
     address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
 ) -> None:
     """Run every stage of a recipe in order; finished stages are skipped, so the same command resumes a run."""
-    from .config import RecipeError, load_recipe
     from .run import MANIFEST, run_recipe
 
-    try:
-        loaded = load_recipe(recipe)
-    except RecipeError as err:
-        _fail(err.problems)
+    loaded = _recipe_or_fail(recipe)
     run_dir = run_dir or Path("runs") / loaded.name
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
