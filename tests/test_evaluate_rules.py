@@ -72,6 +72,8 @@ def test_turn_two_is_judged_with_turn_one_and_the_references_of_both_turns():
     ("I like it.", None, "no [[rating]] in the judge's answer"),
     ("[[3]] or [[9]]", None, "several different ratings in the judge's answer: [3.0, 9.0]"),
     ("Rating: [[11]]", None, "rating 11 is outside 1-10"),
+    ("[" * 100_000, None, "no [[rating]] in the judge's answer"),  # hostile endpoint output is a failure, not a crash
+    ('{"rating": 1' + "0" * 5000 + "}", None, "no [[rating]] in the judge's answer"),
 ])
 def test_ratings_parse_or_say_why_not(text, rating, error):
     assert parse_rating(text) == (rating, error)

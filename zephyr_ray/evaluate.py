@@ -294,15 +294,22 @@ def grade_prompt(question: dict[str, Any], answers: list[str], turn: int, use_re
                                           conversation="\n\n".join(lines))
 
 
+def json_field(text: str, key: str) -> Any:
+    """``key`` of the JSON object that ``text`` is (a JSON-schema endpoint's answer), else None: any other text,
+    however hostile (nested too deep, a 5000-digit number), is simply not one."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
 def parse_rating(text: str) -> tuple[float | None, str | None]:
     """The judge's ``[[n]]`` rating (1-10): (rating, None) or (None, why not)."""
     found = {float(v) for v in RATING.findall(text)} or {float(v) for v in RATING_BACKUP.findall(text)}
     if not found:
-        try:  # a JSON-schema endpoint answers {"explanation": ..., "rating": n}
-            value = json.loads(text).get("rating")
-            found = {float(value)} if isinstance(value, (int, float)) and not isinstance(value, bool) else set()
-        except (json.JSONDecodeError, AttributeError):
-            pass
+        value = json_field(text, "rating")
+        found = {float(value)} if isinstance(value, (int, float)) and not isinstance(value, bool) else set()
     if not found:
         return None, "no [[rating]] in the judge's answer"
     if len(found) > 1:
@@ -317,11 +324,8 @@ def parse_verdict(text: str) -> tuple[str | None, str | None]:
     """'first', 'second' or 'tie' from ``[[A]]``, ``[[B]]``, ``[[C]]``: (verdict, None) or (None, why not)."""
     found = set(VERDICT.findall(text))
     if not found:
-        try:
-            value = json.loads(text).get("verdict")
-            found = {value} if value in VERDICT_WINNER else set()
-        except (json.JSONDecodeError, AttributeError):
-            pass
+        value = json_field(text, "verdict")
+        found = {value} if isinstance(value, str) and value in VERDICT_WINNER else set()
     if not found:
         return None, "no [[A]], [[B]] or [[C]] verdict in the judge's answer"
     if len(found) > 1:
