@@ -175,8 +175,11 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
             engines = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
                        if "vLLMEngineStageUDF" in (a.class_name or "")]
             if engines:  # ALIVE once its constructor (the engine's start) returned: now it takes batches
-                time.sleep(2.0)
-                os.kill(engines[0].pid, signal.SIGKILL)
+                time.sleep(2.0)  # not relied on: the checks below hold wherever in the pass the kill lands
+                try:
+                    os.kill(engines[0].pid, signal.SIGKILL)
+                except ProcessLookupError:  # the listing was stale (the actor had just exited): look again
+                    continue
                 killed.append(engines[0].actor_id)
                 return
             time.sleep(0.5)
@@ -188,7 +191,7 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
     finally:
         done.set()
         killer.join(timeout=60)
-    assert killed, "the engine actor was never seen alive"
+    assert killed, "no engine actor was killed while the pass ran"
     (actor,) = list_actors(filters=[("actor_id", "=", killed[0])], detail=True)
     assert actor.num_restarts >= 1, "Ray never restarted the killed engine actor"
 
