@@ -21,19 +21,73 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 TEST_API_KEY_ENV = "ZEPHYR_RAY_TEST_API_KEY"
 TINY_DIR = Path(os.environ.get("ZEPHYR_RAY_TINY_MODELS", REPO / "artifacts" / "tiny-models"))
-# What the fault and hostile-input tests tried and saw, one JSON line each: scripts/reliability_table.py turns it into
-# the table of docs/reliability.md.
+# What the fault and hostile-input tests tried and saw: scripts/reliability_table.py turns it into docs/reliability.md.
+# Each test run starts the file afresh: a header line (run id, time, commit), then, for every test marked
+# `reliability`, its outcome (from pytest) and, once its checks passed, its record (record_reliability).
 RELIABILITY_LOG = Path(os.environ.get("ZEPHYR_RAY_RELIABILITY_LOG", REPO / "runs" / "reliability.jsonl"))
+RELIABILITY_RUN: dict = {}  # this run's header, once the run log is started
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _log_reliability(entry: dict) -> None:
+    import json
+
+    if not RELIABILITY_RUN:
+        return  # not a test run that keeps a log (e.g. --collect-only)
+    with RELIABILITY_LOG.open("a", encoding="utf-8") as log:
+        log.write(json.dumps({**entry, "run": RELIABILITY_RUN["run"]}) + "\n")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.collectonly or hasattr(config, "workerinput"):
+        return
+    import json
+    from datetime import datetime, timezone
+
+    started = datetime.now(timezone.utc)
+    RELIABILITY_RUN.update(type="run", run=started.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(4),
+                           started=started.isoformat(timespec="seconds"), commit=_git("rev-parse", "HEAD"),
+                           local_changes=bool(_git("status", "--porcelain", "--untracked-files=no")),
+                           args=list(config.invocation_params.args))
+    RELIABILITY_LOG.parent.mkdir(parents=True, exist_ok=True)
+    RELIABILITY_LOG.write_text(json.dumps(RELIABILITY_RUN) + "\n", encoding="utf-8")  # a fresh log for this run
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Each reliability test's outcome, phase by phase, so a case that failed shows it (and a case whose test did
+    not run shows nothing, which the table reports as not run)."""
+    report = yield
+    marker = item.get_closest_marker("reliability")
+    if marker is not None and (report.when == "call" or not report.passed):
+        message = ""
+        if report.failed and call.excinfo is not None:
+            message = f"{call.excinfo.typename}: {call.excinfo.value}"
+        elif report.skipped and isinstance(report.longrepr, tuple):
+            message = str(report.longrepr[2])
+        _log_reliability({"type": "outcome", "test": item.nodeid, "when": report.when, "outcome": report.outcome,
+                          "message": (message.strip().splitlines() or [""])[0][:300]})
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from datetime import datetime, timezone
+
+    _log_reliability({"type": "end", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "exitstatus": int(exitstatus)})
 
 
 def record_reliability(kind: str, case: str, happened: str, lost: str) -> None:
-    """One row of the reliability table, written by the test that tried the case (after its checks passed)."""
-    import json
-
-    RELIABILITY_LOG.parent.mkdir(parents=True, exist_ok=True)
+    """What a `reliability` test tried and saw, one row of the table; called by the test after its checks passed."""
     test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
-    with RELIABILITY_LOG.open("a", encoding="utf-8") as log:
-        log.write(json.dumps({"kind": kind, "case": case, "happened": happened, "lost": lost, "test": test}) + "\n")
+    _log_reliability({"type": "record", "kind": kind, "case": case, "happened": happened, "lost": lost,
+                      "test": test})
 
 
 @pytest.fixture(scope="session")

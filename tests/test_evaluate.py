@@ -127,6 +127,7 @@ def test_rerun_skips_and_the_report_shows_the_evaluation(evaluated, tmp_path):
 
 
 @pytest.mark.engine
+@pytest.mark.reliability("security", "the evaluation judge's API key planted in the environment")
 def test_the_judge_behind_an_openai_compatible_server(evaluated, tiny_models, judge_server, tmp_path, monkeypatch):
     """The same answers judged through vLLM's OpenAI server (the answers are reused: only the judge runs)."""
     _, run_dir, _ = evaluated

@@ -155,6 +155,7 @@ def rejudge(run_dir: Path, recipe, other: Path) -> tuple[list[dict], list[dict],
 
 
 @pytest.mark.fault
+@pytest.mark.reliability("fault", "a vLLM engine actor SIGKILLed mid-pass (judge, Ray Data actor pool)")
 def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(pipeline, tiny_models, ray_local,
                                                                               tmp_path):
     """SIGKILL the judge's vLLM engine actor in the middle of its pass: Ray Data starts a new one and retries the
@@ -306,6 +307,9 @@ def test_reward_model_judge_on_the_same_completions(pipeline, tiny_models, tmp_p
     check_preferences(other, results["complete"].counts["prompts"]["accepted"])
 
 
+@pytest.mark.reliability(
+    "security",
+    "a judge endpoint's API key planted in the environment; a wrong key; the endpoint down")
 def test_openai_judge_scores_through_a_local_openai_compatible_server(pipeline, tiny_models, judge_server,
                                                                       tmp_path, monkeypatch, caplog):
     _, run_dir, results = pipeline
@@ -347,6 +351,7 @@ def test_openai_judge_scores_through_a_local_openai_compatible_server(pipeline, 
 
 
 @pytest.mark.fault
+@pytest.mark.reliability("fault", "the job's driver SIGKILLed mid-stage (complete, after its first pool model)")
 def test_killed_job_resumes_to_the_same_rows(pipeline, tiny_models, ray_local, tmp_path):
     """`ray job submit` of jobs/stage.py; the job's driver is SIGKILLed once the first pool model is written; a
     second submission redoes only the missing models and ends with the rows of the uninterrupted run."""

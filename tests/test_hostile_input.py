@@ -82,6 +82,10 @@ def recipe_outcome(path: Path) -> str:
     return "loaded"
 
 
+@pytest.mark.reliability(
+    "hostile input",
+    "recipe YAMLs: tiny-cpu.yaml with a key deleted, wrapped in a list or replaced by any JSON value "
+    "(control characters, NUL, lone surrogates, 200 kB strings, NaN, huge numbers, nesting)")
 def test_any_mutation_of_a_recipe_loads_or_names_file_and_key(tmp_path):
     tally = Tally()
 
@@ -101,6 +105,10 @@ def test_any_mutation_of_a_recipe_loads_or_names_file_and_key(tmp_path):
                        "huge numbers, nesting)", str(tally), "nothing: no traceback, every problem names the file")
 
 
+@pytest.mark.reliability(
+    "hostile input",
+    "recipe files of any bytes (invalid UTF-8, YAML nested 20,000 deep, an alias inside itself, a "
+    "5001-digit number, a `!!python/object/apply` tag)")
 def test_any_bytes_as_a_recipe_load_or_fail_with_one_line_per_problem(tmp_path):
     tally = Tally()
 
@@ -156,6 +164,10 @@ def test_the_valid_examples_are_accepted(contract):
     assert check_row(json.dumps(VALID_ROWS[contract]), None, CONTRACTS[contract])[0] is not None
 
 
+@pytest.mark.reliability(
+    "hostile input",
+    "dataset rows of every contract with a field deleted, wrapped or replaced (wrong types, missing keys, "
+    "huge strings, control characters, lone surrogates, wrong roles, empty conversations)")
 def test_any_mutated_row_is_accepted_or_rejected_with_a_reason():
     tally = Tally()
 
@@ -176,6 +188,10 @@ def test_any_mutated_row_is_accepted_or_rejected_with_a_reason():
                        "nothing: every row accepted or rejected with field and reason")
 
 
+@pytest.mark.reliability(
+    "hostile input",
+    "any text as a row (not JSON, JSON nested 100,000 deep, a 5001-digit number, a lone surrogate, a 10 "
+    "MB prompt, empty conversations, a `tool` role)")
 def test_any_text_as_a_row_is_accepted_or_rejected_with_a_reason():
     tally = Tally()
 
@@ -197,6 +213,7 @@ def test_any_text_as_a_row_is_accepted_or_rejected_with_a_reason():
                        "nothing: every row accepted or rejected with a reason")
 
 
+@pytest.mark.reliability("hostile input", "JSONL files of any bytes (invalid UTF-8, blank and broken lines)")
 def test_every_line_of_any_bytes_becomes_a_row_or_a_decode_error():
     tally = Tally()
 
@@ -219,6 +236,9 @@ def test_every_line_of_any_bytes_becomes_a_row_or_a_decode_error():
                        "nothing: every non-blank line is a row or a counted decode error")
 
 
+@pytest.mark.reliability(
+    "hostile input",
+    "whole JSONL files through Ray Data: valid, hostile and non-UTF-8 lines and repeated prompts mixed")
 def test_whole_files_of_hostile_rows_are_accounted_for_row_by_row(ray_local, tmp_path):
     """Through Ray Data as a stage reads them: files mixing valid rows, hostile rows, invalid UTF-8 lines and repeated
     prompts; accepted + rejected = lines, each reject with its file row and reason, repeats rejected after the

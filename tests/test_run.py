@@ -90,6 +90,7 @@ def wait_for(predicate, seconds: float, what: str) -> None:
 
 
 @pytest.mark.fault
+@pytest.mark.reliability("fault", "`ray job stop` during train_sft, then the same job submitted again (token auth on)")
 def test_the_recipe_as_a_ray_job_with_token_auth_survives_a_stop_during_training(tiny_models, ray_head, tmp_path):
     """`ray job submit` of `jobs/run.py` to a real head with token auth: a wrong token is refused; the job is
     stopped while train_sft trains (after its first checkpoint), submitted again, and finishes: synthesize is not

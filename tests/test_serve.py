@@ -129,6 +129,7 @@ def test_a_bad_request_gets_a_4xx_naming_the_field(endpoint, change, status, fie
     assert field in error["message"] or error.get("param") == field, error
 
 
+@pytest.mark.reliability("hostile HTTP", "malformed JSON body")
 def test_malformed_json_gets_400_and_the_server_keeps_serving(endpoint):
     headers = {"Authorization": f"Bearer {endpoint.key}", "Content-Type": "application/json"}
     response = requests.post(f"{endpoint.url}/v1/chat/completions", data="{not json", headers=headers, timeout=60)
@@ -143,6 +144,9 @@ def test_malformed_json_gets_400_and_the_server_keeps_serving(endpoint):
                        "answering", "nothing")
 
 
+@pytest.mark.reliability(
+    "hostile HTTP",
+    "bodies over `max_request_bytes` (1 MiB): 2 MiB with Content-Length, 3 MiB chunked")
 def test_a_chunked_body_over_the_limit_gets_413_too(endpoint):
     """A body sent without Content-Length (chunked) is counted as it arrives and stopped at the limit."""
     headers = {"Authorization": f"Bearer {endpoint.key}", "Content-Type": "application/json"}
@@ -178,6 +182,10 @@ def raw_http(endpoint, request: bytes) -> bytes:
             return b""
 
 
+@pytest.mark.reliability(
+    "hostile HTTP",
+    "header abuse: huge, many and malformed headers, duplicated and malformed Authorization, a bad "
+    "Content-Length")
 def test_header_abuse_gets_4xx_or_a_closed_connection_and_the_server_keeps_serving(endpoint):
     key = endpoint.key
     cases = {
@@ -211,6 +219,10 @@ def test_header_abuse_gets_4xx_or_a_closed_connection_and_the_server_keeps_servi
                        "nothing: no request served without the exact key, the server kept serving")
 
 
+@pytest.mark.reliability(
+    "hostile HTTP",
+    "32 concurrent streams (400 tokens each asked, ignore_eos) dropped by the client after the first "
+    "chunk")
 def test_many_streams_dropped_mid_stream_are_let_go(endpoint):
     """32 clients start streaming 400-token replies and hang up after the first chunk: the engine stops generating
     for them (its token counter grows by far less than the 12,800 tokens asked) and new requests are served."""
@@ -249,6 +261,7 @@ def test_many_streams_dropped_mid_stream_are_let_go(endpoint):
                        "aborted; new requests served", "nothing: no engine work left running, no 5xx")
 
 
+@pytest.mark.reliability("security", "the endpoint's API key: wrong, missing, Basic for the page, /health open")
 def test_the_api_key_guards_every_route_but_health(endpoint):
     import openai
 
@@ -276,6 +289,7 @@ def test_the_api_key_guards_every_route_but_health(endpoint):
                        "of Ray's session logs nor the CLI's log", "nothing")
 
 
+@pytest.mark.reliability("load", "200 chat requests at concurrency 16 on one CPU replica")
 def test_bounded_load_200_requests_at_concurrency_16_has_no_5xx(endpoint):
     def one(i: int) -> tuple[int, float]:
         started = time.perf_counter()
@@ -407,6 +421,7 @@ def test_autoscaling_adds_a_replica_under_load(endpoint):
 
 
 @pytest.mark.fault
+@pytest.mark.reliability("fault", "a Serve LLMServer replica SIGKILLed under load (8 clients)")
 def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests(endpoint):
     """Eight clients keep asking the open app; one LLMServer replica process is SIGKILLed. Clients may see the
     requests that replica held fail (at most the 8 in flight), Serve starts a new replica, and every request after
