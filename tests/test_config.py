@@ -185,3 +185,73 @@ def test_one_score_judges_need_binarize_on_overall(tmp_path):
         """)
     assert problems(path) == [f"{path}:3: binarize.score: a 'logprob' judge gives one overall score, "
                               "not aspects; set binarize.score: overall"]
+
+
+def _model_dir(tmp_path: Path, **config: object) -> Path:
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"max_position_embeddings": 2048}, (2048, "max_position_embeddings in its config.json")),
+    ({"n_positions": 1024, "max_position_embeddings": 4096}, (1024, "n_positions in its config.json")),
+    ({"text_config": {"max_position_embeddings": 512}}, (512, "max_position_embeddings in its config.json")),
+    ({"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 2.0}},
+     (8192, "max_position_embeddings in its config.json, with RoPE scaling x2")),
+    ({"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     (131072, "max_position_embeddings in its config.json")),
+    ({"hidden_size": 8}, None),
+])
+def test_a_models_own_context_limit_is_read_from_its_config(tmp_path, config, expected):
+    from zephyr_ray.engines import model_context_limit
+
+    assert model_context_limit(str(_model_dir(tmp_path, **config))) == expected
+
+
+def test_max_model_len_defaults_to_the_models_limit_capped_and_refuses_more(tmp_path):
+    from zephyr_ray.config import Engine, Hardware
+    from zephyr_ray.engines import context_length, vllm_engine_kwargs
+
+    model = str(_model_dir(tmp_path, max_position_embeddings=2048))
+    cpu = Hardware(accelerator="cpu", num_workers=1)
+    assert context_length(Engine(model=model), cpu) == 2048
+    assert vllm_engine_kwargs(Engine(model=model), cpu)["max_model_len"] == 2048
+    assert context_length(Engine(model=model), cpu.model_copy(update={"max_model_len_cap": 1024})) == 1024
+    assert context_length(Engine(model=model, max_model_len=512), cpu) == 512
+    with pytest.raises(ValueError, match=r"^max_model_len 4096 is above the limit of .*model: 2048 tokens "
+                                         r"\(max_position_embeddings in its config.json\)"):
+        vllm_engine_kwargs(Engine(model=model, max_model_len=4096), cpu)
+    unknown = str(tmp_path / "no-config")
+    assert "max_model_len" not in vllm_engine_kwargs(Engine(model=unknown), cpu), "vLLM's own rule then"
+
+
+def test_a_max_model_len_above_the_models_limit_is_an_error_at_validate_and_at_start(tiny_models, tmp_path):
+    """Named by its key and with the model's limit, before Ray or any engine starts (no Serve retry loop)."""
+    teacher = tiny_models["teacher"]
+    path = write(tmp_path, f"""\
+        name: x
+        hardware: {{accelerator: cpu, num_workers: 1}}
+        complete:
+          prompts: {{path: {REPO / "jobs" / "data" / "tiny_prompts.jsonl"}}}
+          models:
+            - {{name: a, engine: {{model: {teacher}, max_model_len: 4096}}}}
+            - {{name: b, engine: {{model: {teacher}}}}}
+        """)
+    expected = (f"complete.models.0.engine.max_model_len: max_model_len 4096 is above the limit of {teacher}: 2048 "
+                "tokens (max_position_embeddings in its config.json); lower max_model_len or leave it unset")
+    validated = cli("validate", str(path))
+    assert validated.returncode == 2 and "Traceback" not in validated.stderr
+    assert validated.stderr.splitlines() == [f"error: {path}: {expected}"]
+    started = cli("stage", "complete", str(path), "--run-dir", str(tmp_path / "run"))
+    assert started.returncode == 2 and "Traceback" not in started.stderr
+    assert started.stderr.splitlines() == [f"error: {expected}"] and not (tmp_path / "run").exists()
+    for command in (["chat", str(teacher), "-m", "hi"], ["serve", str(teacher)]):
+        refused = cli(*command, "--max-model-len", "4096")
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr.splitlines() == [
+            f"error: --max-model-len: max_model_len 4096 is above the limit of {teacher}: 2048 tokens "
+            "(max_position_embeddings in its config.json); lower max_model_len or leave it unset"]

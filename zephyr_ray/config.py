@@ -42,7 +42,9 @@ class Engine(_Section):
     """A model served by vLLM inside a Ray Data or Ray Serve replica."""
 
     model: str = Field(description="hub id or local model directory")
-    max_model_len: int = Field(default=4096, gt=0)
+    max_model_len: int | None = Field(default=None, gt=0, description="prompt + answer tokens; default: the "
+                                      "model's own limit (its config.json), at most hardware.max_model_len_cap. "
+                                      "Above the model's limit is an error")
     tensor_parallel_size: int = Field(default=1, gt=0)
     batch_size: int = Field(default=64, gt=0, description="rows per Ray Data batch sent to one engine")
     concurrency: int = Field(default=1, gt=0, description="number of engine replicas")
@@ -58,6 +60,9 @@ class Hardware(_Section):
     accelerator: Literal["cpu", "gpu"] = "gpu"
     num_workers: int = Field(default=16, gt=0, description="Ray Train workers (one per GPU)")
     cpus_per_worker: int = Field(default=1, gt=0)
+    max_model_len_cap: int = Field(default=8192, gt=0, description="engines that set no max_model_len get the "
+                                   "model's own limit, at most this (a 32k-context model's KV cache for one "
+                                   "sequence may not fit otherwise)")
 
 
 class Training(_Section):
@@ -318,7 +323,8 @@ class ServedModel(_Section):
     model_id: str = Field(default="zephyr", min_length=1, description="the name clients ask for (`model`)")
     model: str | None = Field(default=None, description="model directory or hub id; by default the recipe's final "
                               "model (train_dpo/model, else train_sft/model)")
-    max_model_len: int = Field(default=4096, gt=0)
+    max_model_len: int | None = Field(default=None, gt=0, description="default: the model's own limit, at most "
+                                      "hardware.max_model_len_cap")
     kv_cache_gib: float | None = Field(default=None, gt=0.0)
     tensor_parallel_size: int = Field(default=1, gt=0)
     trust_remote_code: bool = False
@@ -543,9 +549,10 @@ def _walk(value: Any, path: tuple = ()):
 def check_recipe_paths(recipe: Recipe, file: str) -> tuple[list[str], list[str]]:
     """Check every dataset and model a recipe names: (problems, notes). Hub ids are noted, not fetched."""
     from .data import is_hub_id
-    from .engines import check_model_dir
+    from .engines import check_model_dir, context_problems
 
-    problems: list[str] = []
+    problems: list[str] = [f"{file}: {p}" for p in context_problems(recipe, "", recipe.hardware,
+                                                                                      fetch=False)]
     notes: list[str] = []
     for path, value in _walk(recipe):
         key = ".".join(str(p) for p in path)

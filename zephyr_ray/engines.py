@@ -17,10 +17,94 @@ CPU_KV_CACHE_FRACTION = 0.3
 CPU_MAX_BATCHED_TOKENS = 2048
 
 
+# config.json keys that bound a model's sequence length (the ones vLLM reads); the smallest present is the limit.
+_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                "max_seq_length", "seq_len")
+
+
+def _model_config(model: str, fetch: bool = True) -> dict[str, Any] | None:
+    """The model's config.json: from its directory, or (``fetch``) from the hub, cached, for a hub id; None when it
+    cannot be read."""
+    import json
+    from pathlib import Path
+
+    path = Path(model).expanduser() / "config.json"
+    try:
+        if not path.is_file():
+            from .data import is_hub_id
+
+            if not (fetch and is_hub_id(model)):
+                return None
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, "config.json"))
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except Exception:  # offline, gated, not a model: vLLM will say so when it loads the model
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def model_context_limit(model: str, fetch: bool = True) -> tuple[int, str] | None:
+    """(tokens, why) for the longest sequence ``model`` allows, read from its config.json as vLLM reads it (the
+    smallest length key, times a RoPE scaling factor); None when the config cannot be read here."""
+    config = _model_config(model, fetch)
+    if config is None:
+        return None
+    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    found = {key: config[key] for key in _LENGTH_KEYS
+             if isinstance(config.get(key), int) and not isinstance(config.get(key), bool) and config[key] > 0}
+    if not found:
+        return None
+    key = min(found, key=found.get)
+    limit, why = found[key], f"{key} in its config.json"
+    rope = config.get("rope_scaling")
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in ("su", "longrope", "llama3",
+                                                                                   "mrope", "default"):
+        factor = rope.get("factor")
+        if isinstance(factor, (int, float)) and factor > 1:
+            base = rope.get("original_max_position_embeddings", limit) if rope.get("rope_type", rope.get("type")) \
+                == "yarn" else limit
+            limit, why = int(base * factor), f"{why}, with RoPE scaling x{factor:g}"
+    return limit, why
+
+
+def context_length(engine: Engine, hardware: Hardware, fetch: bool = True) -> int | None:
+    """The engine's ``max_model_len``: as configured, or the model's own limit capped by
+    ``hardware.max_model_len_cap``; None (vLLM decides) when neither is known. A configured value above the model's
+    limit raises ``ValueError`` naming the field and the limit, before any engine starts."""
+    limit = model_context_limit(engine.model, fetch)
+    if engine.max_model_len is None:
+        return min(limit[0], hardware.max_model_len_cap) if limit else None
+    if limit and engine.max_model_len > limit[0]:
+        raise ValueError(f"max_model_len {engine.max_model_len} is above the limit of {engine.model}: "
+                         f"{limit[0]} tokens ({limit[1]}); lower max_model_len or leave it unset")
+    return engine.max_model_len
+
+
+def context_problems(section: Any, key: str, hardware: Hardware, fetch: bool = True) -> list[str]:
+    """One ``key.path.max_model_len: ...`` line per engine in a recipe section (or a whole recipe) whose
+    ``max_model_len`` exceeds its model's limit; models that are this run's (not yet trained) are skipped, and hub
+    models unless ``fetch``."""
+    from .config import RUN_MODELS, ServedModel, _walk
+
+    problems = []
+    for path, value in _walk(section, (key,) if key else ()):
+        if isinstance(value, ServedModel) and value.model:
+            value = value.engine(value.model)
+        if not isinstance(value, Engine) or value.model in RUN_MODELS:
+            continue
+        try:
+            context_length(value, hardware, fetch)
+        except ValueError as err:
+            problems.append(f"{'.'.join(str(p) for p in path)}.max_model_len: {err}")
+    return problems
+
+
 def vllm_engine_kwargs(engine: Engine, hardware: Hardware) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` / ``vLLMEngineProcessorConfig.engine_kwargs`` / ``LLMConfig.engine_kwargs``."""
+    max_model_len = context_length(engine, hardware)
     kwargs: dict[str, Any] = {
-        "max_model_len": engine.max_model_len,
+        "max_model_len": max_model_len,
         "tensor_parallel_size": engine.tensor_parallel_size,
         "trust_remote_code": engine.trust_remote_code,
         "load_format": "safetensors",  # never unpickle weights
@@ -33,9 +117,11 @@ def vllm_engine_kwargs(engine: Engine, hardware: Hardware) -> dict[str, Any]:
         # does not use offset"). Every completion carries a seed, so every split prompt killed an engine; Ray
         # restarted it and retried the batch, and the rows came out right but ~30x slower.
         kwargs.update(enable_chunked_prefill=False,
-                      max_num_batched_tokens=max(CPU_MAX_BATCHED_TOKENS, engine.max_model_len))
+                      max_num_batched_tokens=max(CPU_MAX_BATCHED_TOKENS, max_model_len or 0))
     else:
         kwargs.update(dtype="bfloat16")
+    if max_model_len is None:
+        del kwargs["max_model_len"]  # vLLM derives it from the model
     if engine.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(engine.kv_cache_gib * 2**30)
     kwargs.update(engine.engine_kwargs)
@@ -81,7 +167,7 @@ def check_model_dir(path: str) -> list[str]:
     return problems
 
 
-def local_llm(model: str, hardware: Hardware, max_model_len: int = 2048, kv_cache_gib: float | None = None,
+def local_llm(model: str, hardware: Hardware, max_model_len: int | None = None, kv_cache_gib: float | None = None,
               **engine_kwargs: Any) -> Any:
     """An in-process ``vllm.LLM`` for ``model`` on this machine's hardware (used by ``zephyr-ray chat``)."""
     from vllm import LLM

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from .config import Engine, Hardware
-from .engines import vllm_processor_config
+from .engines import context_length, vllm_processor_config
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +34,18 @@ def _park(row: dict[str, Any]) -> dict[str, Any]:
     return parked
 
 
-def finish_reason(prompt_tokens: int, generated_tokens: int, max_tokens: int, max_model_len: int,
+def finish_reason(prompt_tokens: int, generated_tokens: int, max_tokens: int, max_model_len: int | None,
                   error: str | None) -> str:
     """vLLM stops at a stop token (``stop``), or at ``max_tokens`` or the end of the context (``length``);
     Ray's output omits which, so it is told from the token counts."""
     if error:
         return "error"
-    if generated_tokens >= max_tokens or prompt_tokens + generated_tokens >= max_model_len:
+    if generated_tokens >= max_tokens or (max_model_len and prompt_tokens + generated_tokens >= max_model_len):
         return "length"
     return "stop"
 
 
-def _unpark(row: dict[str, Any], keep_logprobs: bool = False, max_model_len: int = 0,
+def _unpark(row: dict[str, Any], keep_logprobs: bool = False, max_model_len: int | None = None,
             classify: bool = False) -> dict[str, Any]:
     error = row.get("__inference_error__") or None
     out = {k: v for k, v in row.items() if k not in _DROP and not k.startswith(_PARKED)}
@@ -68,10 +68,11 @@ def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = 
     """Apply one vLLM engine pool to ``ds`` (lazy: nothing runs until the dataset is consumed or written)."""
     from ray.data.llm import build_processor
 
+    max_model_len = context_length(engine, hardware)
     processor = build_processor(
         vllm_processor_config(engine, hardware),
         preprocess=_park,
-        postprocess=functools.partial(_unpark, keep_logprobs=keep_logprobs, max_model_len=engine.max_model_len),
+        postprocess=functools.partial(_unpark, keep_logprobs=keep_logprobs, max_model_len=max_model_len),
     )
     return processor(ds)
 
