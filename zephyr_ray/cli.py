@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from .console import echo, log_path_for, quiet_console, terminal
+
 app = typer.Typer(
     name="zephyr-ray",
     help="Align chat models with AI feedback, the Zephyr way, on Ray (data synthesis, dSFT, judging, dDPO, serving).",
@@ -23,7 +25,7 @@ app = typer.Typer(
 
 def _fail(lines: list[str] | str, code: int = 2) -> None:
     for line in [lines] if isinstance(lines, str) else lines:
-        typer.echo(f"error: {line}", err=True)
+        echo(f"error: {line}", err=True)
     raise typer.Exit(code)
 
 
@@ -37,15 +39,14 @@ def _recipe_or_fail(path: Path):
         _fail(err.problems)
 
 
-def _quiet_engines(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not verbose:
-        import warnings
+def _quiet(log_path: Path, verbose: bool) -> None:
+    """Library output to ``log_path`` from here on (``--verbose``: on the terminal), our own lines on the terminal."""
+    if quiet_console(log_path, verbose):
+        logging.getLogger(__name__).info("library logs: %s", log_path)
 
-        warnings.filterwarnings("ignore")
-        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # the engine's own processes too
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+VERBOSE = Annotated[bool, typer.Option("--verbose", help="show the libraries' logs (vLLM, Ray, DeepSpeed) here "
+                                       "instead of in the log file")]
 
 
 @app.command("tiny-models")
@@ -64,7 +65,7 @@ def tiny_models(
         _fail(str(err))
     roles = {s.name: s.role for s in TINY_MODELS}
     for name, path in built.items():
-        typer.echo(f"{roles[name]:>9}  {path}")
+        echo(f"{roles[name]:>9}  {path}")
 
 
 @app.command()
@@ -81,12 +82,12 @@ def validate(
         _fail(err.problems)
     problems, notes = ([], []) if skip_paths else check_recipe_paths(loaded, str(recipe))
     for note in notes:
-        typer.echo(f"note: {note}")
+        echo(f"note: {note}")
     if problems:
         _fail(problems)
     stages = [name for name in ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo", "evaluate",
                                 "serve") if getattr(loaded, name) is not None]
-    typer.echo(f"{recipe}: ok ({loaded.name}; stages: {', '.join(stages)})")
+    echo(f"{recipe}: ok ({loaded.name}; stages: {', '.join(stages)})")
 
 
 @app.command()
@@ -97,22 +98,27 @@ def chat(
     max_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, max=5.0)] = 0.7,
     seed: Annotated[int | None, typer.Option(help="sampling seed, for repeatable replies")] = None,
-    max_model_len: Annotated[int, typer.Option(min=16)] = 512,
+    max_model_len: Annotated[int | None, typer.Option(min=16, help="default: the model's own limit, at most "
+                                                      "8192")] = None,
     kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache size (default: the engine's own rule)")] = None,
-    verbose: Annotated[bool, typer.Option(help="show engine logs")] = False,
+    verbose: VERBOSE = False,
 ) -> None:
     """Chat with a model through a real vLLM engine, behind the model's own chat template."""
-    from .config import Hardware
+    from .config import Engine, Hardware
     from .data import is_hub_id
-    from .engines import check_model_dir, detect_accelerator, local_llm
+    from .engines import check_model_dir, context_length, detect_accelerator, local_llm
 
     if not is_hub_id(model_dir) and (problems := check_model_dir(model_dir)):
         _fail(problems)
-    _quiet_engines(verbose)
+    _quiet(log_path_for(None, "chat"), verbose)
     from vllm import SamplingParams
 
-    llm = local_llm(model_dir, Hardware(accelerator=detect_accelerator()), max_model_len=max_model_len,
-                    kv_cache_gib=kv_cache_gib)
+    hardware = Hardware(accelerator=detect_accelerator())
+    try:
+        context_length(Engine(model=model_dir, max_model_len=max_model_len), hardware)
+    except ValueError as err:
+        _fail(f"--max-model-len: {err}")
+    llm = local_llm(model_dir, hardware, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     conversation = [{"role": "system", "content": system}] if system else []
 
@@ -123,9 +129,9 @@ def chat(
         return out.text + ("" if out.finish_reason == "stop" else f"  [{out.finish_reason}]")
 
     if message is not None:
-        typer.echo(reply(message))
+        echo(reply(message))
         return
-    typer.echo(f"chatting with {model_dir} (/reset clears the conversation, /exit or Ctrl-D quits)")
+    echo(f"chatting with {model_dir} (/reset clears the conversation, /exit or Ctrl-D quits)")
     for line in _input_lines():
         text = line.strip()
         if text in ("/exit", "/quit"):
@@ -134,7 +140,7 @@ def chat(
             del conversation[1 if system else 0:]
             continue
         if text:
-            typer.echo(f"assistant> {reply(text)}")
+            echo(f"assistant> {reply(text)}")
 
 
 STAGES = ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo", "evaluate")
@@ -146,6 +152,7 @@ def stage(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
     run_dir: Annotated[Path, typer.Option(help="where the run's outputs go")] = Path("runs/latest"),
     address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
+    verbose: VERBOSE = False,
 ) -> None:
     """Run one stage of a recipe; a stage whose output is complete is skipped, a partial one redone."""
     from .stages import run_stage
@@ -153,12 +160,12 @@ def stage(
     if name not in STAGES:
         _fail(f"unknown stage '{name}'; choose from {', '.join(STAGES)}")
     loaded = _recipe_or_fail(recipe)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet(log_path_for(run_dir, f"stage-{name}"), verbose)
     try:
         result = run_stage(name, loaded, run_dir, address=address)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         _fail(str(err))
-    typer.echo(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+    echo(json.dumps(dataclasses.asdict(result), indent=2, default=str))
 
 
 @app.command()
@@ -166,6 +173,7 @@ def evaluate(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML with an `evaluate` section")],
     run_dir: Annotated[Path | None, typer.Option(help="the run to evaluate (default: runs/<recipe name>)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
+    verbose: VERBOSE = False,
 ) -> None:
     """Grade the recipe's model MT-Bench style and measure its pairwise win rate (the recipe's `evaluate` stage)."""
     from .evaluate import evaluation_summary
@@ -175,14 +183,14 @@ def evaluate(
     if loaded.evaluate is None:
         _fail(f"{recipe}: no `evaluate` section")
     run_dir = run_dir or Path("runs") / loaded.name
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet(log_path_for(run_dir, "evaluate"), verbose)
     try:
         result = run_stage("evaluate", loaded, run_dir, address=address)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     results = json.loads(Path(result.outputs["results"]).read_text())
-    typer.echo(evaluation_summary(results))
-    typer.echo(f"results: {result.outputs['results']}, judgments: {result.outputs['judgments']}")
+    echo(evaluation_summary(results))
+    echo(f"results: {result.outputs['results']}, judgments: {result.outputs['judgments']}")
 
 
 @app.command("serve")
@@ -192,15 +200,17 @@ def serve_model(
     host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0: every one)")] = "127.0.0.1",
     model_id: Annotated[str | None, typer.Option(help="the name clients ask for (default: the directory's)")] = None,
     recipe: Annotated[Path | None, typer.Option(help="take the serve and hardware sections from this recipe")] = None,
-    max_model_len: Annotated[int | None, typer.Option(min=16)] = None,
+    max_model_len: Annotated[int | None, typer.Option(min=16, help="default: the model's own limit, at most "
+                                                      "8192")] = None,
     kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache size (default: the engine's own rule)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
+    verbose: VERBOSE = False,
 ) -> None:
     """Serve a model on Ray Serve: OpenAI-compatible API, chat page at /; prints the URL and a curl line to try."""
     import time
 
     from .config import Hardware, RecipeError, ServeConfig, ServedModel, load_recipe
-    from .engines import detect_accelerator
+    from .engines import context_length, detect_accelerator
     from .serving import curl_example, serve_locally
     from .stages import init_ray
 
@@ -217,16 +227,20 @@ def serve_model(
         changes["kv_cache_gib"] = kv_cache_gib
     config = config.model_copy(update={"models": [ServedModel.model_validate({**first.model_dump(), **changes})]})
     hardware = loaded.hardware if loaded else Hardware(accelerator=detect_accelerator(), num_workers=1)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # before Ray starts: Serve would retry a replica whose engine cannot start, again and again
+        context_length(config.models[0].engine(model_dir), hardware)
+    except ValueError as err:
+        _fail(f"{'--max-model-len' if max_model_len else f'{recipe}: serve.models[0].max_model_len'}: {err}")
+    _quiet(log_path_for(None, "serve"), verbose)
     init_ray(hardware, address)
     try:
         url = serve_locally(config, hardware, host=host, port=port)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     key_env = config.api_key_env if os.environ.get(config.api_key_env) else None
-    typer.echo(f"\nserving '{config.models[0].model_id}' at {url}/v1 (chat page: {url}/)"
+    echo(f"\nserving '{config.models[0].model_id}' at {url}/v1 (chat page: {url}/)"
                f"{f'; API key required ({key_env})' if key_env else '; no API key set: open to anyone who can reach it'}")
-    typer.echo(f"try:\n  {curl_example(url, config.models[0].model_id, key_env)}\nCtrl-C stops it.")
+    echo(f"try:\n  {curl_example(url, config.models[0].model_id, key_env)}\nCtrl-C stops it.")
     try:
         while True:
             time.sleep(3600)
@@ -247,19 +261,20 @@ def run_recipe_command(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
     run_dir: Annotated[Path | None, typer.Option(help="where the run's outputs go (default: runs/<recipe name>)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
+    verbose: VERBOSE = False,
 ) -> None:
     """Run every stage of a recipe in order; finished stages are skipped, so the same command resumes a run."""
     from .run import MANIFEST, run_recipe
 
     loaded = _recipe_or_fail(recipe)
     run_dir = run_dir or Path("runs") / loaded.name
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet(log_path_for(run_dir, "run"), verbose)
     try:
         manifest = run_recipe(recipe, run_dir, address=address)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         _fail(str(err))
-    typer.echo(_stage_table(manifest))
-    typer.echo(f"run manifest: {run_dir / MANIFEST}")
+    echo(_stage_table(manifest))
+    echo(f"run manifest: {run_dir / MANIFEST}")
 
 
 @app.command()
@@ -274,7 +289,7 @@ def report(
         path = write_report(run_dir, out)
     except FileNotFoundError as err:
         _fail(str(err))
-    typer.echo(f"report: {path}")
+    echo(f"report: {path}")
 
 
 def _input_lines():
@@ -283,10 +298,12 @@ def _input_lines():
         yield from sys.stdin
         return
     while True:
-        try:
-            yield input("you> ")
-        except EOFError:
+        terminal().write("you> ")  # not input(): stdout may be the log file
+        terminal().flush()
+        line = sys.stdin.readline()
+        if not line:  # Ctrl-D
             return
+        yield line
 
 
 @app.command()
@@ -297,6 +314,7 @@ def demo(
         "How do bees make honey?",
     recipe: Annotated[bool, typer.Option(help="run the tiny recipe (--no-recipe: build the models and chat with "
                                                "the teacher only, a one-minute check)")] = True,
+    verbose: VERBOSE = False,
 ) -> None:
     """Build the tiny models, run the whole tiny recipe (synthesize, dSFT, four pool models' completions, judge,
     binarize, dDPO, evaluate) on a local Ray, write its HTML report, and ask the aligned model one question."""
@@ -304,11 +322,12 @@ def demo(
     from .run import run_recipe
 
     models = workdir / "tiny-models"
+    _quiet(log_path_for(run_dir, "demo"), verbose)
     tiny_models(models)
     if not recipe:
-        typer.echo(f"\nuser> {message}")
+        echo(f"\nuser> {message}")
         chat(str(models / "teacher"), message=message, system=None, max_tokens=64, temperature=0.0,
-             seed=0, max_model_len=512, kv_cache_gib=0.5, verbose=False)
+             seed=0, max_model_len=None, kv_cache_gib=0.5, verbose=verbose)
         return
     jobs = Path(__file__).resolve().parents[1] / "jobs"
     if not (jobs / "configs" / "tiny-cpu.yaml").is_file():
@@ -318,13 +337,12 @@ def demo(
     path = run_dir / "recipe.yaml"  # the recipe with this checkout's paths
     path.write_text(text.replace("./artifacts/tiny-models", str(models.resolve())).replace(
         "./jobs/data/", f"{jobs / 'data'}/"))
-    typer.echo(f"\n== the tiny recipe, end to end, into {run_dir} (about 10 minutes on 2 cores; run again, it skips "
+    echo(f"\n== the tiny recipe, end to end, into {run_dir} (about 10 minutes on 2 cores; run again, it skips "
                "what is finished)")
-    logging.getLogger("zephyr_ray").setLevel(logging.INFO)  # the stages' counts and rates
     manifest = run_recipe(path, run_dir)
-    typer.echo("\n" + _stage_table(manifest))
+    echo("\n" + _stage_table(manifest))
     for pair in example_pairs(run_dir, limit=1):
-        typer.echo(f"\nA preference pair (judge scores {pair['score_chosen']:g} vs {pair['score_rejected']:g}):\n"
+        echo(f"\nA preference pair (judge scores {pair['score_chosen']:g} vs {pair['score_rejected']:g}):\n"
                    f"  prompt:   {pair['prompt']!r}\n  chosen:   {pair['chosen'][-1]['content'][:200]!r} "
                    f"({pair['chosen_model']})\n  rejected: {pair['rejected'][-1]['content'][:200]!r} "
                    f"({pair['rejected_model']})")
@@ -332,13 +350,13 @@ def demo(
     if results.is_file():
         from .evaluate import evaluation_summary
 
-        typer.echo(f"\nEvaluation (tiny judge; {results}):\n{evaluation_summary(json.loads(results.read_text()))}")
-    typer.echo(f"\nreport: {write_report(run_dir)}")
+        echo(f"\nEvaluation (tiny judge; {results}):\n{evaluation_summary(json.loads(results.read_text()))}")
+    echo(f"\nreport: {write_report(run_dir)}")
     aligned = run_dir / "train_dpo" / "model"
-    typer.echo(f"\nThe aligned model ({aligned}), through vLLM behind the Zephyr template:\nuser> {message}")
-    chat(str(aligned), message=message, system=None, max_tokens=64, temperature=0.0, seed=0, max_model_len=512,
-         kv_cache_gib=0.5, verbose=False)
-    typer.echo(f"\nnext: zephyr-ray serve {aligned} (OpenAI API and a chat page), zephyr-ray chat {aligned}")
+    echo(f"\nThe aligned model ({aligned}), through vLLM behind the Zephyr template:\nuser> {message}")
+    chat(str(aligned), message=message, system=None, max_tokens=64, temperature=0.0, seed=0, max_model_len=None,
+         kv_cache_gib=0.5, verbose=verbose)
+    echo(f"\nnext: zephyr-ray serve {aligned} (OpenAI API and a chat page), zephyr-ray chat {aligned}")
 
 
 def main() -> None:
