@@ -248,7 +248,7 @@ def test_a_max_model_len_above_the_models_limit_is_an_error_at_validate_and_at_s
     assert validated.stderr.splitlines() == [f"error: {path}: {expected}"]
     started = cli("stage", "complete", str(path), "--run-dir", str(tmp_path / "run"))
     assert started.returncode == 2 and "Traceback" not in started.stderr
-    assert started.stderr.splitlines() == [f"error: {expected}"] and not (tmp_path / "run").exists()
+    assert started.stderr.splitlines() == [f"error: {expected}"] and not (tmp_path / "run" / "complete").exists()
     for command in (["chat", str(teacher), "-m", "hi"], ["serve", str(teacher)]):
         refused = cli(*command, "--max-model-len", "4096")
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
