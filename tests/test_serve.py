@@ -461,22 +461,24 @@ def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests(endpoi
     threads = [threading.Thread(target=keep_asking, daemon=True) for _ in range(8)]
     for thread in threads:
         thread.start()
-    wait_for(lambda: len(outcomes) >= 8, 300, f"the app under load answered {len(outcomes)} requests")
-    victim = next(a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-                  if (a.class_name or "").startswith("ServeReplica:zephyr-open:LLMServer"))
-    os.kill(victim.pid, signal.SIGKILL)
-    killed_at = time.time()
-    # recovered: the victim is dead, another replica actor stands in its place, and Serve counts as many running
-    # replicas as before (the controller only starts a replacement once it has seen the death)
-    wait_for(lambda: victim.actor_id not in (alive := replica_actors()) and len(alive) >= before
-             and replicas() >= before, 300, "Serve did not replace the killed replica")
-    recovered_at = time.time()
-    # load on the recovered app: requests started after the recovery, however long they take
-    wait_for(lambda: sum(1 for t, _ in outcomes if t > recovered_at) >= 16, 300,
-             "the recovered app answered too few requests")
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=120)
+    try:
+        wait_for(lambda: len(outcomes) >= 8, 300, "the app under load answered fewer than 8 requests")
+        victim = next(a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                      if (a.class_name or "").startswith("ServeReplica:zephyr-open:LLMServer"))
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = time.time()
+        # recovered: the victim is dead, another replica actor stands in its place, and Serve counts as many running
+        # replicas as before (the controller only starts a replacement once it has seen the death)
+        wait_for(lambda: victim.actor_id not in (alive := replica_actors()) and len(alive) >= before
+                 and replicas() >= before, 300, "Serve did not replace the killed replica")
+        recovered_at = time.time()
+        # load on the recovered app: requests started after the recovery, however long they take
+        wait_for(lambda: sum(1 for t, _ in outcomes if t > recovered_at) >= 16, 300,
+                 "the recovered app answered too few requests")
+    finally:  # the clients stop whatever happened
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
     failed = [(t, o) for t, o in outcomes if o != "ok"]
     after = [o for t, o in outcomes if t > recovered_at]
     assert len(failed) <= 8, failed  # at most what was in flight when it died
