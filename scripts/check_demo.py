@@ -1,7 +1,10 @@
 """CI's check of what `make demo` left behind: every stage of the tiny recipe done, its outputs complete, and a
 report with all its plots, the evaluation's numbers among them.
 
-    python scripts/check_demo.py [RUN_DIR]      (default: runs/tiny-cpu)
+    python scripts/check_demo.py [RUN_DIR] [TERMINAL_TEXT]      (default: runs/tiny-cpu)
+
+TERMINAL_TEXT, when given, is what the demo printed (stdout and stderr): a successful demo shows no traceback and no
+warning there (the libraries' output goes to RUN_DIR/logs/demo.log).
 """
 
 import json
@@ -10,6 +13,14 @@ import sys
 from pathlib import Path
 
 from zephyr_ray.run import RECIPE_STAGES
+
+
+NOISE = re.compile(r"Traceback|WARNING|Warning|warnings\.warn|Error|Exception|KeyError|resource_tracker")
+
+
+def noise(terminal_text: str) -> list[str]:
+    """Lines of a successful run's terminal output that a user would read as failures."""
+    return [f"the demo printed: {line.strip()[:200]}" for line in terminal_text.splitlines() if NOISE.search(line)]
 
 
 def problems(run_dir: Path) -> list[str]:
@@ -42,6 +53,10 @@ def problems(run_dir: Path) -> list[str]:
 
 if __name__ == "__main__":
     run_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-cpu")
-    if found := problems(run_dir):
+    found = problems(run_dir)
+    if len(sys.argv) > 2:
+        found += noise(Path(sys.argv[2]).read_text(encoding="utf-8", errors="replace"))
+    if found:
         sys.exit("demo check failed:\n  " + "\n  ".join(found))
-    print(f"demo check: {run_dir}: all {len(RECIPE_STAGES)} stages done, report with all plots")
+    print(f"demo check: {run_dir}: all {len(RECIPE_STAGES)} stages done, report with all plots"
+          + (", no traceback or warning printed" if len(sys.argv) > 2 else ""))

@@ -54,7 +54,8 @@ class _ProgressLines(logging.Handler):
             done, total = int(found.group(1)), found.group(2)
             seconds = time.monotonic() - self.started.get(self.dataset, time.monotonic())
             rate = done / seconds if seconds > 0 else 0.0
-            line = f"  ... {done}/{total} rows" + (f", {rate:.1f} rows/s" if done else "")
+            line = (f"  ... {done}/{total} rows" if total != "?" else f"  ... {done} rows so far") + (
+                f", {rate:.1f} rows/s" if done else "")
             if total != "?" and rate > 0 and int(total) > done:
                 line += f", ETA {(int(total) - done) / rate:.0f}s"
             echo(line + f" ({seconds:.0f}s)")
