@@ -7,7 +7,7 @@ Inside a job, Ray sets RAY_ADDRESS, so the stage runs on the cluster the job was
 
 import sys
 
-from zephyr_ray.cli import app
+from zephyr_ray.cli import main
 
 if __name__ == "__main__":
-    app(["stage", *sys.argv[1:]])
+    main(["stage", *sys.argv[1:]])

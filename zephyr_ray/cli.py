@@ -359,9 +359,13 @@ def demo(
     echo(f"\nnext: zephyr-ray serve {aligned} (OpenAI API and a chat page), zephyr-ray chat {aligned}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The ``zephyr-ray`` command (and the ``jobs/`` entrypoints): this process' output is the command's to route."""
+    from . import console
+
+    console.owns_process = True
     try:
-        app()
+        app(argv)
     except KeyboardInterrupt:
         sys.exit(130)
 

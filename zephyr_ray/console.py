@@ -21,6 +21,9 @@ from typing import Any, TextIO
 
 PROGRESS_INTERVAL_S = 5  # seconds between progress lines
 _RAY_DATA_PROGRESS = "ray.data._internal.progress.logging_progress"
+# Only a process that is the command itself (``cli.main``) hands its file descriptors over; a command invoked
+# in-process (tests through typer's CliRunner, a notebook) keeps its host's output as it is.
+owns_process = False
 _terminal: TextIO | None = None  # the user's stdout, set by quiet_console; None: write to sys.stdout
 _terminal_err: TextIO | None = None  # and the user's stderr
 
@@ -81,7 +84,7 @@ def quiet_console(log_path: Path, verbose: bool = False) -> Path | None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     ours = logging.getLogger("zephyr_ray")
     ours.setLevel(logging.INFO)
-    if verbose:
+    if verbose or not owns_process:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return None
     if _terminal is not None:  # already on (the demo's chat): one log for the whole command
