@@ -41,6 +41,7 @@ from .data import (
     write_parquet_atomic,
 )
 from .stage import StageResult, Timer, log_rate, stage_section
+from .untrusted import json_field, rating
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ assistant A's answer is better, "[[B]]" if assistant B's answer is better, "[[C]
 [Assistant B's answer]
 {answer_b}"""
 
-RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
-RATING_BACKUP = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*\]")  # FastChat accepts a single bracket too
+RATING = re.compile(r"\[\[\s*([0-9]+(?:\.[0-9]+)?)\s*\]\]")
+RATING_BACKUP = re.compile(r"\[\s*([0-9]+(?:\.[0-9]+)?)\s*\]")  # FastChat accepts a single bracket too
 VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 VERDICT_WINNER = {"A": "first", "B": "second", "C": "tie"}
 # Tokens the constrained judge keeps for its rating line ("\n\nRating: [[10]]" and the stop) after the explanation.
@@ -294,30 +295,25 @@ def grade_prompt(question: dict[str, Any], answers: list[str], turn: int, use_re
                                           conversation="\n\n".join(lines))
 
 
-def json_field(text: str, key: str) -> Any:
-    """``key`` of the JSON object that ``text`` is (a JSON-schema endpoint's answer), else None: any other text,
-    however hostile (nested too deep, a 5000-digit number), is simply not one."""
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return data.get(key) if isinstance(data, dict) else None
+def _ratings(pattern: re.Pattern, text: str) -> set[float]:
+    return {value for found in pattern.findall(text) if (value := rating(found)) is not None}
 
 
 def parse_rating(text: str) -> tuple[float | None, str | None]:
-    """The judge's ``[[n]]`` rating (1-10): (rating, None) or (None, why not)."""
-    found = {float(v) for v in RATING.findall(text)} or {float(v) for v in RATING_BACKUP.findall(text)}
+    """The judge's ``[[n]]`` rating (1-10): (rating, None) or (None, why not). Any text gives one or the other
+    (``untrusted``: a number of more digits than any rating, or JSON nested too deep, is no rating)."""
+    found = _ratings(RATING, text) or _ratings(RATING_BACKUP, text)
     if not found:
-        value = json_field(text, "rating")
-        found = {float(value)} if isinstance(value, (int, float)) and not isinstance(value, bool) else set()
+        value = rating(json_field(text, "rating"))
+        found = set() if value is None else {value}
     if not found:
         return None, "no [[rating]] in the judge's answer"
     if len(found) > 1:
         return None, f"several different ratings in the judge's answer: {sorted(found)}"
-    rating = found.pop()
-    if not 1 <= rating <= 10:
-        return None, f"rating {rating:g} is outside 1-10"
-    return rating, None
+    value = found.pop()
+    if not 1 <= value <= 10:
+        return None, f"rating {value:g} is outside 1-10"
+    return value, None
 
 
 def parse_verdict(text: str) -> tuple[str | None, str | None]:

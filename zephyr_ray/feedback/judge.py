@@ -10,6 +10,8 @@
   as the endpoint takes it (``response_format`` JSON schema, or vLLM's regex); see ``endpoint.py``.
 
 A judgment that cannot be parsed or scored keeps its row, with ``judge_error`` saying why; it is counted, never fatal.
+Answers are read with ``untrusted`` (as ``evaluate`` reads its judge's), so no text a judge returns can raise here;
+text that is not valid UTF-8 is repaired and counted by the writer (``data.conform``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..data import JudgmentRow, read_contract, text_problem, write_parquet_atomi
 from ..endpoint import chat_via_endpoint, sampling_fields
 from ..generate import classify, generate
 from ..stage import StageResult, Timer, already_done, log_rate, stage_section
+from ..untrusted import NOT_JSON, json_kind, rating, read_json
 from .complete import model_dir
 
 logger = logging.getLogger(__name__)
@@ -92,21 +95,24 @@ def judge_messages(row: dict[str, Any], template: str) -> list[dict[str, str]]:
 
 
 def parse_rubric(text: str) -> tuple[dict[str, Any], str | None]:
-    """Scores from the judge's JSON; a truncated answer still yields the ratings written before the cut."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = {k: int(v) for k, v in re.findall(r'"(\w+)"\s*:\s*(\d+)', text)}
+    """Scores from the judge's JSON; a truncated answer still yields the ratings written before the cut. Any text
+    gives scores or a reason (``untrusted``: JSON nested too deep or a 5000-digit rating is no rating); a rating
+    may be written 7, 7.0 or "7"."""
+    if not isinstance(text, str) or not text.strip():
+        return {}, "the judge's answer is empty"
+    data = read_json(text)
+    if data is NOT_JSON:
+        data = {k: v for k, v in re.findall(r'"(\w+)"\s*:\s*([0-9]+)', text)}
         found = re.search(r'"rationale"\s*:\s*"((?:[^"\\]|\\.)*)', text)
         data["rationale"] = found.group(1) if found else None
     if not isinstance(data, dict):
-        return {}, f"judge answered {type(data).__name__}, not a JSON object"
+        return {}, f"judge answered {json_kind(data)}, not a JSON object"
     scores: dict[str, Any] = {}
     for key, top in [(a, 5) for a in ASPECTS] + [("overall", 10)]:
-        value = data.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+        value = rating(data.get(key), whole=True)
+        if value is None or not 1 <= value <= top:
             return {}, f"no valid `{key}` rating (1-{top}) in the judge's answer"
-        scores[key] = float(value)
+        scores[key] = value
     rationale = data.get("rationale")
     scores["rationale"] = rationale if isinstance(rationale, str) else None
     return scores, None
