@@ -173,3 +173,48 @@ def test_duplicate_prompts_are_rejected_after_the_first(ray_local, tmp_path):
     assert rejects[3]["reason"] == f"duplicate prompt_id (first at {path} row 1)" and rejects[3]["field"] == "prompt_id"
     assert rejects[7]["reason"] == f"duplicate prompt_id (first at {path} row 6)"
     assert rejects[4]["reason"] == rejects[5]["reason"] == "prompt is empty"
+
+
+def test_text_that_is_not_utf8_is_repaired_counted_and_written(ray_local, tmp_path):
+    """Lone surrogates (which a Python string holds and UTF-8 cannot) in a plain string column and in nested
+    ``messages`` content: every writer repairs them to U+FFFD before Parquet, counts the rows in the output's marker
+    and the stage's counts, and leaves valid text (NUL included) as it was; never a crashed write."""
+    import ray.data
+
+    from zephyr_ray.stage import text_repaired
+
+    rows = [{"prompt": f"prompt {i}", "prompt_id": f"id{i}", "messages": conversation(("user", f"q{i}"),
+                                                                                          ("assistant", f"a{i}"))}
+            for i in range(6)]
+    rows[1]["prompt"] = "lone \ud800 surrogate"
+    rows[2]["messages"][1]["content"] = "nested \udfff and a pair \ud83d\ude00"
+    rows[3]["prompt"] = "NUL \x00 is valid UTF-8"
+    rows[4]["prompt"] = rows[4]["messages"][0]["content"] = "\udc80 both"
+    schema = data.DialogueRow.arrow_schema()
+    outputs = {
+        "dataset, contract schema": lambda out: data.write_parquet_atomic(
+            ray.data.from_items(rows).map(lambda row: row), out, schema=schema),
+        "dataset, no schema": lambda out: data.write_parquet_atomic(ray.data.from_items(rows), out),
+        "rows on the driver": lambda out: data.write_rows_atomic(rows, out, schema=schema),
+    }
+    for name, write in outputs.items():
+        out = tmp_path / "stage" / name.replace(" ", "-").replace(",", "")
+        assert write(out) == len(rows), name
+        written = {r["prompt_id"]: r for r in pq.read_table(out).to_pylist()}
+        assert written["id1"]["prompt"] == "lone \ufffd surrogate"
+        assert written["id2"]["messages"][1]["content"] == "nested \ufffd and a pair \U0001F600"
+        assert written["id3"]["prompt"] == "NUL \x00 is valid UTF-8"
+        assert written["id4"]["prompt"] == written["id4"]["messages"][0]["content"] == "\ufffd both"
+        for i in (0, 5):
+            assert written[f"id{i}"] == rows[i]
+        repairs = data.text_repairs(out)
+        assert repairs == {"rows": 3, "characters": 6, "columns": ["messages", "prompt"]}, (name, repairs)
+        assert not list(out.parent.glob(".*tmp-*")), "the repair notes are cleared with the temporary directory"
+    # the repaired rows pass the contract when read back (the NUL, valid UTF-8, is the contract's to refuse)
+    report = data.load(str(out), data.DialogueRow).report
+    assert (report.accepted, dict(report.reasons)) == (len(rows) - 1, {"prompt contains a NUL character": 1})
+    assert text_repaired(tmp_path / "stage", tmp_path) == {f"stage/{d.name}": 3 for d in (tmp_path / "stage").iterdir()}
+    assert data.text_repairs(tmp_path / "nowhere") is None
+    clean = tmp_path / "clean"
+    data.write_parquet_atomic(ray.data.from_items(rows[:1] + rows[5:]), clean, schema=schema)
+    assert json.loads((clean / data.SUCCESS_MARKER).read_text()) == {"rows": 2} and data.text_repairs(clean) is None

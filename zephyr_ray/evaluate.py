@@ -38,7 +38,7 @@ from .data import (
     ReferenceAnswerRow,
     is_complete,
     validated_once,
-    write_parquet_atomic,
+    write_rows_atomic,
 )
 from .stage import StageResult, Timer, log_rate, stage_section
 from .untrusted import json_field, rating
@@ -252,8 +252,7 @@ def answer_with_engine(models: list[EvalModel], engine: Engine, items: list[dict
                 "finish_reasons": s["finish"], "generated_tokens": s["tokens"],
                 "temperature": s["item"]["temperature"]}
                for (name, _, _), s in state.items() if name == model.name]
-        write_parquet_atomic(ray.data.from_arrow(pa.Table.from_pylist(out, schema=ANSWER_SCHEMA)),
-                             answers_dir(run_dir, model.name), schema=ANSWER_SCHEMA)
+        write_rows_atomic(out, answers_dir(run_dir, model.name), schema=ANSWER_SCHEMA)
 
 
 def answer_all(models: list[EvalModel], items: list[dict[str, Any]], recipe: Recipe,
@@ -675,8 +674,6 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
 def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
     """Answers, judgments and results into ``evaluate/``; a re-run skips what is complete (answers per model,
     judgments), so an interrupted evaluation does not redo its engine passes."""
-    import ray.data
-
     cfg = stage_section(recipe, "evaluate")
     stage_dir = run_dir / "evaluate"
     judgments_dir, results_path = stage_dir / "judgments", stage_dir / "results.json"
@@ -699,8 +696,7 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
         by_key = {r["key"]: r for r in requests}
         judged = [to_judgment(by_key[a["key"]], a) for a in judge_all(requests, cfg.judge, recipe)]
         log_rate("evaluate[judge]", len(judged), judge_timer.seconds)
-        table = pa.Table.from_pylist(judged + settled, schema=JUDGMENT_SCHEMA)
-        write_parquet_atomic(ray.data.from_arrow(table), judgments_dir, schema=JUDGMENT_SCHEMA)
+        write_rows_atomic(judged + settled, judgments_dir, schema=JUDGMENT_SCHEMA)
     judgments = read_rows(judgments_dir)
     results = {"judge": judge_label(cfg.judge), "mt_bench": grading_results(judgments),
                "pairwise": (pairwise_results(judgments, cfg.pairwise.bootstrap_samples, cfg.pairwise.confidence)

@@ -29,12 +29,25 @@ class StageResult:
         """Record the result beside the stage's outputs and publish its numbers as Ray metrics."""
         from .metrics import record_stage
 
+        if repaired := text_repaired(run_dir / self.stage, run_dir):
+            self.counts["text_repaired"] = repaired
         record_stage(self.stage, self.counts, self.seconds, self.tokens_per_second)
         path = run_dir / self.stage / "result.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2, default=str) + "\n")
         tmp.rename(path)
+
+
+def text_repaired(stage_dir: Path, run_dir: Path) -> dict[str, int]:
+    """Rows per output of a stage whose text had to be repaired before it was written (``data.text_repairs``)."""
+    from .data import SUCCESS_MARKER, text_repairs
+
+    found = {}
+    for marker in sorted(stage_dir.rglob(SUCCESS_MARKER)) if stage_dir.is_dir() else []:
+        if repaired := text_repairs(marker.parent):
+            found[str(marker.parent.relative_to(run_dir))] = repaired["rows"]
+    return found
 
 
 def already_done(stage: str, run_dir: Path, outputs: dict[str, Path]) -> StageResult | None:
