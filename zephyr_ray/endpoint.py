@@ -3,7 +3,10 @@
 Why not ``ray.data.llm.HttpRequestProcessorConfig``: its stage raises when a request has used up its retries and
 cannot read a non-JSON error body, so one bad row ends the whole job. Here each Ray worker holds an ``openai``
 client (retries with exponential backoff on 429, 5xx and timeouts, honouring ``Retry-After``), paces its requests
-to its share of ``qps``, and a request that still fails becomes that row's ``generation_error``.
+to its share of ``qps``, and a request that still fails becomes that row's ``generation_error``, as does an answer
+of any shape (content null or not text, a body that is not JSON or is nested too deep); error text is cut to
+``ERROR_TEXT_CHARS``. The answers go back to Ray Data as Python values, so text Arrow cannot hold (a lone surrogate)
+reaches the stage's writer, which repairs and counts it (``data.conform``).
 
 The API key is read from the environment on the driver when the dataset is built (a missing key fails at once,
 naming the variable), travels to the workers as a ``SecretStr`` (its repr is ``**********``), and is scrubbed
@@ -22,6 +25,9 @@ from typing import Any
 from pydantic import SecretStr
 
 from .config import Endpoint
+
+
+ERROR_TEXT_CHARS = 500  # of an endpoint's error (which quotes its body) kept in a row's error
 
 
 class EndpointKeyError(ValueError):
@@ -76,6 +82,11 @@ class EndpointChat:
     def _scrub(self, text: str) -> str:
         return text.replace(self.key.get_secret_value(), "**********") if self.key else text
 
+    def _error(self, text: str) -> str:
+        """An error for the row: the key scrubbed, then cut to ``ERROR_TEXT_CHARS`` (an error body can be huge)."""
+        text = self._scrub(text)
+        return text if len(text) <= ERROR_TEXT_CHARS else text[:ERROR_TEXT_CHARS] + f"... [{len(text)} characters]"
+
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         import openai
 
@@ -85,28 +96,47 @@ class EndpointChat:
         try:
             response = self.client.chat.completions.create(model=self.endpoint.model, messages=row["messages"],
                                                            **json.loads(row["request"]))
+            out.update(_read_answer(response))
         except openai.APIStatusError as error:
-            out["generation_error"] = self._scrub(f"HTTP {error.status_code} from {self.endpoint.base_url}: "
+            out["generation_error"] = self._error(f"HTTP {error.status_code} from {self.endpoint.base_url}: "
                                                   f"{error.message}")
         except openai.APIError as error:  # connection failures and timeouts, after the retries
-            out["generation_error"] = self._scrub(f"{type(error).__name__} from {self.endpoint.base_url}: "
+            out["generation_error"] = self._error(f"{type(error).__name__} from {self.endpoint.base_url}: "
                                                   f"{error.message}")
-        else:
-            choice = response.choices[0] if response.choices else None
-            if choice is None or choice.message.content is None:
-                out["generation_error"] = "the endpoint returned no message content"
-            else:
-                out.update(generated_text=choice.message.content, finish_reason=choice.finish_reason)
-            if response.usage:
-                out.update(num_input_tokens=response.usage.prompt_tokens,
-                           num_generated_tokens=response.usage.completion_tokens)
+        except Exception as error:  # an answer of any other shape (a body nested too deep, ...): this row's error
+            out["generation_error"] = self._error(f"unreadable answer from {self.endpoint.base_url}: "
+                                                  f"{type(error).__name__}: {error}")
         return {**row, **out}
 
     def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
+        rows = list(self.pool.map(self._one, batch.to_pylist()))
+        # Python columns, not an Arrow table: an answer with text Arrow cannot hold (a lone surrogate) stays a
+        # Python value until the stage's writer repairs and counts it (``data.conform``)
+        return {name: [row[name] for row in rows] for name in rows[0]} if rows else batch
 
-        rows = batch.to_pylist()
-        return pa.Table.from_pylist(list(self.pool.map(self._one, rows)))
+
+def _token_count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else None
+
+
+def _read_answer(response: Any) -> dict[str, Any]:
+    """The answer's text, finish reason and token counts, whatever shape the endpoint gave its JSON (the ``openai``
+    client builds its objects without validating them): content that is missing, null or not text is the row's
+    ``generation_error``; odd counts are None."""
+    choices = getattr(response, "choices", None)
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    content = getattr(getattr(choice, "message", None), "content", None)
+    usage = getattr(response, "usage", None)
+    out = {"num_input_tokens": _token_count(getattr(usage, "prompt_tokens", None)),
+           "num_generated_tokens": _token_count(getattr(usage, "completion_tokens", None))}
+    if content is None:
+        out["generation_error"] = "the endpoint returned no message content"
+    elif not isinstance(content, str):
+        out["generation_error"] = f"the endpoint's message content is {type(content).__name__}, not text"
+    else:
+        finish_reason = getattr(choice, "finish_reason", None)
+        out.update(generated_text=content, finish_reason=finish_reason if isinstance(finish_reason, str) else None)
+    return out
 
 
 def sampling_fields(sampling: dict[str, Any]) -> dict[str, Any]:
