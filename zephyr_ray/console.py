@@ -11,6 +11,7 @@ a progress line every few seconds taken from Ray Data's own progress reports (ro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ _RAY_DATA_PROGRESS = "ray.data._internal.progress.logging_progress"
 # Only a process that is the command itself (``cli.main``) hands its file descriptors over; a command invoked
 # in-process (tests through typer's CliRunner, a notebook) keeps its host's output as it is.
 owns_process = False
+_expected_rows: int | None = None  # the total of the pass running now, when Ray Data's own is unknown
 _terminal: TextIO | None = None  # the user's stdout, set by quiet_console; None: write to sys.stdout
 _terminal_err: TextIO | None = None  # and the user's stderr
 
@@ -38,6 +40,18 @@ def echo(text: str = "", err: bool = False) -> None:
 def terminal() -> TextIO:
     """The user's terminal (the real stdout while ``quiet_console`` is on)."""
     return _terminal or sys.stdout
+
+
+@contextlib.contextmanager
+def expecting_rows(total: int | None) -> Any:
+    """While the block runs, progress lines count towards ``total`` rows (a stage knows its input's size from the
+    markers of what it reads; Ray Data does not, once rows are filtered or mapped)."""
+    global _expected_rows
+    before, _expected_rows = _expected_rows, total
+    try:
+        yield
+    finally:
+        _expected_rows = before
 
 
 class _ProgressLines(logging.Handler):
@@ -55,6 +69,8 @@ class _ProgressLines(logging.Handler):
             self.started.setdefault(self.dataset, time.monotonic())
         elif found := re.match(r"Total Progress: (\d+)/(\d+|\?)", message):
             done, total = int(found.group(1)), found.group(2)
+            if total == "?" and _expected_rows is not None:
+                total = str(_expected_rows)
             seconds = time.monotonic() - self.started.get(self.dataset, time.monotonic())
             rate = done / seconds if seconds > 0 else 0.0
             line = (f"  ... {done}/{total} rows" if total != "?" else f"  ... {done} rows so far") + (

@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from .console import expecting_rows
+
 logger = logging.getLogger(__name__)
 
 SUCCESS_MARKER = "_SUCCESS"
@@ -755,12 +757,19 @@ def text_repairs(out_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(marker.read_text()).get("text_repaired") if marker.is_file() else None
 
 
-def write_parquet_atomic(ds: Any, out_dir: str | Path, schema: pa.Schema | None = None) -> int:
+def written_rows(*out_dirs: str | Path) -> int:
+    """Rows of finished ``write_parquet_atomic`` outputs, from their ``_SUCCESS`` markers (no data read)."""
+    return sum(json.loads((Path(d) / SUCCESS_MARKER).read_text())["rows"] for d in out_dirs)
+
+
+def write_parquet_atomic(ds: Any, out_dir: str | Path, schema: pa.Schema | None = None,
+                         expected_rows: int | None = None) -> int:
     """Write a Ray dataset as a Parquet directory: into a temporary sibling, then renamed into place.
 
     A crash leaves at most a ``.tmp-*`` directory that the next run clears, never a half-written output. The
     ``_SUCCESS`` marker holds the row count. An empty dataset still yields one Parquet file with ``schema``,
-    so the next stage reads zero rows rather than failing to find files. Text is valid UTF-8 before it is written
+    so the next stage reads zero rows rather than failing to find files. ``expected_rows`` (when the caller knows
+    it) is the total of the progress line while the write runs. Text is valid UTF-8 before it is written
     (``conform``): rows whose text had to be repaired are counted in the marker (``text_repaired``: rows,
     characters, columns; see ``text_repairs``) and logged, never a crashed write.
     """
@@ -776,7 +785,8 @@ def write_parquet_atomic(ds: Any, out_dir: str | Path, schema: pa.Schema | None 
     # every shard gets the contract's schema (also a shard whose column is all null) and valid text
     ds = ds.map_batches(conform, fn_kwargs={"schema": schema, "repairs_dir": str(repairs_dir)},
                         batch_format="pyarrow")
-    ds.write_parquet(str(tmp))
+    with expecting_rows(expected_rows):  # the progress line's total where Ray Data cannot know it
+        ds.write_parquet(str(tmp))
     files = sorted(tmp.glob("*.parquet"))
     if not files:
         tmp.mkdir(parents=True, exist_ok=True)

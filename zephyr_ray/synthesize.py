@@ -29,6 +29,7 @@ from .data import (
     text_problem,
     validated_once,
     write_parquet_atomic,
+    written_rows,
 )
 from .decontaminate import training_screen
 from .feedback.complete import stable_seed
@@ -145,14 +146,15 @@ def run_synthesize(recipe: Recipe, run_dir: Path) -> StageResult:
         if not last:
             passes.append((f"turn{turn + 1}-user", cfg.user_simulator or cfg.teacher, _after_user,
                            {"cfg": cfg, "turn": turn + 1}))
-    ds = read_contract(stage_dir / "seeds").map(_start, fn_kwargs={"cfg": cfg})
+    ds, previous = read_contract(stage_dir / "seeds").map(_start, fn_kwargs={"cfg": cfg}), stage_dir / "seeds"
     for name, engine, after, kwargs in passes:
         pass_dir = stage_dir / "passes" / name
         if not is_complete(pass_dir):
             pass_timer = Timer()
-            rows = write_parquet_atomic(generate(ds, engine, recipe.hardware).map(after, fn_kwargs=kwargs), pass_dir)
+            rows = write_parquet_atomic(generate(ds, engine, recipe.hardware).map(after, fn_kwargs=kwargs), pass_dir,
+                                        expected_rows=written_rows(previous))
             log_rate(f"synthesize[{name}]", rows, pass_timer.seconds)
-        ds = read_contract(pass_dir)
+        ds, previous = read_contract(pass_dir), pass_dir
     finished = ds.map(_finish, fn_kwargs={"cfg": cfg})
     checked = finished.groupby("dialogue_key").map_groups(_first_of_duplicates, batch_format="pyarrow").materialize()
     accepted, rejected = split_by_reason(checked, DialogueRow.arrow_schema().names, SYNTH_REJECT_SCHEMA.names)

@@ -22,10 +22,11 @@ from ..data import (
     read_contract,
     validated_once,
     write_parquet_atomic,
+    written_rows,
 )
 from ..decontaminate import training_screen
 from ..generate import generate
-from ..stage import StageResult, Timer, log_rate, stage_section
+from ..stage import StageResult, Timer, already_done, log_rate, stage_section
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,12 @@ def run_complete(recipe: Recipe, run_dir: Path) -> StageResult:
     cfg = stage_section(recipe, "complete")
     if cfg.prompts is None:
         raise ValueError("complete: no `prompts` dataset in the recipe")
+    prompts_dir = run_dir / "complete" / "prompts"
+    outputs = {model.name: model_dir(run_dir, model.name) for model in cfg.models}
+    if done := already_done("complete", run_dir, {"prompts": prompts_dir, **outputs}):
+        return done  # every pool model's completions are there: the stage is skipped, as the others are
     timer = Timer()
     result = StageResult("complete")
-    prompts_dir = run_dir / "complete" / "prompts"
     result.counts["prompts"] = validated_once(cfg.prompts, PromptRow, prompts_dir, run_dir / "complete" / "rejects",
                                               screen=training_screen(recipe, run_dir))
     accepted = read_contract(prompts_dir)
@@ -91,14 +95,15 @@ def run_complete(recipe: Recipe, run_dir: Path) -> StageResult:
         out = model_dir(run_dir, model.name)
         if is_complete(out):
             logger.info("complete: %s already done, skipping", model.name)
-            result.counts[model.name] = json.loads((out / "_SUCCESS").read_text())["rows"]
+            result.counts[model.name] = written_rows(out)
             continue
         model_timer = Timer()
         requests = accepted.map(completion_requests,
                                 fn_kwargs={"model": model, "use_principles": cfg.principles, "seed": cfg.seed})
         rows = generate(requests, model.engine, recipe.hardware).map(to_completion,
                                                                       fn_kwargs={"model_name": model.name})
-        written = write_parquet_atomic(rows, out, schema=CompletionRow.arrow_schema())
+        written = write_parquet_atomic(rows, out, schema=CompletionRow.arrow_schema(),
+                                       expected_rows=written_rows(prompts_dir))
         tokens = column_sum(out, "num_generated_tokens")
         log_rate(f"complete[{model.name}]", written, model_timer.seconds, tokens)
         result.tokens_per_second[model.name] = tokens / max(model_timer.seconds, 1e-9)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe
-from ..data import JudgmentRow, read_contract, text_problem, write_parquet_atomic
+from ..data import JudgmentRow, read_contract, text_problem, write_parquet_atomic, written_rows
 from ..endpoint import chat_via_endpoint, sampling_fields
 from ..generate import classify, generate
 from ..stage import StageResult, Timer, already_done, log_rate, stage_section
@@ -247,7 +247,8 @@ def run_judge(recipe: Recipe, run_dir: Path) -> StageResult:
     unjudgeable = completions.filter(lambda r: completion_problem(r) is not None).map(
         lambda r: unscored(r, judge, f"not judged: {completion_problem(r)}"))
     judged = score(judgeable, cfg, recipe).map(to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge})
-    written = write_parquet_atomic(judged.union(unjudgeable), out, schema=JudgmentRow.arrow_schema())
+    written = write_parquet_atomic(judged.union(unjudgeable), out, schema=JudgmentRow.arrow_schema(),
+                                   expected_rows=written_rows(*[model_dir(run_dir, m.name) for m in models]))
     log_rate("judge", written, timer.seconds)
     result = StageResult("judge", counts={"judgments": written, **score_summary(read_contract(out))},
                          seconds=timer.seconds, outputs={"judgments": str(out)})
