@@ -98,6 +98,37 @@ def tiny_models() -> dict[str, Path]:
     return build_tiny_models(TINY_DIR)
 
 
+DEMO_RUN = REPO / "runs" / "tiny-cpu"  # where `make demo` leaves the whole tiny recipe's run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_models) -> Path:
+    """The finished run of the whole tiny recipe (jobs/configs/tiny-cpu.yaml, with its own recipe.yaml) that
+    `make demo` leaves in runs/tiny-cpu: CI runs the demo before the tests, so the tests that only read a finished
+    run assert on that one run instead of making their own. Without it (a developer who has not run the demo), it is
+    made here once, as the demo makes it (about 10 minutes). Tests copy it (``copy_of_tiny_run``) before changing
+    anything in it."""
+    from zephyr_ray.data import is_complete
+
+    if not (is_complete(DEMO_RUN / "train_dpo" / "model") and (DEMO_RUN / "evaluate" / "results.json").is_file()):
+        assert not os.environ.get("CI"), "runs/tiny-cpu holds no finished demo run: .ci/run runs `make demo` first"
+        subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "demo", "--run-dir", str(DEMO_RUN)], cwd=REPO,
+                       check=True, capture_output=True, timeout=3600)
+    return DEMO_RUN
+
+
+def copy_of_tiny_run(tiny_run: Path, into: Path, stages: tuple[str, ...] | None = None) -> Path:
+    """A copy of the finished tiny run (only ``stages``' directories, when given), its recipe and manifest."""
+    import shutil
+
+    copy = into / "tiny-cpu"
+    keep = None if stages is None else {*stages, "recipe.yaml", "manifest.json"}
+    shutil.copytree(tiny_run, copy, ignore=lambda folder, names: [
+        n for n in names if n in ("logs", "report.html") or (keep is not None and Path(folder) == tiny_run
+                                                             and n not in keep)])
+    return copy
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -2,7 +2,7 @@
 printed (no flags added) in a shell holding only what a user has (PATH, HOME, LANG) plus what the README tells them
 to set; a successful command shows no traceback and no warning, and the libraries' logs land in a log file.
 
-These tests read the run `make demo` left in runs/tiny-cpu (CI runs the demo first) and work on a copy of it, so
+These tests read the run `make demo` left in runs/tiny-cpu (the ``tiny_run`` fixture) and work on a copy of it, so
 nothing here trains or synthesizes again.
 """
 
@@ -18,28 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
-
-from zephyr_ray.data import is_complete
+from conftest import DEMO_RUN, REPO, copy_of_tiny_run, free_port
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
-DEMO_RUN = REPO / "runs" / "tiny-cpu"
 VENV_BIN = Path(sys.executable).parent
 # What a user reads as "something went wrong": none of it may show on a successful run's terminal.
 NOISE = re.compile(r"Traceback|WARNING|Warning|warnings\.warn|Error|Exception|KeyError|resource_tracker")
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
+def demo_run(tiny_run, tmp_path_factory) -> Path:
     """A copy of the finished demo run (`make demo`), with the demo's own recipe file."""
-    if not (is_complete(DEMO_RUN / "train_dpo" / "model") and (DEMO_RUN / "recipe.yaml").is_file()):
-        if os.environ.get("CI"):
-            pytest.fail("runs/tiny-cpu holds no finished demo run: .ci/run runs `make demo` before the tests")
-        pytest.skip("needs the run `make demo` leaves in runs/tiny-cpu")
-    copy = tmp_path_factory.mktemp("first-hour") / "tiny-cpu"
-    shutil.copytree(DEMO_RUN, copy, ignore=shutil.ignore_patterns("logs", "report.html"))
-    (copy / "recipe.yaml").write_text((DEMO_RUN / "recipe.yaml").read_text())
-    return copy
+    return copy_of_tiny_run(tiny_run, tmp_path_factory.mktemp("first-hour"))
 
 
 @pytest.fixture(scope="module")

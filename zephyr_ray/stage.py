@@ -51,16 +51,23 @@ def text_repaired(stage_dir: Path, run_dir: Path) -> dict[str, int]:
 
 
 def already_done(stage: str, run_dir: Path, outputs: dict[str, Path]) -> StageResult | None:
-    """The skipped result of a stage whose outputs are all complete (with the counts its finished run recorded),
-    or None when there is work to do."""
+    """The skipped result of a stage whose outputs are all complete (with the counts and rates its finished run
+    recorded, also published as Ray metrics again), or None when there is work to do."""
     from .data import is_complete
 
     if not all(is_complete(path) for path in outputs.values()):
         return None
+    from .metrics import record_stage
+
     logger.info("%s: already done, skipping", stage)
-    recorded = run_dir / stage / "result.json"
-    counts = json.loads(recorded.read_text()).get("counts", {}) if recorded.is_file() else {}
-    return StageResult(stage, skipped=True, counts=counts, outputs={k: str(v) for k, v in outputs.items()})
+    recorded_path = run_dir / stage / "result.json"
+    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+    result = StageResult(stage, skipped=True, counts=recorded.get("counts", {}),
+                         outputs={k: str(v) for k, v in outputs.items()},
+                         tokens_per_second=recorded.get("tokens_per_second", {}))
+    # the dashboard shows the numbers of the run that made these outputs, as it would have then
+    record_stage(stage, result.counts, recorded.get("seconds", 0.0), result.tokens_per_second)
+    return result
 
 
 def stage_section(recipe: Recipe, stage: str) -> Any:
