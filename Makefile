@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -15,6 +15,10 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop while editing: every test that starts no vLLM engine and no Ray cluster of its own (CI runs all).
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m "not engine" -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf artifacts .pytest_cache
