@@ -164,3 +164,18 @@ def test_the_readmes_ray_job_lines_work_after_ray_start_head(demo_run, user_env,
         head.wait(timeout=120)
         head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_verbose_shows_the_libraries_logs_on_the_terminal_instead(demo_run, user_env):
+    """`--verbose`: what went to the log file is on the terminal (Ray Data's own lines), and no log file is made."""
+    shutil.rmtree(demo_run / "binarize")
+    log = demo_run / "logs" / "stage-binarize.log"
+    done = subprocess.run(["bash", "-c", f"zephyr-ray stage binarize {demo_run / 'recipe.yaml'} --run-dir {demo_run} "
+                                         "--verbose"], env=user_env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+    shown = done.stdout + done.stderr
+    assert done.returncode == 0, shown[-4000:]
+    assert "Execution plan of Dataset" in shown and "zephyr_ray.stage: binarize:" in shown, shown[-4000:]
+    assert not log.exists()
+    result = done.stdout[done.stdout.rindex("\n{\n") + 1:] if "\n{\n" in done.stdout else done.stdout
+    assert json.loads(result)["stage"] == "binarize"
