@@ -16,7 +16,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# The inner loop while editing: every test that starts no vLLM engine and no Ray cluster of its own (CI runs all).
+# The inner loop while editing: every test that starts no vLLM engine and no Ray cluster (CI runs all).
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not engine" -q $(PYTEST_ARGS)
 

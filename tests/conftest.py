@@ -59,6 +59,14 @@ def pytest_configure(config: pytest.Config) -> None:
     RELIABILITY_LOG.write_text(json.dumps(RELIABILITY_RUN) + "\n", encoding="utf-8")  # a fresh log for this run
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that needs the session's Ray cluster is an `engine` test (the marker's meaning), so `make test-fast`
+    (-m "not engine") starts no cluster."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engine)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """Each reliability test's outcome, phase by phase, so a case that failed shows it (and a case whose test did
