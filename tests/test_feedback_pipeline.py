@@ -169,7 +169,7 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
 
     _, run_dir, _ = pipeline
     # one completion per batch, so the pass is many small tasks and lasts long enough to be interrupted mid-way
-    judge = yaml.safe_load((run_dir.parent / "recipe.yaml").read_text())["judge"]
+    judge = yaml.safe_load((run_dir / "recipe.yaml").read_text())["judge"]
     recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"engine": {**judge["engine"], "batch_size": 1}}))
     killed, done = [], threading.Event()
 
