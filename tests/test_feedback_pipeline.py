@@ -176,8 +176,8 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
     def kill_the_engine_once_it_works() -> None:
         deadline = time.time() + 600
         while time.time() < deadline and not done.is_set():
-            engines = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-                       if "vLLMEngineStageUDF" in (a.class_name or "")]
+            alive = list_actors(address=ray_local.address, filters=[("state", "=", "ALIVE")], limit=10_000)
+            engines = [a for a in alive if "vLLMEngineStageUDF" in (a.class_name or "")]
             if engines:  # ALIVE once its constructor (the engine's start) returned: now it takes batches
                 time.sleep(2.0)  # not relied on: the checks below hold wherever in the pass the kill lands
                 try:
@@ -196,7 +196,7 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
         done.set()
         killer.join(timeout=60)
     assert killed, "no engine actor was killed while the pass ran"
-    (actor,) = list_actors(filters=[("actor_id", "=", killed[0])], detail=True)
+    (actor,) = list_actors(address=ray_local.address, filters=[("actor_id", "=", killed[0])], detail=True)
     assert actor.num_restarts >= 1, "Ray never restarted the killed engine actor"
 
     def key(row: dict) -> tuple:

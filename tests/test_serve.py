@@ -56,7 +56,8 @@ def endpoint(tiny_models, ray_local, tmp_path_factory):
     serve.run(build_app(open_config, Hardware(accelerator="cpu", num_workers=1)), name="zephyr-open",
               route_prefix="/open")
     url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, key=os.environ[TEST_API_KEY_ENV], log=log_path, tmp=tmp, metrics=ray_local.metrics_url)
+    yield SimpleNamespace(url=url, key=os.environ[TEST_API_KEY_ENV], log=log_path, tmp=tmp,
+                          metrics=ray_local.metrics_url, address=ray_local.address)
     serve.delete("zephyr-open")
     cli.send_signal(signal.SIGINT)
     try:  # Ctrl-C: the CLI shuts Serve down (usually ~10 s; a vLLM replica's graceful stop has taken 2 min in CI)
@@ -434,8 +435,8 @@ def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests(endpoi
         return status.replica_states.get("RUNNING", 0)
 
     def replica_actors() -> set[str]:
-        return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-                if (a.class_name or "").startswith("ServeReplica:zephyr-open:LLMServer")}
+        alive = list_actors(address=endpoint.address, filters=[("state", "=", "ALIVE")], limit=10_000)
+        return {a.actor_id for a in alive if (a.class_name or "").startswith("ServeReplica:zephyr-open:LLMServer")}
 
     def wait_for(predicate, seconds: float, what: str) -> None:  # a deadline for waiting, not a speed to meet
         deadline = time.time() + seconds
@@ -463,8 +464,8 @@ def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests(endpoi
         thread.start()
     try:
         wait_for(lambda: len(outcomes) >= 8, 300, "the app under load answered fewer than 8 requests")
-        victim = next(a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-                      if (a.class_name or "").startswith("ServeReplica:zephyr-open:LLMServer"))
+        alive = list_actors(address=endpoint.address, filters=[("state", "=", "ALIVE")], limit=10_000)
+        victim = next(a for a in alive if (a.class_name or "").startswith("ServeReplica:zephyr-open:LLMServer"))
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = time.time()
         # recovered: the victim is dead, another replica actor stands in its place, and Serve counts as many running
