@@ -12,10 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from zephyr_ray.console import NOISE
 from zephyr_ray.run import RECIPE_STAGES
-
-
-NOISE = re.compile(r"Traceback|WARNING|Warning|warnings\.warn|Error|Exception|KeyError|resource_tracker")
 
 
 def noise(terminal_text: str) -> list[str]:

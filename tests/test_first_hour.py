@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from conftest import DEMO_RUN, REPO, copy_of_tiny_run, free_port
 
+from zephyr_ray.console import NOISE
+
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
 VENV_BIN = Path(sys.executable).parent
-# What a user reads as "something went wrong": none of it may show on a successful run's terminal.
-NOISE = re.compile(r"Traceback|WARNING|Warning|warnings\.warn|Error|Exception|KeyError|resource_tracker")
 
 
 @pytest.fixture(scope="module")
