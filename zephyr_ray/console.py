@@ -89,11 +89,13 @@ class _Echo(logging.Handler):
 
 
 def log_path_for(run_dir: Path | None, command: str) -> Path:
-    """Where a command's library output goes: beside the run (``RUN_DIR/logs/``), else in the user's cache."""
+    """Where a command's library output goes: beside the run (``RUN_DIR/logs/``), else in the user's cache
+    (``$ZEPHYR_RAY_CACHE``, else ``~/.cache/zephyr-ray``)."""
     if run_dir is not None:
         return Path(run_dir) / "logs" / f"{command}.log"
-    cache = Path(os.environ.get("ZEPHYR_RAY_CACHE", Path.home() / ".cache" / "zephyr-ray"))
-    return cache / "logs" / f"{command}.log"
+    from .train.loop import build_cache_dir  # the project's one per-user cache directory
+
+    return build_cache_dir() / "logs" / f"{command}.log"
 
 
 def quiet_console(log_path: Path, verbose: bool = False) -> Path | None:
