@@ -178,8 +178,9 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
         while time.time() < deadline and not done.is_set():
             alive = list_actors(address=ray_local.address, filters=[("state", "=", "ALIVE")], limit=10_000)
             engines = [a for a in alive if "vLLMEngineStageUDF" in (a.class_name or "")]
-            if engines:  # ALIVE once its constructor (the engine's start) returned: now it takes batches
-                time.sleep(2.0)  # not relied on: the checks below hold wherever in the pass the kill lands
+            if engines:  # ALIVE once its constructor (the engine's start) returned: its 64 one-row batches
+                # (a few seconds of work) are queued or running now, so the kill lands mid-pass; the row checks
+                # below hold wherever in the pass it lands
                 try:
                     os.kill(engines[0].pid, signal.SIGKILL)
                 except ProcessLookupError:  # the listing was stale (the actor had just exited): look again

@@ -135,6 +135,17 @@ def placement_bundles(engine: Engine, hardware: Hardware) -> list[dict[str, floa
     return [{"GPU": 1, "CPU": 1} for _ in range(engine.tensor_parallel_size)]
 
 
+def engine_env_vars(hardware: Hardware) -> dict[str, str]:
+    """Environment of the processes that hold vLLM engines (Ray Data actors, Serve replicas, ``chat``).
+
+    On CPU, vLLM replaces its single-process executor with a multiprocess one (to pin OpenMP threads) unless V1
+    multiprocessing is off, so each engine spawns a worker process that imports torch and vLLM again: ~7 s more per
+    engine start on 2 cores, for one engine of one CPU bundle. Off, the model runs in the engine-core process, as Ray
+    runs a one-device engine on GPUs ("uni"); ``vllm.LLM`` (``chat``) then runs the engine in its own process.
+    """
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if hardware.accelerator == "cpu" else {}
+
+
 def prepare_process_env(hardware: Hardware) -> None:
     """Environment a process needs before importing torch-based libraries for this hardware."""
     if hardware.accelerator == "cpu":
@@ -170,6 +181,7 @@ def check_model_dir(path: str) -> list[str]:
 def local_llm(model: str, hardware: Hardware, max_model_len: int | None = None, kv_cache_gib: float | None = None,
               **engine_kwargs: Any) -> Any:
     """An in-process ``vllm.LLM`` for ``model`` on this machine's hardware (used by ``zephyr-ray chat``)."""
+    os.environ.update(engine_env_vars(hardware))
     from vllm import LLM
 
     engine = Engine(model=model, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, engine_kwargs=engine_kwargs)
@@ -193,7 +205,8 @@ def vllm_processor_config(engine: Engine, hardware: Hardware, **overrides: Any) 
         # beside the engine's own. vLLM tokenizes the templated prompt and detokenizes the output itself, with the
         # same tokenizer call as Ray's tokenize stage (special tokens added), so only the chat-template actor is
         # kept, on a quarter CPU. GPU runs keep Ray's separate CPU stages, which keep tokenizing off the engine.
-        options.update(chat_template_stage={"num_cpus": 0.25}, tokenize_stage=False, detokenize_stage=False)
+        options.update(chat_template_stage={"num_cpus": 0.25}, tokenize_stage=False, detokenize_stage=False,
+                       runtime_env={"env_vars": engine_env_vars(hardware)})
     options.update(overrides)
     return vLLMEngineProcessorConfig(**options)
 

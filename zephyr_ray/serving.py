@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Hardware, Recipe, ServeConfig, ServedModel
-from .engines import check_model_dir, placement_bundles, vllm_engine_kwargs
+from .engines import check_model_dir, engine_env_vars, placement_bundles, vllm_engine_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def llm_config(served: ServedModel, source: str, hardware: Hardware) -> Any:
             **({"ray_actor_options": {"num_cpus": 0}} if hardware.accelerator == "cpu" else {}),
         },
         log_engine_metrics=True,
+        runtime_env={"env_vars": engine_env_vars(hardware)},
     )
 
 
