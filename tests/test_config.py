@@ -191,7 +191,7 @@ def _model_dir(tmp_path: Path, **config: object) -> Path:
     import json
 
     model = tmp_path / "model"
-    model.mkdir()
+    model.mkdir(parents=True)
     (model / "config.json").write_text(json.dumps(config))
     return model
 
@@ -227,6 +227,43 @@ def test_max_model_len_defaults_to_the_models_limit_capped_and_refuses_more(tmp_
         vllm_engine_kwargs(Engine(model=model, max_model_len=4096), cpu)
     unknown = str(tmp_path / "no-config")
     assert "max_model_len" not in vllm_engine_kwargs(Engine(model=unknown), cpu), "vLLM's own rule then"
+
+
+def test_a_cpu_engine_reserves_only_the_kv_cache_its_sequences_can_fill(tmp_path):
+    """No kv_cache_gib on CPU: 256 full-length sequences' keys and values (fp32), unless that is more than vLLM's
+    own share of RAM; a configured size, GPUs and models without the needed config keys are left as they were."""
+    from zephyr_ray.config import Engine, Hardware
+    from zephyr_ray.engines import CPU_KV_CACHE_FRACTION, vllm_engine_kwargs
+
+    cpu, gpu = Hardware(accelerator="cpu", num_workers=1), Hardware(accelerator="gpu", num_workers=1)
+    small = str(_model_dir(tmp_path / "small", max_position_embeddings=2048, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64))
+    assert vllm_engine_kwargs(Engine(model=small), cpu)["kv_cache_memory_bytes"] == 2 * 2 * 1 * 64 * 4 * 2048 * 256
+    assert vllm_engine_kwargs(Engine(model=small, max_model_len=512, engine_kwargs={"max_num_seqs": 8}),
+                              cpu)["kv_cache_memory_bytes"] == 2 * 2 * 1 * 64 * 4 * 512 * 8
+    assert vllm_engine_kwargs(Engine(model=small, kv_cache_gib=0.25), cpu)["kv_cache_memory_bytes"] == 2**28
+    assert "kv_cache_memory_bytes" not in vllm_engine_kwargs(Engine(model=small), gpu)
+    # head_dim from hidden_size / heads, and no separate key-value heads: still known
+    derived = str(_model_dir(tmp_path / "derived", max_position_embeddings=1024, num_hidden_layers=4,
+                             num_attention_heads=4, hidden_size=256))
+    assert vllm_engine_kwargs(Engine(model=derived), cpu)["kv_cache_memory_bytes"] == 2 * 4 * 4 * 64 * 4 * 1024 * 256
+    big = str(_model_dir(tmp_path / "big", max_position_embeddings=8192, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128))
+    kwargs = vllm_engine_kwargs(Engine(model=big), cpu)
+    assert "kv_cache_memory_bytes" not in kwargs and kwargs["gpu_memory_utilization"] == CPU_KV_CACHE_FRACTION
+    assert "kv_cache_memory_bytes" not in vllm_engine_kwargs(
+        Engine(model=str(_model_dir(tmp_path / "bare", max_position_embeddings=512))), cpu)
+
+
+def test_serve_skips_rays_model_download_for_a_local_directory_only(tiny_models):
+    from zephyr_ray.config import Hardware, ServedModel
+    from zephyr_ray.serving import LocalModelCallback, llm_config
+
+    cpu = Hardware(accelerator="cpu", num_workers=1)
+    local = llm_config(ServedModel(model_id="m"), str(tiny_models["teacher"]), cpu)
+    assert local.callback_config.callback_class is LocalModelCallback
+    hub = llm_config(ServedModel(model_id="m", max_model_len=512), "HuggingFaceH4/zephyr-7b-beta", cpu)
+    assert hub.callback_config.callback_class is not LocalModelCallback
 
 
 def test_a_max_model_len_above_the_models_limit_is_an_error_at_validate_and_at_start(tiny_models, tmp_path):

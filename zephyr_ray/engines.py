@@ -13,6 +13,8 @@ from .config import Engine, Hardware
 # vLLM's CPU backend reads ``gpu_memory_utilization`` as the fraction of *host RAM* for the KV cache; its default
 # (0.92) cannot be allocated beside everything else on a small machine. 0.3 leaves room for Ray and training.
 CPU_KV_CACHE_FRACTION = 0.3
+# vLLM's CPU default for sequences scheduled at once (offline engines; its server uses 128).
+CPU_MAX_NUM_SEQS = 256
 # Tokens per engine step on CPU (vLLM's CPU default); never below max_model_len, as prompts are not split there.
 CPU_MAX_BATCHED_TOKENS = 2048
 
@@ -81,6 +83,22 @@ def context_length(engine: Engine, hardware: Hardware, fetch: bool = True) -> in
     return engine.max_model_len
 
 
+def kv_cache_bytes_needed(model: str, max_model_len: int, max_num_seqs: int, dtype_bytes: int = 4) -> int | None:
+    """KV-cache bytes that ``max_num_seqs`` sequences of ``max_model_len`` tokens fill (keys and values of every
+    layer, from the model's config.json); None when the config does not say."""
+    config = _model_config(model, fetch=False)
+    if config is None:
+        return None
+    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    layers, heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (config.get("hidden_size") // heads if heads and config.get("hidden_size")
+                                          else None)
+    if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, head_dim)):
+        return None
+    return 2 * layers * kv_heads * head_dim * dtype_bytes * max_model_len * max_num_seqs
+
+
 def context_problems(section: Any, key: str, hardware: Hardware, fetch: bool = True) -> list[str]:
     """One ``key.path.max_model_len: ...`` line per engine in a recipe section (or a whole recipe) whose
     ``max_model_len`` exceeds its model's limit; models that are this run's (not yet trained) are skipped, and hub
@@ -124,8 +142,20 @@ def vllm_engine_kwargs(engine: Engine, hardware: Hardware) -> dict[str, Any]:
         del kwargs["max_model_len"]  # vLLM derives it from the model
     if engine.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(engine.kv_cache_gib * 2**30)
+    elif hardware.accelerator == "cpu" and max_model_len:
+        # vLLM's CPU backend takes its fraction of RAM whatever the model (6.4 GiB of this 24 GiB machine for a
+        # model whose 256 full-length sequences fill 0.5 GiB), and zeroes it at every start (~7 s here): take no
+        # more than the engine can fill, so small models start fast and leave RAM to the rest.
+        needed = kv_cache_bytes_needed(engine.model, max_model_len,
+                                       int(engine.engine_kwargs.get("max_num_seqs", CPU_MAX_NUM_SEQS)))
+        if needed is not None and needed < CPU_KV_CACHE_FRACTION * _host_memory_bytes():
+            kwargs["kv_cache_memory_bytes"] = needed
     kwargs.update(engine.engine_kwargs)
     return kwargs
+
+
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def placement_bundles(engine: Engine, hardware: Hardware) -> list[dict[str, float]]:
