@@ -166,7 +166,8 @@ def placement_bundles(engine: Engine, hardware: Hardware) -> list[dict[str, floa
 
 
 def engine_env_vars(hardware: Hardware) -> dict[str, str]:
-    """Environment of the processes that hold vLLM engines (Ray Data actors, Serve replicas, ``chat``).
+    """Environment of the processes that hold vLLM engines: Ray Data's engine actors and ``chat``. (Ray Serve LLM
+    sets its own executor for CPU replicas, the multiprocess one, whatever this says.)
 
     On CPU, vLLM replaces its single-process executor with a multiprocess one (to pin OpenMP threads) unless V1
     multiprocessing is off, so each engine spawns a worker process that imports torch and vLLM again: ~7 s more per
