@@ -143,6 +143,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def stop_ray_head(head: subprocess.Popen, grace_s: float = 16) -> None:
+    """Stop a `ray start --head --block` started in a session of its own as `ray stop` does: SIGTERM, then after
+    its default grace period (16 s) SIGKILL to whatever of the head's process group is left."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=60)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray for Ray Data tests, with its dashboard (job submission) and Prometheus endpoint. More logical
@@ -180,11 +191,12 @@ def render_page(url: str, screenshot: Path, **context: object) -> list[tuple[str
     return images
 
 
-@pytest.fixture
-def judge_server(tiny_models, tmp_path):
-    """The tiny judge behind vLLM's OpenAI-compatible server, on a free port, with an API key."""
+@pytest.fixture(scope="session")
+def judge_server(tiny_models, tmp_path_factory):
+    """The tiny judge behind vLLM's OpenAI-compatible server, on a free port, with an API key: one server for the
+    session (the feedback and the evaluation judges both call it; each test's run directory is its own)."""
     port, key = free_port(), "zr-test-" + secrets.token_hex(12)
-    log_path = tmp_path / "vllm-server.log"
+    log_path = tmp_path_factory.mktemp("judge-server") / "vllm-server.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["judge"]),
                "--served-model-name", "tiny-judge", "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
                "--max-model-len", "1536", "--dtype", "float32", "--enforce-eager", "--load-format", "safetensors",

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_RUN, REPO, copy_of_tiny_run, free_port
+from conftest import DEMO_RUN, REPO, copy_of_tiny_run, free_port, stop_ray_head
 
 from zephyr_ray.console import NOISE
 
@@ -160,8 +160,7 @@ def test_the_readmes_ray_job_lines_work_after_ray_start_head(demo_run, user_env,
         manifest = json.loads((DEMO_RUN / "manifest.json").read_text())
         assert all(record["status"] == "skipped" for record in manifest["stages"].values()), manifest["stages"]  # nothing redone
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=120)
+        stop_ray_head(head)
         head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

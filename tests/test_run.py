@@ -7,7 +7,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import free_port, record_reliability
+from conftest import free_port, record_reliability, stop_ray_head
 
 from zephyr_ray.tiny import load_corpus
 
@@ -48,8 +47,7 @@ def ray_head(tmp_path):
         assert time.time() < deadline, "the head's job server never answered"
         time.sleep(2)
     yield SimpleNamespace(url=url, token=token)
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=120)
+    stop_ray_head(head)
     log.close()
     shutil.rmtree(temp_dir, ignore_errors=True)
 

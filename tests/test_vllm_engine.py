@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from zephyr_ray.chat import render_reference
-from zephyr_ray.config import Engine, Hardware
-from zephyr_ray.engines import detect_accelerator, vllm_engine_kwargs
+from zephyr_ray.config import Hardware
+from zephyr_ray.engines import detect_accelerator, local_llm
 from zephyr_ray.tiny import load_corpus
 
 pytestmark = pytest.mark.engine
@@ -15,10 +15,9 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def teacher_llm(tiny_models):
-    from vllm import LLM
-
-    engine = Engine(model=str(tiny_models["teacher"]), max_model_len=512, kv_cache_gib=0.5)
-    llm = LLM(model=engine.model, **vllm_engine_kwargs(engine, Hardware(accelerator=detect_accelerator())))
+    """The teacher in a ``vllm.LLM`` as ``zephyr-ray chat`` builds it (the engine in this process on CPU)."""
+    llm = local_llm(str(tiny_models["teacher"]), Hardware(accelerator=detect_accelerator()), max_model_len=512,
+                    kv_cache_gib=0.5)
     yield llm
     del llm
 

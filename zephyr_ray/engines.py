@@ -211,7 +211,8 @@ def check_model_dir(path: str) -> list[str]:
 
 def local_llm(model: str, hardware: Hardware, max_model_len: int | None = None, kv_cache_gib: float | None = None,
               **engine_kwargs: Any) -> Any:
-    """An in-process ``vllm.LLM`` for ``model`` on this machine's hardware (used by ``zephyr-ray chat``)."""
+    """A ``vllm.LLM`` for ``model`` on this machine's hardware (used by ``zephyr-ray chat``). On CPU this sets
+    ``engine_env_vars`` in this process's environment, so the engine runs inside this process."""
     os.environ.update(engine_env_vars(hardware))
     from vllm import LLM
 
