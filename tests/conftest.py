@@ -114,7 +114,7 @@ def tiny_run(tiny_models) -> Path:
     """The finished run of the whole tiny recipe (jobs/configs/tiny-cpu.yaml, with its own recipe.yaml) that
     `make demo` leaves in runs/tiny-cpu: CI runs the demo before the tests, so the tests that only read a finished
     run assert on that one run instead of making their own. Without it (a developer who has not run the demo), it is
-    made here once, as the demo makes it (about 10 minutes). Tests copy it (``copy_of_tiny_run``) before changing
+    made here once, as the demo makes it (about 7 minutes). Tests copy it (``copy_of_tiny_run``) before changing
     anything in it."""
     from zephyr_ray.data import is_complete
 
