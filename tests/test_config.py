@@ -253,6 +253,9 @@ def test_a_cpu_engine_reserves_only_the_kv_cache_its_sequences_can_fill(tmp_path
     assert "kv_cache_memory_bytes" not in kwargs and kwargs["gpu_memory_utilization"] == CPU_KV_CACHE_FRACTION
     assert "kv_cache_memory_bytes" not in vllm_engine_kwargs(
         Engine(model=str(_model_dir(tmp_path / "bare", max_position_embeddings=512))), cpu)
+    odd = str(_model_dir(tmp_path / "odd", max_position_embeddings=512, num_hidden_layers=2, num_attention_heads=2,
+                         hidden_size="128"))  # a config.json that says its size as a string: vLLM's default then
+    assert "kv_cache_memory_bytes" not in vllm_engine_kwargs(Engine(model=odd), cpu)
 
 
 def test_serve_skips_rays_model_download_for_a_local_directory_only(tiny_models):

@@ -89,11 +89,13 @@ def kv_cache_bytes_needed(model: str, max_model_len: int, max_num_seqs: int, dty
     config = _model_config(model, fetch=False)
     if config is None:
         return None
-    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
-    layers, heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
+    if isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    layers, heads, hidden = (config.get(k) for k in ("num_hidden_layers", "num_attention_heads", "hidden_size"))
     kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or (config.get("hidden_size") // heads if heads and config.get("hidden_size")
-                                          else None)
+    head_dim = config.get("head_dim")
+    if not head_dim and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        head_dim = hidden // heads
     if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, head_dim)):
         return None
     return 2 * layers * kv_heads * head_dim * dtype_bytes * max_model_len * max_num_seqs

@@ -72,9 +72,9 @@ def llm_config(served: ServedModel, source: str, hardware: Hardware) -> Any:
     recipe."""
     from ray.serve.llm import LLMConfig
 
-    if Path(source).expanduser().exists() and (problems := check_model_dir(source)):
-        raise ValueError("; ".join(problems))
     local = Path(source).expanduser().exists()
+    if local and (problems := check_model_dir(source)):
+        raise ValueError("; ".join(problems))
     engine = served.engine(str(Path(source).expanduser().resolve()) if local else source)
     return LLMConfig(
         model_loading_config={"model_id": served.model_id, "model_source": engine.model},
