@@ -47,7 +47,19 @@ class Engine(_Section):
                                       "Above the model's limit is an error")
     tensor_parallel_size: int = Field(default=1, gt=0)
     batch_size: int = Field(default=64, gt=0, description="rows per Ray Data batch sent to one engine")
-    concurrency: int = Field(default=1, gt=0, description="number of engine replicas")
+    concurrency: int | tuple[int, int] | Literal["auto"] = Field(
+        default="auto", description="engine replicas: a number, a [min, max] range Ray Data autoscales within, or "
+        "'auto': the cluster's GPUs (at least hardware.num_workers) shared by the models that run side by side, "
+        "divided by the GPUs one engine takes (tensor x pipeline parallel); 1 on CPU")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _replicas(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("concurrency must be at least 1")
+        if isinstance(value, tuple) and not 1 <= value[0] <= value[1]:
+            raise ValueError(f"concurrency [min, max] needs 1 <= min <= max, got {list(value)}")
+        return value
     kv_cache_gib: float | None = Field(default=None, gt=0.0, description="KV cache size; default: vLLM's own rule "
                                        "on GPU, 30% of host RAM on CPU")
     trust_remote_code: bool = Field(default=False, description="run code shipped with the model: only if you trust it")

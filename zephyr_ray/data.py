@@ -773,40 +773,75 @@ def write_parquet_atomic(ds: Any, out_dir: str | Path, schema: pa.Schema | None 
     (``conform``): rows whose text had to be repaired are counted in the marker (``text_repaired``: rows,
     characters, columns; see ``text_repairs``) and logged, never a crashed write.
     """
+    return write_parquet_atomic_many([(ds, out_dir)], schema, expected_rows)[0]
+
+
+_PART = "__zr_part"  # the partition column that routes a row of a combined write to its output
+
+
+def write_parquet_atomic_many(parts: list[tuple[Any, str | Path]], schema: pa.Schema | None = None,
+                              expected_rows: int | None = None) -> list[int]:
+    """Write several Ray datasets, each to its own directory as ``write_parquet_atomic`` does, in one Ray Data
+    execution: their operators (e.g. the engines of several models) run side by side, and each output is still
+    published on its own (a re-run redoes only what is missing). Returns the rows written per output."""
     import pyarrow.parquet as pq
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    outs = [Path(out_dir) for _, out_dir in parts]
     token = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{token}"
-    repairs_dir = out.parent / f".{out.name}.tmp-{token}{TEXT_REPAIRS}"
+    tmps, repairs = [], []
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmps.append(out.parent / f".{out.name}.tmp-{token}")
+        repairs.append(out.parent / f".{out.name}.tmp-{token}{TEXT_REPAIRS}")
     # every shard gets the contract's schema (also a shard whose column is all null) and valid text
-    ds = ds.map_batches(conform, fn_kwargs={"schema": schema, "repairs_dir": str(repairs_dir)},
-                        batch_format="pyarrow")
-    with expecting_rows(expected_rows):  # the progress line's total where Ray Data cannot know it
-        ds.write_parquet(str(tmp))
-    files = sorted(tmp.glob("*.parquet"))
-    if not files:
-        tmp.mkdir(parents=True, exist_ok=True)
-        if schema is None:
-            schema = ds.schema().base_schema if ds.schema() is not None else pa.schema([])
-        pq.write_table(schema.empty_table(), tmp / "empty.parquet")
-        rows = 0
-    else:
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    marker = {"rows": rows}
-    if repaired := _sum_repairs(repairs_dir):
-        marker["text_repaired"] = repaired
-        logger.info("%s: text that is not valid UTF-8 in %d rows (%s), written with U+FFFD for %d characters",
-                    out, repaired["rows"], ", ".join(repaired["columns"]), repaired["characters"])
-    shutil.rmtree(repairs_dir, ignore_errors=True)
-    (tmp / SUCCESS_MARKER).write_text(json.dumps(marker) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return rows
+    conformed = [ds.map_batches(conform, fn_kwargs={"schema": schema, "repairs_dir": str(repairs[i])},
+                                batch_format="pyarrow") for i, (ds, _) in enumerate(parts)]
+    if len(parts) == 1:
+        with expecting_rows(expected_rows):  # the progress line's total where Ray Data cannot know it
+            conformed[0].write_parquet(str(tmps[0]))
+        written = [tmps[0]]
+    else:  # one write, partitioned by output, then each partition's files moved to its output's temporary dir
+        tagged = [ds.map_batches(_tag_part, fn_kwargs={"part": i}, batch_format="pyarrow")
+                  for i, ds in enumerate(conformed)]
+        combined = outs[0].parent / f".{outs[0].name}.tmp-{token}-all"
+        with expecting_rows(expected_rows):
+            tagged[0].union(*tagged[1:]).write_parquet(str(combined), partition_cols=[_PART])
+        written = [combined / f"{_PART}={i}" for i in range(len(parts))]
+        for source, tmp in zip(written, tmps):
+            tmp.mkdir(parents=True, exist_ok=True)
+            for file in source.glob("*.parquet") if source.is_dir() else []:
+                file.rename(tmp / file.name)
+        shutil.rmtree(combined, ignore_errors=True)
+    rows_written = []
+    for (ds, _), out, tmp, repairs_dir in zip(parts, outs, tmps, repairs):
+        files = sorted(tmp.glob("*.parquet"))
+        if not files:
+            tmp.mkdir(parents=True, exist_ok=True)
+            empty_schema = schema
+            if empty_schema is None:
+                empty_schema = ds.schema().base_schema if ds.schema() is not None else pa.schema([])
+            pq.write_table(empty_schema.empty_table(), tmp / "empty.parquet")
+            rows = 0
+        else:
+            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        marker = {"rows": rows}
+        if repaired := _sum_repairs(repairs_dir):
+            marker["text_repaired"] = repaired
+            logger.info("%s: text that is not valid UTF-8 in %d rows (%s), written with U+FFFD for %d characters",
+                        out, repaired["rows"], ", ".join(repaired["columns"]), repaired["characters"])
+        shutil.rmtree(repairs_dir, ignore_errors=True)
+        (tmp / SUCCESS_MARKER).write_text(json.dumps(marker) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        rows_written.append(rows)
+    return rows_written
+
+
+def _tag_part(table: pa.Table, part: int) -> pa.Table:
+    return table.append_column(_PART, pa.array([part] * len(table), type=pa.int32()))
 
 
 def write_rows_atomic(rows: list[dict[str, Any]], out_dir: str | Path, schema: pa.Schema) -> int:

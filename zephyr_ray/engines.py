@@ -161,10 +161,73 @@ def _host_memory_bytes() -> int:
 
 
 def placement_bundles(engine: Engine, hardware: Hardware) -> list[dict[str, float]]:
-    """Ray placement-group bundles for one engine replica: one GPU per tensor-parallel rank, or one CPU."""
+    """Ray placement-group bundles for one engine replica: one GPU per rank (tensor x pipeline parallel), or one
+    CPU."""
     if hardware.accelerator == "cpu":
         return [{"CPU": 1}]
-    return [{"GPU": 1, "CPU": 1} for _ in range(engine.tensor_parallel_size)]
+    return [{"GPU": 1, "CPU": 1} for _ in range(gpus_per_engine(engine))]
+
+
+def gpus_per_engine(engine: Engine) -> int:
+    """GPUs one engine replica takes: tensor x pipeline parallel ranks."""
+    return engine.tensor_parallel_size * int(engine.engine_kwargs.get("pipeline_parallel_size", 1))
+
+
+# What one CPU engine takes of a Ray cluster's logical CPUs (its bundle, and the quarter CPU of its chat-template
+# actor), and what is kept for the light tasks beside the engines (reads, pre- and postprocessing, writes): Ray Data
+# starts every actor pool of an execution at once, and an execution whose engines took every CPU would wait forever
+# for the tasks that feed them.
+CPU_ENGINE_CPUS = 1.25
+CPU_TASK_RESERVE = 1.0
+
+
+def cluster_capacity(hardware: Hardware) -> tuple[float, float]:
+    """(CPUs, GPUs) that engines can have: the running Ray cluster's, and on GPU at least ``hardware.num_workers``
+    GPUs (an autoscaling cluster may start with none; Ray's autoscaler adds nodes for the engines that wait)."""
+    import ray
+
+    resources = ray.cluster_resources() if ray.is_initialized() else {}
+    cpus = float(resources.get("CPU", os.cpu_count() or 1))
+    gpus = float(resources.get("GPU", 0))
+    if hardware.accelerator == "gpu":
+        gpus = max(gpus, float(hardware.num_workers))
+    return cpus, gpus
+
+
+def _minimum_replicas(engine: Engine) -> int:
+    value = engine.concurrency
+    return 1 if value == "auto" else value if isinstance(value, int) else value[0]
+
+
+def side_by_side(engines: list[Engine], hardware: Hardware, capacity: tuple[float, float]) -> list[list[int]]:
+    """The engines (indices, in order) grouped into waves whose engines fit on the cluster at the same time: each wave
+    runs as one Ray Data execution, and Ray schedules its engines. On GPU a wave holds engines whose GPUs (their
+    minimum replicas) add up to the cluster's; on CPU, engines while the CPUs keep ``CPU_TASK_RESERVE`` free."""
+    cpus, gpus = capacity
+    room = gpus if hardware.accelerator == "gpu" else cpus - CPU_TASK_RESERVE
+    waves: list[list[int]] = []
+    used = 0.0
+    for index, engine in enumerate(engines):
+        need = _minimum_replicas(engine) * (gpus_per_engine(engine) if hardware.accelerator == "gpu"
+                                            else CPU_ENGINE_CPUS)
+        if waves and used + need <= room:
+            waves[-1].append(index)
+            used += need
+        else:
+            waves.append([index])
+            used = need
+    return waves
+
+
+def engine_replicas(engine: Engine, hardware: Hardware, capacity: tuple[float, float],
+                    sharing: int = 1) -> int | tuple[int, int]:
+    """The engine's Ray Data actor-pool size: as configured, or for 'auto' its share of the cluster's GPUs (the
+    cluster's GPUs split evenly among the ``sharing`` engines of its wave) in whole replicas; 1 on CPU."""
+    if engine.concurrency != "auto":
+        return engine.concurrency
+    if hardware.accelerator == "cpu":
+        return 1
+    return max(1, int(capacity[1] // max(sharing, 1)) // gpus_per_engine(engine))
 
 
 def engine_env_vars(hardware: Hardware) -> dict[str, str]:
@@ -222,15 +285,16 @@ def local_llm(model: str, hardware: Hardware, max_model_len: int | None = None, 
     return LLM(model=model, **vllm_engine_kwargs(engine, hardware))
 
 
-def vllm_processor_config(engine: Engine, hardware: Hardware, **overrides: Any) -> Any:
-    """A ``ray.data.llm`` vLLM processor config for ``engine``: one actor pool of ``engine.concurrency`` engines."""
+def vllm_processor_config(engine: Engine, hardware: Hardware, sharing: int = 1, **overrides: Any) -> Any:
+    """A ``ray.data.llm`` vLLM processor config for ``engine``: one actor pool of ``engine_replicas`` engines (its
+    share of the cluster when ``sharing`` engines run side by side)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     options: dict[str, Any] = {
         "model_source": engine.model,
         "engine_kwargs": vllm_engine_kwargs(engine, hardware),
         "batch_size": engine.batch_size,
-        "concurrency": engine.concurrency,
+        "concurrency": engine_replicas(engine, hardware, cluster_capacity(hardware), sharing),
         "placement_group_config": {"bundles": placement_bundles(engine, hardware)},
         "should_continue_on_error": True,  # a failed row is marked and counted, not the end of the job
     }

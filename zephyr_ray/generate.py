@@ -64,13 +64,14 @@ def _unpark(row: dict[str, Any], keep_logprobs: bool = False, max_model_len: int
     return out
 
 
-def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = False) -> Any:
-    """Apply one vLLM engine pool to ``ds`` (lazy: nothing runs until the dataset is consumed or written)."""
+def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = False, sharing: int = 1) -> Any:
+    """Apply one vLLM engine pool to ``ds`` (lazy: nothing runs until the dataset is consumed or written);
+    ``sharing``: how many engine pools run side by side with this one (``engines.side_by_side``)."""
     from ray.data.llm import build_processor
 
     max_model_len = context_length(engine, hardware)
     processor = build_processor(
-        vllm_processor_config(engine, hardware),
+        vllm_processor_config(engine, hardware, sharing=sharing),
         preprocess=_park,
         postprocess=functools.partial(_unpark, keep_logprobs=keep_logprobs, max_model_len=max_model_len),
     )

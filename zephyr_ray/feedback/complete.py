@@ -1,7 +1,8 @@
 """Stage ``complete``: every prompt gets one completion from each model of the pool (UltraFeedback's model pool).
 
-Each model runs as its own ``ray.data.llm`` processor with its own sampling parameters, one model after another
-(a small machine cannot hold them all), and writes its own output directory: a re-run skips the models that are done.
+Each model runs as its own ``ray.data.llm`` processor with its own sampling parameters; models whose engines fit
+on the cluster together run side by side (``engines.side_by_side``), the others in later waves. Each writes its own
+output directory: a re-run skips the models that are done.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from ..data import (
     is_complete,
     read_contract,
     validated_once,
-    write_parquet_atomic,
+    write_parquet_atomic_many,
     written_rows,
 )
 from ..decontaminate import training_screen
+from ..engines import cluster_capacity, side_by_side
 from ..generate import generate
 from ..stage import StageResult, Timer, already_done, log_rate, stage_section
 
@@ -91,24 +93,33 @@ def run_complete(recipe: Recipe, run_dir: Path) -> StageResult:
     result.counts["prompts"] = validated_once(cfg.prompts, PromptRow, prompts_dir, run_dir / "complete" / "rejects",
                                               screen=training_screen(recipe, run_dir))
     accepted = read_contract(prompts_dir)
+    todo = []
     for model in cfg.models:
-        out = model_dir(run_dir, model.name)
-        if is_complete(out):
+        if is_complete(model_dir(run_dir, model.name)):
             logger.info("complete: %s already done, skipping", model.name)
-            result.counts[model.name] = written_rows(out)
-            continue
-        model_timer = Timer()
-        requests = accepted.map(completion_requests,
-                                fn_kwargs={"model": model, "use_principles": cfg.principles, "seed": cfg.seed})
-        rows = generate(requests, model.engine, recipe.hardware).map(to_completion,
-                                                                      fn_kwargs={"model_name": model.name})
-        written = write_parquet_atomic(rows, out, schema=CompletionRow.arrow_schema(),
-                                       expected_rows=written_rows(prompts_dir))
-        tokens = column_sum(out, "num_generated_tokens")
-        log_rate(f"complete[{model.name}]", written, model_timer.seconds, tokens)
-        result.tokens_per_second[model.name] = tokens / max(model_timer.seconds, 1e-9)
-        result.counts[model.name] = written
-        result.outputs[model.name] = str(out)
+            result.counts[model.name] = written_rows(model_dir(run_dir, model.name))
+        else:
+            todo.append(model)
+    # pool models whose engines fit on the cluster together run side by side, in one Ray Data execution
+    for wave in side_by_side([m.engine for m in todo], recipe.hardware, cluster_capacity(recipe.hardware)):
+        models = [todo[i] for i in wave]
+        wave_timer = Timer()
+        parts = []
+        for model in models:
+            requests = accepted.map(completion_requests,
+                                    fn_kwargs={"model": model, "use_principles": cfg.principles, "seed": cfg.seed})
+            rows = generate(requests, model.engine, recipe.hardware, sharing=len(models))
+            parts.append((rows.map(to_completion, fn_kwargs={"model_name": model.name}),
+                          model_dir(run_dir, model.name)))
+        counts = write_parquet_atomic_many(parts, schema=CompletionRow.arrow_schema(),
+                                           expected_rows=written_rows(prompts_dir) * len(models))
+        for model, written in zip(models, counts):
+            out = model_dir(run_dir, model.name)
+            tokens = column_sum(out, "num_generated_tokens")
+            log_rate(f"complete[{model.name}]", written, wave_timer.seconds, tokens)
+            result.tokens_per_second[model.name] = tokens / max(wave_timer.seconds, 1e-9)
+            result.counts[model.name] = written
+            result.outputs[model.name] = str(out)
     result.seconds = timer.seconds
     result.save(run_dir)
     return result
