@@ -154,6 +154,10 @@ def test_dpo_prefers_held_out_chosen_replies_and_logs_its_metrics(trained):
 
 @pytest.mark.fault
 @pytest.mark.reliability("fault", "a Ray Train worker SIGKILLed mid-epoch (train_sft, ZeRO-3, 2 workers)")
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def test_a_killed_training_worker_resumes_from_the_checkpoint(trained, ray_local, tmp_path):
     """SIGKILL one Ray Train worker after the first checkpoint: Ray Train restarts the group, the workers resume at
     the checkpoint's step (not 0), and the stage finishes with every step trained once."""
@@ -198,6 +202,16 @@ def test_a_killed_training_worker_resumes_from_the_checkpoint(trained, ray_local
     metrics = json.loads((run / "train_sft" / "metrics.json").read_text())
     assert metrics["step"] == lines[0]["max_steps"]
     assert (run / "train_sft" / "model" / "model.safetensors").is_file()
+    # checkpoints written once: the run's storage holds the kept checkpoints (save_total_limit, 2) and little else,
+    # though 8 were saved by 2 ranks; each sits where the ranks wrote it
+    saves = lines[0]["max_steps"] // 10 + (lines[0]["max_steps"] % 10 > 0)
+    storage = run / "train_sft" / "ray"
+    kept = sorted((storage / "train_sft" / "hf").glob("checkpoint-*"))
+    assert saves >= 4 and len(kept) == 2, (saves, kept)
+    one = max(directory_bytes(k) for k in kept)
+    assert directory_bytes(storage) <= 1.1 * 2 * one, (directory_bytes(storage), one)
+    registered = [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+    assert sorted(registered) == [f"hf/{k.name}" for k in kept], registered
     record_reliability("fault", "a Ray Train worker SIGKILLed mid-epoch (train_sft, ZeRO-3, 2 workers)",
                        f"Ray Train restarted the worker group; both ranks resumed at step {starts[0][1]} (the last "
                        f"checkpoint), not 0; finished at step {metrics['step']} of {lines[0]['max_steps']}",

@@ -93,6 +93,8 @@ class Training(_Section):
     gradient_checkpointing: bool = True
     seed: int = 42
     save_steps: int = Field(default=100, gt=0, description="checkpoint every N optimizer steps (and at the end)")
+    save_total_limit: int = Field(default=2, gt=0, description="checkpoints kept in the run's storage (the newest); "
+                                  "Ray Train deletes older ones as new ones are registered")
     max_failures: int = Field(default=2, ge=-1, description="worker failures survived by restarting from the "
                               "latest checkpoint; -1: no limit")
     chat_template: str = Field(default="zephyr", description="'zephyr', or a Jinja chat template; saved with the "
