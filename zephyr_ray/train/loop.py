@@ -63,7 +63,7 @@ def worker_inputs(config: dict[str, Any], training: Training) -> tuple[dict[str,
 
     recipe: Recipe = config["recipe"]
     extra = prepare_training_process(recipe.hardware, config["cache_dir"], deepspeed=training.zero_stage > 0)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(config["output_dir"]).parent / "tensorboard"))
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", config["tensorboard_dir"])
     tokenizer = load_tokenizer(config["model"], training)
     rows = datasets.load_dataset("parquet", data_files=config["data_files"], split="train")
     return extra, tokenizer, rows
@@ -212,7 +212,8 @@ def loop_config(stage: str, recipe: Recipe, model: str, data_files: list[str], r
     stage_dir = (run_dir / stage).resolve()
     return {"stage": stage, "recipe": recipe, "model": model, "data_files": [str(Path(f).resolve()) for f in data_files],
             "output_dir": str(ray_experiment_dir(stage, run_dir) / "hf"),
-            "cache_dir": str(build_cache_dir()), "record_dir": str(stage_dir / "attempts")}
+            "cache_dir": str(build_cache_dir()), "record_dir": str(stage_dir / "attempts"),
+            "tensorboard_dir": str(stage_dir / "tensorboard")}
 
 
 def ray_experiment_dir(stage: str, run_dir: Path) -> Path:
