@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -407,3 +408,44 @@ def test_killed_job_resumes_to_the_same_rows(pipeline, tiny_models, ray_local, t
                        f"the rest ({len(models) - 1} of {len(models)} models); rows identical to an uninterrupted run "
                        "(per-row seeds)",
                        "nothing: every prompt once per model, no duplicate, no .tmp output left")
+
+
+def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pipeline, tmp_path):
+    """A Ray cluster of three nodes on this machine (``ray.cluster_utils.Cluster``, as Ray's own tests build one): a
+    head for the light tasks and two nodes that stand in for GPU nodes (Ray's ``accelerator_type:A100`` resource,
+    which GPU nodes carry). complete with two engine replicas pinned to A100 nodes: the replicas run on both of
+    them, and every row equals the single-node run's."""
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    _, run_dir, _ = pipeline
+    data = yaml.safe_load((run_dir / "recipe.yaml").read_text())  # the single-node run's recipe, models, prompts
+    recipe_path = tmp_path / "recipe.yaml"
+    model = data["complete"]["models"][0]
+    model["engine"].update(concurrency=2, accelerator_type="A100", batch_size=2)
+    data["complete"]["models"] = data["complete"]["models"][:2]  # the second one done already (copied): skipped
+    recipe_path.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    done = data["complete"]["models"][1]["name"]
+    shutil.copytree(run_dir / "complete" / "models" / done, run / "complete" / "models" / done)
+    dashboard = free_port()  # Ray's state API (which node ran each actor) is served by the dashboard
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 3, "include_dashboard": True, "dashboard_port": dashboard,
+        "env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        a100_nodes = {cluster.add_node(num_cpus=2, resources={"accelerator_type:A100": 1}).node_id for _ in range(2)}
+        cluster.wait_for_nodes()
+        shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "stage", "complete", str(recipe_path),
+                                "--run-dir", str(run), "--address", cluster.address], cwd=REPO, capture_output=True,
+                               text=True, timeout=900)
+        assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
+        engines = [a for a in list_actors(address=f"http://127.0.0.1:{dashboard}", detail=True, limit=10_000)
+                   if "vLLMEngineStageUDF" in (a.repr_name or "") + (a.class_name or "")]
+    finally:
+        cluster.shutdown()
+    assert len({a.actor_id for a in engines}) == 2, [(a.class_name, a.repr_name) for a in engines]
+    assert {a.node_id for a in engines} == a100_nodes, "one engine replica on each A100 node"
+    name = model["name"]
+    spread = sorted(rows(run / "complete" / "models" / name), key=lambda r: r["prompt_id"])
+    single = sorted(rows(run_dir / "complete" / "models" / name), key=lambda r: r["prompt_id"])
+    assert spread == single

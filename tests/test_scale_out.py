@@ -108,3 +108,10 @@ def test_outputs_written_side_by_side_are_each_whole_and_published_alone(ray_loc
         assert set(table.column("model").to_pylist()) <= {name}
         assert (tmp_path / name / SUCCESS_MARKER).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"], "no temporary directory left"
+
+
+def test_a_number_of_replicas_is_a_fixed_pool_for_ray_data():
+    from zephyr_ray.engines import actor_pool_size
+
+    assert actor_pool_size(4) == (4, 4)  # ray.data.llm alone would read 4 as "1 to 4"
+    assert actor_pool_size((1, 4)) == (1, 4)

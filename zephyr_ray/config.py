@@ -48,7 +48,8 @@ class Engine(_Section):
     tensor_parallel_size: int = Field(default=1, gt=0)
     batch_size: int = Field(default=64, gt=0, description="rows per Ray Data batch sent to one engine")
     concurrency: int | tuple[int, int] | Literal["auto"] = Field(
-        default="auto", description="engine replicas: a number, a [min, max] range Ray Data autoscales within, or "
+        default="auto", description="engine replicas: a number (that many from the start), a [min, max] range Ray "
+        "Data autoscales within, or "
         "'auto': the cluster's GPUs (at least hardware.num_workers) shared by the models that run side by side, "
         "divided by the GPUs one engine takes (tensor x pipeline parallel); 1 on CPU")
 
@@ -60,6 +61,9 @@ class Engine(_Section):
         if isinstance(value, tuple) and not 1 <= value[0] <= value[1]:
             raise ValueError(f"concurrency [min, max] needs 1 <= min <= max, got {list(value)}")
         return value
+    accelerator_type: str | None = Field(default=None, description="run the engines only on nodes with this Ray "
+                                         "accelerator type (e.g. A100, H100: the `accelerator_type:<name>` "
+                                         "resource Ray gives GPU nodes); default: any node with the GPUs")
     kv_cache_gib: float | None = Field(default=None, gt=0.0, description="KV cache size; default: vLLM's own rule "
                                        "on GPU, 30% of host RAM on CPU")
     trust_remote_code: bool = Field(default=False, description="run code shipped with the model: only if you trust it")

@@ -285,6 +285,12 @@ def local_llm(model: str, hardware: Hardware, max_model_len: int | None = None, 
     return LLM(model=model, **vllm_engine_kwargs(engine, hardware))
 
 
+def actor_pool_size(replicas: int | tuple[int, int]) -> tuple[int, int]:
+    """``ray.data.llm``'s concurrency for our replicas: it reads a bare number n as an autoscaling pool of 1 to n
+    (which a short pass never scales up), so a number becomes the range (n, n): that many engines from the start."""
+    return (replicas, replicas) if isinstance(replicas, int) else replicas
+
+
 def vllm_processor_config(engine: Engine, hardware: Hardware, sharing: int = 1, **overrides: Any) -> Any:
     """A ``ray.data.llm`` vLLM processor config for ``engine``: one actor pool of ``engine_replicas`` engines (its
     share of the cluster when ``sharing`` engines run side by side)."""
@@ -294,7 +300,8 @@ def vllm_processor_config(engine: Engine, hardware: Hardware, sharing: int = 1, 
         "model_source": engine.model,
         "engine_kwargs": vllm_engine_kwargs(engine, hardware),
         "batch_size": engine.batch_size,
-        "concurrency": engine_replicas(engine, hardware, cluster_capacity(hardware), sharing),
+        "concurrency": actor_pool_size(engine_replicas(engine, hardware, cluster_capacity(hardware), sharing)),
+        "accelerator_type": engine.accelerator_type,
         "placement_group_config": {"bundles": placement_bundles(engine, hardware)},
         "should_continue_on_error": True,  # a failed row is marked and counted, not the end of the job
     }
