@@ -152,12 +152,12 @@ def test_dpo_prefers_held_out_chosen_replies_and_logs_its_metrics(trained):
     assert sum(wins) / len(wins) > 0.5, wins
 
 
-@pytest.mark.fault
-@pytest.mark.reliability("fault", "a Ray Train worker SIGKILLed mid-epoch (train_sft, ZeRO-3, 2 workers)")
 def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+@pytest.mark.fault
+@pytest.mark.reliability("fault", "a Ray Train worker SIGKILLed mid-epoch (train_sft, ZeRO-3, 2 workers)")
 def test_a_killed_training_worker_resumes_from_the_checkpoint(trained, ray_local, tmp_path):
     """SIGKILL one Ray Train worker after the first checkpoint: Ray Train restarts the group, the workers resume at
     the checkpoint's step (not 0), and the stage finishes with every step trained once."""
