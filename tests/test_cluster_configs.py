@@ -32,8 +32,12 @@ def test_cluster_yaml_passes_the_launchers_validation():
     nodes = full["available_node_types"]
     head, workers = nodes[full["head_node_type"]], [n for name, n in nodes.items() if name != full["head_node_type"]]
     assert head["resources"]["CPU"] == 0, "the head runs no work"
-    (gpu,) = workers
+    gpu, cpu = (next(n for n in workers if bool(n["resources"].get("GPU")) == wanted) for wanted in (True, False))
+    assert len(workers) == 2
     assert gpu["min_workers"] == 0 and gpu["max_workers"] * gpu["resources"]["GPU"] == 16
+    # CPU-only work has a node type of its own, so the autoscaler does not start a GPU node for it
+    assert cpu["min_workers"] == 0 and cpu["max_workers"] > 0 and cpu["resources"]["CPU"] > 0
+    assert full["max_workers"] >= gpu["max_workers"] + cpu["max_workers"]
     assert gpu["node_config"]["InstanceType"] == "p4d.24xlarge"
     assert any("[gpu" in command and "pip install" in command for command in full["setup_commands"])
     assert any("/mnt/shared" in command for command in full["setup_commands"]), "shared storage for checkpoints"
@@ -59,9 +63,13 @@ def test_the_rayjob_runs_every_stage_on_an_autoscaling_gpu_group():
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"].startswith("2.60") and cluster["enableInTreeAutoscaling"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    (group,) = cluster["workerGroupSpecs"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert sorted(groups) == ["a100", "cpu"]
+    group = groups["a100"]
     gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert group["minReplicas"] == 0 and group["maxReplicas"] * gpus == 16
+    cpu = groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert groups["cpu"]["minReplicas"] == 0 and "nvidia.com/gpu" not in cpu and int(cpu["cpu"]) > 0
 
 
 def test_the_rayservice_embeds_the_gpu_serve_config_and_takes_the_key_from_a_secret():

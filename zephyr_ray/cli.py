@@ -307,6 +307,33 @@ def _input_lines():
 
 
 @app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    cluster: Annotated[Path | None, typer.Option(help="Ray cluster launcher config (cluster.yaml): its GPU node "
+                                                      "type, how many, and prices")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the table docs/cluster.md shows")] = False,
+) -> None:
+    """What the recipe will ask of the cluster, per stage (engines or workers, GPUs used of GPUs available, rows
+    and tokens, hours, cost, memory per GPU, disk) and the problems found; nothing runs. The throughput and size
+    figures it assumes, and where each comes from, are in the --json output."""
+    from .plan import cluster_from_yaml, default_cluster, plan_json, plan_markdown, plan_recipe, plan_text
+
+    loaded = _recipe_or_fail(recipe)
+    try:
+        target = cluster_from_yaml(cluster) if cluster else default_cluster(loaded.hardware)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        _fail(f"{cluster}: {err}")
+    plans = plan_recipe(loaded, target)
+    if as_json:
+        echo(json.dumps(plan_json(plans), indent=2))
+    elif markdown:
+        echo(plan_markdown(plans))
+    else:
+        echo(plan_text(plans))
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the tiny models go")] = Path("artifacts"),
     run_dir: Annotated[Path, typer.Option(help="where the tiny recipe's run goes")] = Path("runs/tiny-cpu"),

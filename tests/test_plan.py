@@ -1,0 +1,126 @@
+"""`zephyr-ray plan`: the shipped 7B recipe on the shipped cluster, and the problems plan must find."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+
+from zephyr_ray.config import load_recipe
+from zephyr_ray.plan import cluster_from_yaml, model_parameters, plan_json, plan_markdown, plan_recipe
+
+SEVEN_B = REPO / "jobs" / "configs" / "zephyr-7b.yaml"
+
+
+def plan_of(recipe_path, cluster_path=REPO / "cluster.yaml"):
+    return plan_recipe(load_recipe(recipe_path), cluster_from_yaml(cluster_path))
+
+
+def test_the_7b_recipe_on_the_shipped_cluster_uses_every_gpu_and_has_no_problem():
+    shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "plan", str(SEVEN_B), "--cluster",
+                            str(REPO / "cluster.yaml"), "--json"], capture_output=True, text=True, cwd=REPO, check=True)
+    planned = json.loads(shown.stdout)
+    stages = {s["stage"]: s for s in planned["stages"]}
+    assert list(stages) == ["synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo", "evaluate"]
+    for stage in stages.values():
+        assert {"stage", "gpus_used", "gpus_available", "hours", "cost_usd", "problems"} <= set(stage)
+        assert stage["problems"] == [], (stage["stage"], stage["problems"])
+        assert stage["gpus_available"] == 16
+    assert all(stages[s]["gpus_used"] == 16 for s in ("train_sft", "complete", "train_dpo"))
+    assert stages["judge"]["gpus_used"] == 0 and stages["binarize"]["gpus_used"] == 0  # GPT-4 judge: HTTP only
+    assert 0 < planned["total"]["hours"] < 24 and planned["total"]["cost_usd"] > 0
+    # UltraFeedback's 61,135 prompts x 4 models, judged by gpt-4 at OpenAI's prices: the judge is the big bill
+    assert stages["judge"]["cost_usd"] > 10 * stages["train_sft"]["cost_usd"]
+    assert all(value["source"] for value in planned["assumptions"].values())
+
+
+def test_docs_cluster_md_shows_what_plan_prints():
+    page = (REPO / "docs" / "cluster.md").read_text()
+    table = re.search(r"<!-- plan: (.*?) -->\n(.*?)\n<!-- /plan -->", page, re.S)
+    assert table, "docs/cluster.md lost its generated plan table"
+    assert table.group(1) == "zephyr-ray plan jobs/configs/zephyr-7b.yaml --cluster cluster.yaml --markdown"
+    assert table.group(2) == plan_markdown(plan_of(SEVEN_B)), "regenerate the table with the command above it"
+
+
+def test_without_a_cpu_worker_type_cpu_work_would_start_a_gpu_node(tmp_path):
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    del config["available_node_types"]["cpu"]
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(config))
+    problems = {p.stage: p.problems for p in plan_of(SEVEN_B, tmp_path / "cluster.yaml")}
+    for stage in ("synthesize", "judge", "binarize"):
+        assert any("a GPU node starts" in problem for problem in problems[stage]), (stage, problems[stage])
+    assert problems["train_sft"] == []
+
+
+def test_plan_finds_idle_gpus_a_model_too_big_and_too_few_gpus(tmp_path):
+    data = yaml.safe_load(SEVEN_B.read_text())
+    data["complete"]["models"][0]["engine"]["concurrency"] = 2
+    data["complete"]["models"] = data["complete"]["models"][:1] + [
+        {"name": "big", "engine": {"model": "meta-llama/Llama-2-70b-chat-hf", "max_model_len": 4096}}]
+    data["hardware"]["num_workers"] = 32
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    plans = {p.stage: p for p in plan_of(path)}
+    complete = " ".join(plans["complete"].problems)
+    assert "big: meta-llama/Llama-2-70b-chat-hf needs 130 GiB of weights per GPU" in complete
+    assert "raise tensor_parallel_size" in complete
+    assert "32 workers need 32 GPUs; the cluster has 16" in " ".join(plans["train_sft"].problems)
+
+
+def test_explicit_replicas_that_leave_gpus_idle_are_a_problem(tmp_path):
+    data = yaml.safe_load(SEVEN_B.read_text())
+    for model in data["complete"]["models"]:
+        model["engine"]["concurrency"] = 1
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    complete = next(p for p in plan_of(path) if p.stage == "complete")
+    assert complete.gpus_used == 4 and any("uses 4 of 16 GPUs" in p for p in complete.problems)
+    assert complete.hours > next(p for p in plan_of(SEVEN_B) if p.stage == "complete").hours
+
+
+@pytest.mark.parametrize(("model", "expected"), [("meta-llama/Llama-2-13b-chat-hf", 13e9),
+                                                 ("mistralai/Mistral-7B-v0.1", 7e9), ("some/model", None)])
+def test_model_sizes_come_from_the_name_when_no_config_is_here(model, expected):
+    assert model_parameters(model) == expected
+
+
+def test_a_local_models_size_comes_from_its_config(tiny_models):
+    from safetensors import safe_open
+
+    path = tiny_models["teacher"]
+    with safe_open(str(path / "model.safetensors"), "pt") as weights:
+        actual = sum(_product(weights.get_slice(name).get_shape()) for name in weights.keys())
+    assert model_parameters(str(path)) == pytest.approx(actual, rel=0.02)
+
+
+def _product(shape: list[int]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def test_the_tiny_cpu_recipe_plans_one_engine_per_model_and_no_gpu():
+    planned = plan_json(plan_recipe(load_recipe(REPO / "jobs" / "configs" / "tiny-cpu.yaml"),
+                                    cluster_from_default()))
+    assert all(s["gpus_used"] == 0 and s["gpus_available"] == 0 for s in planned["stages"])
+    complete = next(s for s in planned["stages"] if s["stage"] == "complete")
+    assert complete["actors"].count("1 x vLLM engine (1 CPU)") == 4
+
+
+def cluster_from_default():
+    from zephyr_ray.config import Hardware
+    from zephyr_ray.plan import default_cluster
+
+    return default_cluster(Hardware(accelerator="cpu", num_workers=2))
+
+
+def test_a_cluster_file_without_gpus_is_one_clear_error(tmp_path):
+    (tmp_path / "cluster.yaml").write_text("available_node_types: {head: {resources: {CPU: 4}}}\n"
+                                           "head_node_type: head\n")
+    shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "plan", str(SEVEN_B), "--cluster",
+                            str(tmp_path / "cluster.yaml")], capture_output=True, text=True, cwd=REPO)
+    assert shown.returncode == 2 and "no node type with GPUs" in shown.stderr and "Traceback" not in shown.stderr
