@@ -410,42 +410,111 @@ def test_killed_job_resumes_to_the_same_rows(pipeline, tiny_models, ray_local, t
                        "nothing: every prompt once per model, no duplicate, no .tmp output left")
 
 
-def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pipeline, tmp_path):
+@pytest.fixture(scope="module")
+def a100_cluster():
     """A Ray cluster of three nodes on this machine (``ray.cluster_utils.Cluster``, as Ray's own tests build one): a
-    head for the light tasks and two nodes that stand in for GPU nodes (Ray's ``accelerator_type:A100`` resource,
-    which GPU nodes carry). complete with two engine replicas pinned to A100 nodes: the replicas run on both of
-    them, and every row equals the single-node run's."""
-    from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
+    head for the light tasks and two nodes that stand in for GPU nodes by Ray's ``accelerator_type:A100`` resource
+    (which GPU nodes carry). Ray's state API (which node ran each actor) is served by the head's dashboard."""
+    from types import SimpleNamespace
 
+    from ray.cluster_utils import Cluster
+
+    dashboard = free_port()
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 3, "include_dashboard": True, "dashboard_port": dashboard, "env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        nodes = [cluster.add_node(num_cpus=2, resources={"accelerator_type:A100": 1}) for _ in range(2)]
+        cluster.wait_for_nodes()
+        yield SimpleNamespace(cluster=cluster, nodes=nodes, state=f"http://127.0.0.1:{dashboard}")
+    finally:
+        cluster.shutdown()
+
+
+def complete_on_a100s(pipeline, tmp_path: Path, batch_size: int = 2,
+                      max_tokens: int | None = None) -> tuple[Path, Path, str]:
+    """(recipe, run dir, model): the single-node run's recipe with its first pool model on two engine replicas pinned
+    to A100 nodes, in batches of ``batch_size`` rows; the second pool model is copied as done (a resumed run skips
+    it)."""
     _, run_dir, _ = pipeline
-    data = yaml.safe_load((run_dir / "recipe.yaml").read_text())  # the single-node run's recipe, models, prompts
-    recipe_path = tmp_path / "recipe.yaml"
+    data = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     model = data["complete"]["models"][0]
-    model["engine"].update(concurrency=2, accelerator_type="A100", batch_size=2)
-    data["complete"]["models"] = data["complete"]["models"][:2]  # the second one done already (copied): skipped
+    model["engine"].update(concurrency=2, accelerator_type="A100", batch_size=batch_size)
+    if max_tokens:
+        model.setdefault("sampling", {})["max_tokens"] = max_tokens
+    data["complete"]["models"] = data["complete"]["models"][:2]
+    recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     run = tmp_path / "run"
     done = data["complete"]["models"][1]["name"]
     shutil.copytree(run_dir / "complete" / "models" / done, run / "complete" / "models" / done)
-    dashboard = free_port()  # Ray's state API (which node ran each actor) is served by the dashboard
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 3, "include_dashboard": True, "dashboard_port": dashboard,
-        "env_vars": {"PYTHONPATH": str(REPO)}})
-    try:
-        a100_nodes = {cluster.add_node(num_cpus=2, resources={"accelerator_type:A100": 1}).node_id for _ in range(2)}
-        cluster.wait_for_nodes()
-        shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "stage", "complete", str(recipe_path),
-                                "--run-dir", str(run), "--address", cluster.address], cwd=REPO, capture_output=True,
-                               text=True, timeout=900)
-        assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
-        engines = [a for a in list_actors(address=f"http://127.0.0.1:{dashboard}", detail=True, limit=10_000)
-                   if "vLLMEngineStageUDF" in (a.repr_name or "") + (a.class_name or "")]
-    finally:
-        cluster.shutdown()
-    assert len({a.actor_id for a in engines}) == 2, [(a.class_name, a.repr_name) for a in engines]
-    assert {a.node_id for a in engines} == a100_nodes, "one engine replica on each A100 node"
-    name = model["name"]
-    spread = sorted(rows(run / "complete" / "models" / name), key=lambda r: r["prompt_id"])
-    single = sorted(rows(run_dir / "complete" / "models" / name), key=lambda r: r["prompt_id"])
-    assert spread == single
+    return recipe_path, run, model["name"]
+
+
+def engine_actors(state_url: str, alive_only: bool = False) -> list:
+    from ray.util.state import list_actors
+
+    filters = [("state", "=", "ALIVE")] if alive_only else None
+    return [a for a in list_actors(address=state_url, filters=filters, detail=True, limit=10_000)
+            if "vLLMEngineStageUDF" in (a.class_name or "")]
+
+
+def stage_command(recipe_path: Path, run: Path, address: str) -> list[str]:
+    return [sys.executable, "-m", "zephyr_ray.cli", "stage", "complete", str(recipe_path), "--run-dir", str(run),
+            "--address", address]
+
+
+def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pipeline, a100_cluster, tmp_path):
+    """complete with two engine replicas pinned to A100 nodes: the replicas run on both of them, and every row
+    equals the single-node run's."""
+    recipe_path, run, name = complete_on_a100s(pipeline, tmp_path)
+    shown = subprocess.run(stage_command(recipe_path, run, a100_cluster.cluster.address), cwd=REPO,
+                           capture_output=True, text=True, timeout=900)
+    assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
+    engines = engine_actors(a100_cluster.state)
+    assert len({a.actor_id for a in engines}) == 2, [(a.class_name, a.state) for a in engines]
+    assert {a.node_id for a in engines} == {n.node_id for n in a100_cluster.nodes}, "one replica on each A100 node"
+    _, run_dir, _ = pipeline
+    by_prompt = lambda rows_: sorted(rows_, key=lambda r: r["prompt_id"])  # noqa: E731
+    assert by_prompt(rows(run / "complete" / "models" / name)) == by_prompt(
+        rows(run_dir / "complete" / "models" / name))
+
+
+@pytest.mark.fault
+@pytest.mark.reliability("fault", "a worker node removed mid-stage (complete, two engine replicas on two nodes)")
+def test_a_node_lost_mid_stage_costs_no_row(pipeline, a100_cluster, tmp_path):
+    """The A100 node of the first engine replica up is removed (its raylet and every process on it killed) while
+    complete runs, and a fresh A100 node joins, as an autoscaler replaces a lost node: the stage finishes (the lost
+    engine restarted elsewhere, its batches retried) or, if the job died with the node, a resubmitted stage resumes;
+    either way every prompt is answered exactly once. One-row batches of up to 256 tokens keep the pass running well
+    past the first engine's start."""
+    recipe_path, run, name = complete_on_a100s(pipeline, tmp_path, batch_size=1, max_tokens=256)
+    log = tmp_path / "stage.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(stage_command(recipe_path, run, a100_cluster.cluster.address), cwd=REPO,
+                               stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while not (engines := engine_actors(a100_cluster.state, alive_only=True)):
+        assert job.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "no engine replica came up"
+        time.sleep(0.5)
+    victim = next(n for n in a100_cluster.nodes if n.node_id == engines[0].node_id)
+    # capacity comes back as the autoscaler would bring it: a fresh A100 node, where the lost engine restarts
+    a100_cluster.nodes.append(a100_cluster.cluster.add_node(num_cpus=2, resources={"accelerator_type:A100": 1}))
+    a100_cluster.cluster.remove_node(victim, allow_graceful=False)
+    a100_cluster.nodes.remove(victim)
+    assert not (run / "complete" / "models" / name / "_SUCCESS").exists(), "the pass ended before the node was lost"
+    outcome = "the stage finished: the lost engine restarted on another node, its batches retried"
+    if job.wait(timeout=900) != 0:
+        outcome = "the stage died with the node; resubmitted, it resumed"
+        again = subprocess.run(stage_command(recipe_path, run, a100_cluster.cluster.address), cwd=REPO,
+                               capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, log.read_text()[-2000:] + again.stdout[-2000:] + again.stderr[-2000:]
+    _, run_dir, _ = pipeline
+    written = rows(run / "complete" / "models" / name)
+    single = rows(run_dir / "complete" / "models" / name)  # (longer answers here: the prompts are the same)
+    assert len({r["prompt_id"] for r in written}) == len(written), "a prompt was answered twice"
+    assert sorted(r["prompt_id"] for r in written) == sorted(r["prompt_id"] for r in single)
+    assert not list((run / "complete" / "models").glob(f".{name}.tmp-*"))
+    record_reliability("fault", "a worker node removed mid-stage (complete, two engine replicas on two nodes)",
+                       f"{outcome}; {len(written)} of {len(single)} prompts answered, each once",
+                       "nothing: every prompt once, no duplicate, no .tmp output left")
