@@ -259,3 +259,44 @@ def test_the_report_shows_the_loss_curves_and_dpo_margins_in_a_browser(trained, 
     assert all(width > 300 for _, width in images), images
     text = report.read_text()
     assert "binarize has not run yet" in text and "no evaluation has run yet" in text
+
+
+def test_two_ranks_on_two_nodes_write_each_checkpoint_once_into_the_shared_run_dir(trained, tmp_path):
+    """train_sft with its 2 workers on 2 nodes of a Ray cluster on this machine (``ray.cluster_utils.Cluster``: one
+    CPU per node, so the ranks cannot share one), the run directory standing in for the shared NFS/EFS storage:
+    ZeRO-3 across the nodes, every checkpoint written once (the storage holds the kept ones and little else), and
+    the exported model complete."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ray.cluster_utils import Cluster
+
+    _, run_dir, _, _ = trained
+    data = yaml.safe_load((run_dir.parent / "recipe.yaml").read_text())
+    data["train_sft"].update(num_epochs=4, save_steps=5, max_failures=0)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "synthesize", run / "synthesize")
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "stage", "train_sft",
+                                str(tmp_path / "recipe.yaml"), "--run-dir", str(run), "--address", cluster.address],
+                               cwd=REPO, capture_output=True, text=True, timeout=900)
+    finally:
+        cluster.shutdown()
+    assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
+    lines = attempts(run, "train_sft")
+    assert sorted(line["rank"] for line in lines) == [0, 1]
+    assert len({line["node_id"] for line in lines}) == 2, "the two ranks ran on two nodes"
+    assert all(0.45 <= line["params_held"] / line["params_total"] <= 0.55 for line in lines)
+    saves = -(-lines[0]["max_steps"] // 5)
+    kept = sorted((run / "train_sft" / "ray" / "train_sft" / "hf").glob("checkpoint-*"))
+    assert saves >= 3 and len(kept) == 2, (saves, kept)
+    storage = directory_bytes(run / "train_sft" / "ray")
+    assert storage <= 1.1 * 2 * max(directory_bytes(k) for k in kept), storage
+    assert (run / "train_sft" / "model" / "model.safetensors").is_file()

@@ -121,8 +121,8 @@ def save_at_end_callback() -> Any:
 
 def attempt_log_callback(record_dir: str) -> Any:
     """Each rank appends one line per (re)start of training to ``record_dir/rank<N>.jsonl``: the global step it
-    starts from (0, or the checkpoint's step after a restart) and how many parameters it holds itself, next to the
-    model's total (under ZeRO-3 each rank keeps about 1/world of them)."""
+    starts from (0, or the checkpoint's step after a restart), the Ray node it runs on, and how many parameters it
+    holds itself, next to the model's total (under ZeRO-3 each rank keeps about 1/world of them)."""
     import torch.distributed as dist
     from transformers import TrainerCallback
 
@@ -132,7 +132,10 @@ def attempt_log_callback(record_dir: str) -> Any:
             total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
             local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
             rank = dist.get_rank() if dist.is_initialized() else 0
-            line = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+            line = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1, "node_id": node,
                     "global_step_at_start": state.global_step, "max_steps": state.max_steps,
                     "params_held": local, "params_total": total, "pid": os.getpid()}
             Path(record_dir).mkdir(parents=True, exist_ok=True)
