@@ -358,14 +358,15 @@ def test_openai_judge_scores_through_a_local_openai_compatible_server(pipeline, 
 @pytest.mark.fault
 @pytest.mark.reliability("fault", "the job's driver SIGKILLed mid-stage (complete, after its first pool model)")
 def test_killed_job_resumes_to_the_same_rows(pipeline, tiny_models, ray_local, tmp_path):
-    """`ray job submit` of jobs/stage.py; the job's driver is SIGKILLed once the first pool model is written; a
-    second submission redoes only the missing models and ends with the rows of the uninterrupted run."""
+    """`ray job submit` of jobs/stage.py; the job's driver is SIGKILLed once the first pool models are written (the
+    first two run side by side on the test's 4 logical CPUs, the third after them); a second submission redoes only
+    the missing model and ends with the rows of the uninterrupted run."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     _, run_dir, _ = pipeline
     recipe_path = tiny_recipe(tmp_path, tiny_models)
     data = yaml.safe_load(recipe_path.read_text())
-    data["complete"]["models"] = data["complete"]["models"][:2]  # two pool models prove it; four cost CI minutes
+    data["complete"]["models"] = data["complete"]["models"][:3]  # two waves prove it; four models cost CI minutes
     recipe_path.write_text(yaml.safe_dump(data))
     run = tmp_path / "run"
     client = JobSubmissionClient(ray_local.dashboard_url)
@@ -382,30 +383,33 @@ def test_killed_job_resumes_to_the_same_rows(pipeline, tiny_models, ray_local, t
         return status
 
     models = [m["name"] for m in data["complete"]["models"]]
-    first = run / "complete" / "models" / models[0] / "_SUCCESS"
+    first_wave = [run / "complete" / "models" / name / "_SUCCESS" for name in models[:2]]
     job = submit()
     deadline = time.time() + 600
-    while not first.exists():
+    while not all(marker.exists() for marker in first_wave):
         assert client.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(job)[-3000:]
-        assert time.time() < deadline, "the first pool model was never written"
+        assert time.time() < deadline, "the first pool models were never written"
         time.sleep(0.5)
     os.kill(int(client.get_job_info(job).driver_info.pid), signal.SIGKILL)
     assert wait(job, {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.SUCCEEDED}, 120) != JobStatus.SUCCEEDED
     assert not (run / "complete" / "models" / models[-1] / "_SUCCESS").exists(), "killed too late to prove resume"
-    written_before = first.stat().st_mtime_ns
+    written_before = {name: (run / "complete" / "models" / name / "_SUCCESS").stat().st_mtime_ns
+                      for name in models[:2]}
 
     job = submit()
     assert wait(job, {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.SUCCEEDED}, 900) == JobStatus.SUCCEEDED, \
         client.get_job_logs(job)[-3000:]
-    assert first.stat().st_mtime_ns == written_before, "a finished model was generated again"
+    assert {name: (run / "complete" / "models" / name / "_SUCCESS").stat().st_mtime_ns
+            for name in models[:2]} == written_before, "a finished model was generated again"
     for name in models:
         resumed = sorted(rows(run / "complete" / "models" / name), key=lambda r: r["prompt_id"])
         straight = sorted(rows(run_dir / "complete" / "models" / name), key=lambda r: r["prompt_id"])
         assert resumed == straight, name
         assert not list((run / "complete" / "models").glob(f".{name}.tmp-*"))
     record_reliability("fault", "the job's driver SIGKILLed mid-stage (complete, after its first pool model)",
-                       f"the resubmitted job skipped the finished model, cleared the half-written one and generated "
-                       f"the rest ({len(models) - 1} of {len(models)} models); rows identical to an uninterrupted run "
+                       f"the resubmitted job skipped the 2 finished models (written side by side), cleared the "
+                       f"half-written one and generated the rest ({len(models) - 2} of {len(models)} models); rows "
+                       "identical to an uninterrupted run "
                        "(per-row seeds)",
                        "nothing: every prompt once per model, no duplicate, no .tmp output left")
 
