@@ -88,18 +88,30 @@ def pipeline(engine: Engine, hardware: Hardware, sizes: list[int], out: Path) ->
     return timings
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_arguments(description: str) -> argparse.Namespace:
+    """--model and --rows, as every generation benchmark takes them."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="artifacts/tiny-models/generator-0")
     parser.add_argument("--rows", type=int, default=256, help="N; the runs use N and 10N rows")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def start_ray(num_cpus: int) -> None:
+    """A local Ray for a benchmark: no dashboard, workers' logs and progress bars off the terminal."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def main() -> None:
+    args = bench_arguments(__doc__)
     import ray
 
     hardware = Hardware(accelerator=detect_accelerator())
     engine = Engine(model=args.model, max_model_len=512, batch_size=64, kv_cache_gib=1.0)
     sizes = [args.rows, 10 * args.rows]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray(num_cpus=4)
     with tempfile.TemporaryDirectory() as tmp:
         piped = pipeline(engine, hardware, sizes, Path(tmp))
     ray.shutdown()

@@ -11,28 +11,23 @@ GPUs would do.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
 
-from generation import pipeline
+from generation import bench_arguments, pipeline, start_ray
 
 from zephyr_ray.config import Engine, Hardware
 from zephyr_ray.engines import detect_accelerator
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="artifacts/tiny-models/generator-0")
-    parser.add_argument("--rows", type=int, default=256, help="N; the runs use N and 10N rows")
-    args = parser.parse_args()
+    args = bench_arguments(__doc__)
     import ray
 
     hardware = Hardware(accelerator=detect_accelerator())
     sizes = [args.rows, 10 * args.rows]
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray(num_cpus=max(4, os.cpu_count() or 1))
     results = {}
     for replicas in (1, 2):
         engine = Engine(model=args.model, max_model_len=512, batch_size=64, kv_cache_gib=1.0, concurrency=replicas)

@@ -152,6 +152,22 @@ def test_dpo_prefers_held_out_chosen_replies_and_logs_its_metrics(trained):
     assert sum(wins) / len(wins) > 0.5, wins
 
 
+def sft_stage(trained, tmp_path: Path, address: str, **train_sft) -> tuple[Path, list[str]]:
+    """(run dir, command): a new run holding the trained fixture's dialogues, and the `zephyr-ray stage train_sft`
+    command that trains it on the Ray at ``address`` with the fixture's recipe, ``train_sft`` changed."""
+    import shutil
+    import sys
+
+    _, run_dir, _, _ = trained
+    data = yaml.safe_load((run_dir.parent / "recipe.yaml").read_text())
+    data["train_sft"].update(train_sft)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "synthesize", run / "synthesize")
+    return run, [sys.executable, "-m", "zephyr_ray.cli", "stage", "train_sft", str(tmp_path / "recipe.yaml"),
+                 "--run-dir", str(run), "--address", address]
+
+
 def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -162,22 +178,13 @@ def test_a_killed_training_worker_resumes_from_the_checkpoint(trained, ray_local
     """SIGKILL one Ray Train worker after the first checkpoint: Ray Train restarts the group, the workers resume at
     the checkpoint's step (not 0), and the stage finishes with every step trained once."""
     import os
-    import shutil
     import signal
     import subprocess
-    import sys
     import time
 
-    _, run_dir, _, _ = trained
-    data = yaml.safe_load((run_dir.parent / "recipe.yaml").read_text())
-    data["train_sft"].update(num_epochs=8, save_steps=10, max_failures=2)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
-    run = tmp_path / "run"
-    shutil.copytree(run_dir / "synthesize", run / "synthesize")
+    run, command = sft_stage(trained, tmp_path, ray_local.address, num_epochs=8, save_steps=10, max_failures=2)
     with open(tmp_path / "stage.log", "w") as log:
-        job = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "stage", "train_sft",
-                                str(tmp_path / "recipe.yaml"), "--run-dir", str(run), "--address", ray_local.address],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     snapshot = run / "train_sft" / "ray" / "train_sft" / "checkpoint_manager_snapshot.json"
 
     def registered() -> int:  # checkpoints every rank has reported (a checkpoint_* directory may be half-uploaded)
@@ -266,27 +273,18 @@ def test_two_ranks_on_two_nodes_write_each_checkpoint_once_into_the_shared_run_d
     CPU per node, so the ranks cannot share one), the run directory standing in for the shared NFS/EFS storage:
     ZeRO-3 across the nodes, every checkpoint written once (the storage holds the kept ones and little else), and
     the exported model complete."""
-    import shutil
     import subprocess
-    import sys
 
     from ray.cluster_utils import Cluster
 
-    _, run_dir, _, _ = trained
-    data = yaml.safe_load((run_dir.parent / "recipe.yaml").read_text())
-    data["train_sft"].update(num_epochs=4, save_steps=5, max_failures=0)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
-    run = tmp_path / "run"
-    shutil.copytree(run_dir / "synthesize", run / "synthesize")
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "stage", "train_sft",
-                                str(tmp_path / "recipe.yaml"), "--run-dir", str(run), "--address", cluster.address],
-                               cwd=REPO, capture_output=True, text=True, timeout=900)
+        run, command = sft_stage(trained, tmp_path, cluster.address, num_epochs=4, save_steps=5, max_failures=0)
+        shown = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     finally:
         cluster.shutdown()
     assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
