@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -416,9 +417,10 @@ def test_killed_job_resumes_to_the_same_rows(pipeline, tiny_models, ray_local, t
 
 @pytest.fixture(scope="module")
 def a100_cluster():
-    """A Ray cluster of three nodes on this machine (``ray.cluster_utils.Cluster``, as Ray's own tests build one): a
-    head for the light tasks and two nodes that stand in for GPU nodes by Ray's ``accelerator_type:A100`` resource
-    (which GPU nodes carry). Ray's state API (which node ran each actor) is served by the head's dashboard."""
+    """A Ray cluster of four nodes on this machine (``ray.cluster_utils.Cluster``, as Ray's own tests build one): a
+    head, two nodes that stand in for GPU nodes by Ray's ``accelerator_type:A100`` resource (which GPU nodes carry)
+    and a node of the worker group ``cpu`` (Ray's ``ray.io/node-group`` label, which an autoscaler gives a node of
+    that type). Ray's state API (which node ran each task and actor) is served by the head's dashboard."""
     from types import SimpleNamespace
 
     from ray.cluster_utils import Cluster
@@ -428,8 +430,9 @@ def a100_cluster():
         "num_cpus": 3, "include_dashboard": True, "dashboard_port": dashboard, "env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         nodes = [cluster.add_node(num_cpus=2, resources={"accelerator_type:A100": 1}) for _ in range(2)]
+        cpu_node = cluster.add_node(num_cpus=2, labels={"ray.io/node-group": "cpu"})
         cluster.wait_for_nodes()
-        yield SimpleNamespace(cluster=cluster, nodes=nodes, state=f"http://127.0.0.1:{dashboard}")
+        yield SimpleNamespace(cluster=cluster, nodes=nodes, cpu_node=cpu_node, state=f"http://127.0.0.1:{dashboard}")
     finally:
         cluster.shutdown()
 
@@ -437,10 +440,11 @@ def a100_cluster():
 def complete_on_a100s(pipeline, tmp_path: Path, batch_size: int = 2,
                       max_tokens: int | None = None) -> tuple[Path, Path, str]:
     """(recipe, run dir, model): the single-node run's recipe with its first pool model on two engine replicas pinned
-    to A100 nodes, in batches of ``batch_size`` rows; the second pool model is copied as done (a resumed run skips
-    it)."""
+    to A100 nodes, in batches of ``batch_size`` rows, and its CPU work on the ``cpu`` worker group; the second pool
+    model is copied as done (a resumed run skips it)."""
     _, run_dir, _ = pipeline
     data = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    data["hardware"]["cpu_node_group"] = "cpu"
     model = data["complete"]["models"][0]
     model["engine"].update(concurrency=2, accelerator_type="A100", batch_size=batch_size)
     if max_tokens:
@@ -462,14 +466,30 @@ def engine_actors(state_url: str, alive_only: bool = False) -> list:
             if "vLLMEngineStageUDF" in (a.class_name or "")]
 
 
+def work_by_node(cluster: Any, job_id: str) -> tuple[set[str], set[str]]:
+    """(what ran on the A100 nodes, what ran on the CPU node) for one job: the names of its tasks and actors, an
+    actor's method calls under its class name."""
+    from ray.util.state import list_actors, list_tasks
+
+    gpu_nodes = {n.node_id for n in cluster.nodes}
+    placed = [(a.node_id, a.class_name) for a in list_actors(address=cluster.state, detail=True, limit=10_000,
+                                                             filters=[("job_id", "=", job_id)])]
+    placed += [(t.node_id, t.name.split(".")[0] if t.type == "ACTOR_TASK" else t.name)
+               for t in list_tasks(address=cluster.state, detail=True, limit=10_000, filters=[("job_id", "=", job_id)])
+               if t.type != "ACTOR_CREATION_TASK"]
+    return ({name for node, name in placed if node in gpu_nodes},
+            {name for node, name in placed if node == cluster.cpu_node.node_id})
+
+
 def stage_command(recipe_path: Path, run: Path, address: str) -> list[str]:
     return [sys.executable, "-m", "zephyr_ray.cli", "stage", "complete", str(recipe_path), "--run-dir", str(run),
             "--address", address]
 
 
 def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pipeline, a100_cluster, tmp_path):
-    """complete with two engine replicas pinned to A100 nodes: the replicas run on both of them, and every row
-    equals the single-node run's."""
+    """complete with two engine replicas pinned to A100 nodes and ``hardware.cpu_node_group: cpu``: the replicas run
+    on both A100 nodes, nothing else of the stage does (reads, validation, dedupe shuffle, templating, writes run on
+    the CPU node), and every row equals the single-node run's."""
     recipe_path, run, name = complete_on_a100s(pipeline, tmp_path)
     shown = subprocess.run(stage_command(recipe_path, run, a100_cluster.cluster.address), cwd=REPO,
                            capture_output=True, text=True, timeout=900)
@@ -477,6 +497,11 @@ def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pi
     engines = engine_actors(a100_cluster.state)
     assert len({a.actor_id for a in engines}) == 2, [(a.class_name, a.state) for a in engines]
     assert {a.node_id for a in engines} == {n.node_id for n in a100_cluster.nodes}, "one replica on each A100 node"
+    on_gpu_nodes, on_cpu_node = work_by_node(a100_cluster, job_id=engines[0].job_id)
+    assert on_gpu_nodes == {"MapWorker(MapBatches(vLLMEngineStageUDF))"}, on_gpu_nodes
+    missing = [kind for kind in ("Read", "HashShuffleAggregator", "ChatTemplateUDF", "Write")
+               if not any(kind in name for name in on_cpu_node)]
+    assert not missing, f"{missing} not seen on the CPU node: {on_cpu_node}"
     _, run_dir, _ = pipeline
     by_prompt = lambda rows_: sorted(rows_, key=lambda r: r["prompt_id"])  # noqa: E731
     assert by_prompt(rows(run / "complete" / "models" / name)) == by_prompt(

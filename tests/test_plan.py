@@ -49,10 +49,28 @@ def test_without_a_cpu_worker_type_cpu_work_would_start_a_gpu_node(tmp_path):
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     del config["available_node_types"]["cpu"]
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(config))
-    problems = {p.stage: p.problems for p in plan_of(SEVEN_B, tmp_path / "cluster.yaml")}
+    recipe = yaml.safe_load(SEVEN_B.read_text())
+    del recipe["hardware"]["cpu_node_group"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    problems = {p.stage: p.problems for p in plan_of(tmp_path / "recipe.yaml", tmp_path / "cluster.yaml")}
     for stage in ("synthesize", "judge", "binarize"):
         assert any("a GPU node starts" in problem for problem in problems[stage]), (stage, problems[stage])
     assert problems["train_sft"] == []
+
+
+def test_cpu_work_without_or_with_a_wrong_cpu_node_group(tmp_path):
+    """The 7B recipe names cluster.yaml's CPU node type; without the field its CPU stages may use (and start) GPU
+    nodes, and a group the cluster has no node type for would leave every stage's CPU work waiting."""
+    data = yaml.safe_load(SEVEN_B.read_text())
+    assert data["hardware"]["cpu_node_group"] == "cpu"
+    for group, stages, text in ((None, ("synthesize", "judge", "binarize"), "set hardware.cpu_node_group to 'cpu'"),
+                                ("cpus", ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo",
+                                          "evaluate"), "'cpus' is no CPU worker type of the cluster (cpu)")):
+        data["hardware"]["cpu_node_group"] = group
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(data))
+        problems = {p.stage: " ".join(p.problems) for p in plan_of(path, REPO / "cluster.yaml")}
+        assert [stage for stage in problems if text in problems[stage]] == list(stages), problems
 
 
 def test_plan_finds_idle_gpus_a_model_too_big_and_too_few_gpus(tmp_path):

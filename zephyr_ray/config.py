@@ -79,6 +79,10 @@ class Hardware(_Section):
     max_model_len_cap: int = Field(default=8192, gt=0, description="engines that set no max_model_len get the "
                                    "model's own limit, at most this (a 32k-context model's KV cache for one "
                                    "sequence may not fit otherwise)")
+    cpu_node_group: str | None = Field(
+        default=None, description="the worker group where work that needs no accelerator runs (reads, validation, "
+        "prompt templating, the endpoint judge, binarize, writes), by Ray's `ray.io/node-group` node label: the node "
+        "type's name in cluster.yaml, the worker group's groupName in KubeRay; engines keep off it. None: anywhere")
 
 
 class Training(_Section):

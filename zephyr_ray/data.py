@@ -877,7 +877,11 @@ def column_sum(out_dir: str | Path, column: str) -> float:
     return total
 
 
-def configure_ray_data(small_cluster: bool) -> None:
+CPU_GROUP_AGGREGATORS = 8  # group-by aggregator actors while no node of the CPU worker group is up yet
+
+
+def configure_ray_data(small_cluster: bool, cpu_work_selector: dict[str, str] | None = None,
+                       cpu_work_cpus: float = 0.0) -> None:
     """Ray Data settings for this driver (after ``ray.init``).
 
     - Parquet reads take Ray's V1 datasource: 2.60's V2 reader starts a pool of 32 footer-reader actors (one Python
@@ -888,16 +892,30 @@ def configure_ray_data(small_cluster: bool) -> None:
       clusters keep Ray's default (an autoscaling cluster's CPU count at start says little).
     - Values Arrow cannot hold become pickled Python objects (Ray's fallback, set explicitly: no warning), so a
       judge's answer with a lone surrogate reaches the writer, which repairs and counts it (``conform``).
+    - ``cpu_work_selector`` (the recipe's CPU worker group, ``cpu_work_cpus`` of its CPUs up now) goes on every task
+      and actor Ray Data starts: reads, validation, templating, the endpoint judge, shuffles, writes. Engine
+      operators override it (``engines.keep_engines_off_cpu_nodes``). Group-bys then take Ray's HASH_SHUFFLE, whose
+      tasks and aggregator actors carry the selector (2.60's default SHUFFLE_V2 operators leave it out and land
+      anywhere), with at most one aggregator per two CPUs of the group: Ray sizes them by the whole cluster's CPUs,
+      and an aggregator that finds no room on the group's nodes stalls the shuffle for good.
     """
     import ray
     from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
 
     context = DataContext.get_current()
     context.use_datasource_v2 = False
     # a value Arrow cannot hold (text with a lone surrogate) stays a Python object until the writer repairs it
     context.enable_fallback_to_arrow_object_ext_type = True
+    context.execution_options.label_selector = cpu_work_selector
+    shuffle_cpus = ray.cluster_resources().get("CPU", 1)
+    if cpu_work_selector:
+        context.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
+        aggregators = max(1, int(cpu_work_cpus // 2)) if cpu_work_cpus else CPU_GROUP_AGGREGATORS
+        context.max_hash_shuffle_aggregators = aggregators
+        shuffle_cpus = aggregators
     if small_cluster:
-        context.default_hash_shuffle_parallelism = max(1, min(int(ray.cluster_resources().get("CPU", 1)), 200))
+        context.default_hash_shuffle_parallelism = max(1, min(int(shuffle_cpus), 200))
 
 
 def read_contract(*out_dirs: str | Path) -> Any:

@@ -291,6 +291,24 @@ def actor_pool_size(replicas: int | tuple[int, int]) -> tuple[int, int]:
     return (replicas, replicas) if isinstance(replicas, int) else replicas
 
 
+NODE_GROUP_LABEL = "ray.io/node-group"  # Ray's node label: the node type (cluster.yaml) or worker group (KubeRay)
+
+
+def cpu_work_selector(hardware: Hardware) -> dict[str, str] | None:
+    """The label selector for work that needs no accelerator: the recipe's CPU worker group, or None (anywhere)."""
+    return {NODE_GROUP_LABEL: hardware.cpu_node_group} if hardware.cpu_node_group else None
+
+
+def keep_engines_off_cpu_nodes(processor: Any, hardware: Hardware) -> Any:
+    """Give a ``ray.data.llm`` processor's engine operator a selector of its own ("not the CPU group"): Ray Data
+    merges the run's CPU-group selector (``configure_ray_data``) into every operator whose own selector lacks the
+    key, which would send the engines to CPU nodes too. Returns the processor."""
+    if hardware.cpu_node_group:
+        stage = processor.get_stage_by_name("vLLMEngineStage")
+        stage.map_batches_kwargs["label_selector"] = {NODE_GROUP_LABEL: f"!{hardware.cpu_node_group}"}
+    return processor
+
+
 def vllm_processor_config(engine: Engine, hardware: Hardware, sharing: int = 1, **overrides: Any) -> Any:
     """A ``ray.data.llm`` vLLM processor config for ``engine``: one actor pool of ``engine_replicas`` engines (its
     share of the cluster when ``sharing`` engines run side by side)."""

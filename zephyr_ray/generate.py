@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from .config import Engine, Hardware
-from .engines import context_length, vllm_processor_config
+from .engines import context_length, keep_engines_off_cpu_nodes, vllm_processor_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = 
         preprocess=_park,
         postprocess=functools.partial(_unpark, keep_logprobs=keep_logprobs, max_model_len=max_model_len),
     )
-    return processor(ds)
+    return keep_engines_off_cpu_nodes(processor, hardware)(ds)
 
 
 def classify(ds: Any, engine: Engine, hardware: Hardware) -> Any:
@@ -88,4 +88,4 @@ def classify(ds: Any, engine: Engine, hardware: Hardware) -> Any:
 
     config = vllm_processor_config(engine, hardware, task_type="classify", detokenize_stage=False)
     processor = build_processor(config, preprocess=_park, postprocess=functools.partial(_unpark, classify=True))
-    return processor(ds)
+    return keep_engines_off_cpu_nodes(processor, hardware)(ds)

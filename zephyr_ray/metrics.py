@@ -71,11 +71,13 @@ class StageMetrics:
 
 
 def stage_metrics_actor() -> Any:
-    """The cluster's one metrics actor (created on first use; later drivers find it by name)."""
+    """The cluster's one metrics actor (created on first use; later drivers find it by name), on the head node: a
+    detached actor on a worker node would keep that node from ever scaling down."""
     import ray
 
     return ray.remote(StageMetrics).options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
-                                            get_if_exists=True, num_cpus=0).remote()
+                                            get_if_exists=True, num_cpus=0,
+                                            resources={"node:__internal_head__": 0.001}).remote()
 
 
 def record_stage(stage: str, counts: dict[str, Any], seconds: float,

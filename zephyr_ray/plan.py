@@ -77,7 +77,7 @@ class Cluster:
     gpus_per_node: int = 8
     gpu_node_usd_per_hour: float | None = None
     always_on_usd_per_hour: float = 0.0  # the head
-    cpu_worker_type: bool = True
+    cpu_worker_groups: tuple[str, ...] = ()  # node types without GPUs that can start
     head_cpus: float = 1.0
 
 
@@ -111,13 +111,13 @@ def cluster_from_yaml(path: Path) -> Cluster:
     accelerator = next((k.split(":", 1)[1] for k in node["resources"] if k.startswith("accelerator_type:")),
                        known[1] if known else "A100")
     head_instance = (head.get("node_config") or {}).get("InstanceType", "")
-    cpu_workers = [t for n, t in types.items() if n != config.get("head_node_type") and n not in gpu_types
-                   and t.get("max_workers", 0) > 0]
+    cpu_workers = tuple(n for n, t in types.items() if n != config.get("head_node_type") and n not in gpu_types
+                        and t.get("max_workers", 0) > 0)
     return Cluster(gpus=per_node * int(node.get("max_workers", 0)), gpu_type=accelerator,
                    gpu_memory_gib=known[2] if known else 80.0, gpus_per_node=per_node,
                    gpu_node_usd_per_hour=known[3] if known else None,
                    always_on_usd_per_hour=INSTANCE_TYPES.get(head_instance, (0, None, 0, 0.0))[3],
-                   cpu_worker_type=bool(cpu_workers),
+                   cpu_worker_groups=cpu_workers,
                    head_cpus=float((head.get("resources") or {}).get("CPU", 1)))
 
 
@@ -250,9 +250,13 @@ def plan_recipe(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
 
     def cpu_work(plan: StagePlan, what: str) -> None:
         plan.actors = f"{what} (CPU only)"
-        if not cluster.cpu_worker_type and cluster.head_cpus == 0:
+        group = hardware.cpu_node_group
+        if not cluster.cpu_worker_groups and cluster.head_cpus == 0:
             plan.problems.append(f"{what} is CPU work, and the cluster has no CPU worker type while its head takes "
                                  "none: a GPU node starts to run it")
+        elif cluster.cpu_worker_groups and group is None:
+            plan.problems.append(f"{what} is CPU work that may run on GPU nodes (and start one): set "
+                                 f"hardware.cpu_node_group to {cluster.cpu_worker_groups[0]!r}")
 
     dialogues = 0
     if (cfg := recipe.synthesize) is not None:
@@ -327,6 +331,10 @@ def plan_recipe(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
                                           + _a("judge_generated_tokens") * price[1]) / 1e6
             plan.work += f" by {cfg.judge.endpoint.model} ({judgments} judgments, ~${plan.judge_usd:,.0f})"
     for plan in plans:
+        if hardware.cpu_node_group and hardware.cpu_node_group not in cluster.cpu_worker_groups:
+            plan.problems.append(f"hardware.cpu_node_group {hardware.cpu_node_group!r} is no CPU worker type of the "
+                                 f"cluster ({', '.join(cluster.cpu_worker_groups) or 'none'}): the stage's CPU work "
+                                 "would wait for a node that never starts")
         if plan.gpus_used and cluster.gpu_node_usd_per_hour is not None:
             nodes = math.ceil(plan.gpus_used / cluster.gpus_per_node)
             plan.cost_usd = plan.hours * (nodes * cluster.gpu_node_usd_per_hour + cluster.always_on_usd_per_hour) \
@@ -338,7 +346,8 @@ def plan_recipe(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
 
 def default_cluster(hardware: Hardware) -> Cluster:
     """Without ``--cluster``: as many GPUs as the recipe's training workers (prices unknown), or none on CPU."""
-    return Cluster(gpus=hardware.num_workers if hardware.accelerator == "gpu" else 0)
+    return Cluster(gpus=hardware.num_workers if hardware.accelerator == "gpu" else 0,
+                   cpu_worker_groups=(hardware.cpu_node_group,) if hardware.cpu_node_group else ())
 
 
 def plan_text(plans: list[StagePlan]) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from .config import Hardware, Recipe
-from .engines import prepare_process_env
+from .engines import cpu_work_selector, prepare_process_env
 from .stage import StageResult
+
+log = logging.getLogger(__name__)
 
 
 def stage_functions() -> dict[str, Callable[[Recipe, Path], StageResult]]:
@@ -40,7 +43,14 @@ def init_ray(hardware: Hardware, address: str | None = None) -> None:
             ray.init(num_cpus=max(4, os.cpu_count() or 1))
         else:
             ray.init()
-    configure_ray_data(small_cluster=hardware.accelerator == "cpu")
+    selector = cpu_work_selector(hardware)
+    group = [node for node in ray.nodes() if node["Alive"] and selector
+             and selector.items() <= (node.get("Labels") or {}).items()]
+    if selector and not group:
+        log.warning("no node of the CPU worker group %r is up: work that needs no accelerator waits until one "
+                    "joins (an autoscaler starts one)", hardware.cpu_node_group)
+    configure_ray_data(small_cluster=hardware.accelerator == "cpu", cpu_work_selector=selector,
+                       cpu_work_cpus=sum(node["Resources"].get("CPU", 0) for node in group))
 
 
 def run_stage(name: str, recipe: Recipe, run_dir: Path, address: str | None = None) -> StageResult:
