@@ -508,6 +508,29 @@ def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pi
         rows(run_dir / "complete" / "models" / name))
 
 
+def test_binarize_runs_on_the_cpu_node_while_gpu_nodes_sit_idle(pipeline, a100_cluster, tmp_path):
+    """binarize (read, group-by shuffle, pairing, writes: no engine) with ``hardware.cpu_node_group: cpu`` on the
+    four-node cluster: every task and actor of its job runs on the CPU node, although the idle A100 nodes have free
+    CPUs that Ray would otherwise spread to; its pairs equal the single-node run's."""
+    from ray.util.state import list_jobs
+
+    recipe_path, run, _ = complete_on_a100s(pipeline, tmp_path)
+    _, run_dir, _ = pipeline
+    shutil.copytree(run_dir / "judge", run / "judge")
+    before = {j.job_id for j in list_jobs(address=a100_cluster.state)}
+    command = stage_command(recipe_path, run, a100_cluster.cluster.address)
+    command[command.index("complete")] = "binarize"
+    shown = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
+    (job,) = {j.job_id for j in list_jobs(address=a100_cluster.state)} - before
+    on_gpu_nodes, on_cpu_node = work_by_node(a100_cluster, job_id=job)
+    assert on_gpu_nodes == set(), on_gpu_nodes
+    assert any("HashShuffleAggregator" in name for name in on_cpu_node), on_cpu_node
+    assert any("Write" in name for name in on_cpu_node), on_cpu_node
+    by_prompt = lambda rows_: sorted(rows_, key=lambda r: r["prompt_id"])  # noqa: E731
+    assert by_prompt(rows(run / "binarize" / "preferences")) == by_prompt(rows(run_dir / "binarize" / "preferences"))
+
+
 @pytest.mark.fault
 @pytest.mark.reliability("fault", "a worker node removed mid-stage (complete, two engine replicas on two nodes)")
 def test_a_node_lost_mid_stage_costs_no_row(pipeline, a100_cluster, tmp_path):
