@@ -321,6 +321,7 @@ def test_two_ranks_on_two_nodes_survive_losing_a_node_and_write_each_checkpoint_
     assert storage <= 1.1 * 2 * max(directory_bytes(k) for k in kept), storage
     assert (run / "train_sft" / "model" / "model.safetensors").is_file()
     record_reliability("fault", "a worker node removed mid-training (train_sft, ZeRO-3, 2 ranks on 2 nodes)",
-                       f"training waited for capacity; when a fresh node joined, both ranks resumed at step "
+                       f"the worker group failed with the node; one node's CPU could not hold it, so it restarted "
+                       f"when a fresh node joined: both ranks resumed at step "
                        f"{starts[0][1]} (the last checkpoint) on 2 nodes and finished at step {metrics['step']}",
                        f"nothing: the {starts[0][1]} checkpointed steps were not redone, no step was skipped")

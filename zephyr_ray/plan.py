@@ -40,6 +40,8 @@ ASSUMPTIONS: dict[str, tuple[float, str]] = {
     "judge_prompt_tokens": (1200.0, "a rubric judge prompt with one completion"),
     "judge_generated_tokens": (150.0, "a rubric judgment"),
     "pair_tokens": (1200.0, "a preference pair: prompt + chosen + rejected"),
+    "weights_share_of_gpu": (0.9 * 0.8, "vLLM takes gpu_memory_utilization 0.9 of a GPU (its default); weights past "
+                                       "80% of that leave too small a KV cache for batched generation"),
     "rows_when_unknown": (10000.0, "a dataset whose size is not known here (a hub id not in KNOWN_ROWS)"),
 }
 
@@ -194,7 +196,7 @@ def _generation_hours(engines: list[tuple[str, Engine, float, float]], hardware:
             actors.append(f"{label}: {replicas} x vLLM engine ({per_engine} {unit}{'s' if per_engine > 1 else ''})")
             weights = params * 2 / 2**30 / per_engine
             memory.append(f"{label}: {weights:.0f} GiB weights per GPU")
-            if weights > 0.9 * cluster.gpu_memory_gib * 0.8:
+            if weights > _a("weights_share_of_gpu") * cluster.gpu_memory_gib:
                 plan.problems.append(f"{label}: {engine.model} needs {weights:.0f} GiB of weights per GPU, more than "
                                      f"a {cluster.gpu_memory_gib:g} GiB {cluster.gpu_type} leaves beside a KV cache "
                                      f"(raise tensor_parallel_size)")
