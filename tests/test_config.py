@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from zephyr_ray.chat import ZEPHYR_CHAT_TEMPLATE, template_text
 from zephyr_ray.config import RecipeError, derive_batch, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,3 +296,40 @@ def test_a_max_model_len_above_the_models_limit_is_an_error_at_validate_and_at_s
         assert refused.stderr.splitlines() == [
             f"error: --max-model-len: max_model_len 4096 is above the limit of {teacher}: 2048 tokens "
             "(max_position_embeddings in its config.json); lower max_model_len or leave it unset"]
+
+
+def test_a_pool_model_without_a_chat_template_is_an_error_at_validate_and_at_start(tiny_models, tmp_path):
+    """generator-2 ships no template (as Vicuna-style pool models): named by its key and model, before Ray or any
+    engine starts; 'zephyr', Jinja text or a .jinja file clears it, and a missing file is a load error."""
+    bare = tiny_models["generator-2"]
+    recipe = f"""\
+        name: x
+        hardware: {{accelerator: cpu, num_workers: 1}}
+        complete:
+          prompts: {{path: {REPO / "jobs" / "data" / "tiny_prompts.jsonl"}}}
+          models:
+            - {{name: a, engine: {{model: {tiny_models["generator-0"]}}}}}
+            - {{name: b, engine: {{model: {bare}CHOICE}}}}
+        """
+    path = write(tmp_path, recipe.replace("CHOICE", ""))
+    expected = (f"complete.models.1.engine.chat_template: {bare} ships no chat template (none in "
+                "tokenizer_config.json, no chat_template.jinja): set one ('zephyr', Jinja text, or a .jinja file)")
+    validated = cli("validate", str(path))
+    assert validated.returncode == 2 and "Traceback" not in validated.stderr
+    assert validated.stderr.splitlines() == [f"error: {path}: {expected}"]
+    started = cli("stage", "complete", str(path), "--run-dir", str(tmp_path / "run"))
+    assert started.returncode == 2 and "Traceback" not in started.stderr
+    assert started.stderr.splitlines() == [f"error: {expected}"] and not (tmp_path / "run" / "complete").exists()
+
+    template_file = tmp_path / "zephyr.jinja"
+    template_file.write_text(ZEPHYR_CHAT_TEMPLATE)
+    for choice in (", chat_template: zephyr", f", chat_template: {template_file}"):
+        path = write(tmp_path, recipe.replace("CHOICE", choice))
+        assert cli("validate", str(path)).returncode == 0
+        engine = load_recipe(path).complete.models[1].engine
+        assert template_text(engine.chat_template) == ZEPHYR_CHAT_TEMPLATE
+    path = write(tmp_path, recipe.replace("CHOICE", f", chat_template: {tmp_path / 'gone.jinja'}"))
+    validated = cli("validate", str(path))
+    assert validated.returncode == 2 and "Traceback" not in validated.stderr
+    assert f"{path}:7: complete.models.1.engine.chat_template: cannot read the template file " \
+        f"{tmp_path / 'gone.jinja'}: No such file or directory" in validated.stderr, validated.stderr

@@ -85,6 +85,9 @@ def test_every_prompt_gets_one_completion_per_pool_model(pipeline):
             assert params["max_tokens"] == model.sampling.max_tokens and params["seed"] is not None
             assert row["finish_reason"] in ("stop", "length") and row["num_prompt_tokens"] > 0
     assert len(by_prompt) == prompts
+    # generator-1's template refuses a system message (its principle opened the user turn), generator-2 ships no
+    # template (the recipe names Zephyr's): both answered every prompt above, without a generation error
+    assert results["complete"].counts["principles_in_user_turn"] == 1
     assert set(results["complete"].tokens_per_second) == {m.name for m in recipe.complete.models}
     assert all(rate > 0 for rate in results["complete"].tokens_per_second.values())
     assert all(sorted(models) == sorted(m.name for m in recipe.complete.models) for models in by_prompt.values())

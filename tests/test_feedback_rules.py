@@ -174,3 +174,25 @@ def test_score_summary_counts_errors_and_averages_per_model(ray_local):
             {"model": "b", "overall": None, "judge_error": "no valid `overall`"},
             {"model": "b", "overall": 3.0, "judge_error": None}]
     assert score_summary(ray.data.from_items(rows)) == {"judge_errors": 1, "mean_overall": {"a": 7.0, "b": 3.0}}
+
+
+def test_a_principle_goes_into_the_user_turn_for_a_template_that_refuses_system_messages(tiny_models):
+    """principles_as auto: generator-1's template refuses a system message, so its principle opens the user turn;
+    the row keeps the conversation with the principle as a system message, as every other pool model's row does,
+    and the same principle (seeded per prompt and model) either way."""
+    from zephyr_ray.config import PoolModel
+    from zephyr_ray.feedback.complete import PRINCIPLES, completion_requests, principle_role
+
+    refusing = PoolModel(name="generator-1", engine={"model": str(tiny_models["generator-1"])})
+    plain = PoolModel(name="generator-1", engine={"model": str(tiny_models["generator-0"])})
+    assert principle_role(refusing, "auto") == "user" and principle_role(plain, "auto") == "system"
+    assert principle_role(refusing, "system") == "system" and principle_role(plain, "user") == "user"
+    row = {"prompt": "Name a color.", "prompt_id": "p1"}
+    as_user = completion_requests(row, refusing, use_principles=True, seed=0, principle_role="user")
+    as_system = completion_requests(row, refusing, use_principles=True, seed=0)
+    principle = PRINCIPLES[as_user["principle"]]
+    assert as_user["messages"] == [{"role": "user", "content": f"{principle}\n\nName a color."}]
+    assert as_system["messages"] == as_user["conversation"] == as_system["conversation"] == [
+        {"role": "system", "content": principle}, {"role": "user", "content": "Name a color."}]
+    without = completion_requests(row, refusing, use_principles=False, seed=0, principle_role="user")
+    assert without["messages"] == without["conversation"] == [{"role": "user", "content": "Name a color."}]

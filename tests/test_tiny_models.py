@@ -3,7 +3,13 @@ import json
 
 import pytest
 
-from zephyr_ray.chat import check_chat_template, render_reference
+from zephyr_ray.chat import (
+    ZEPHYR_CHAT_TEMPLATE,
+    accepts_system_role,
+    check_chat_template,
+    render_reference,
+    shipped_chat_template,
+)
 from zephyr_ray.tiny import HEAD_DIM, TINY_MODELS, build_tiny_models, load_corpus
 
 
@@ -55,6 +61,15 @@ def test_loads_in_transformers_and_generates_behind_the_template(tiny_models, na
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[name])
+    shipped = next(spec.chat_template for spec in TINY_MODELS if spec.name == name)
+    if shipped == "none":  # like a Vicuna-style pool model: no template; the recipe names one
+        assert shipped_chat_template(str(tiny_models[name])) == (True, None) and tokenizer.chat_template is None
+        tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
+    elif shipped == "no-system":  # like older Mistral-Instruct: a system message is refused, the rest is Zephyr's
+        assert not accepts_system_role(str(tiny_models[name]))
+        with pytest.raises(Exception, match="System role not supported"):
+            check_chat_template(tokenizer)
+        tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
     check_chat_template(tokenizer)
     assert tokenizer.eos_token == tokenizer.pad_token == "</s>"
     model = AutoModelForCausalLM.from_pretrained(tiny_models[name], use_safetensors=True)

@@ -60,3 +60,69 @@ def check_chat_template(tokenizer: Any) -> None:
             )
     if tokenizer.eos_token != EOS_TOKEN:
         raise ValueError(f"tokenizer eos_token is {tokenizer.eos_token!r}, the Zephyr template needs {EOS_TOKEN!r}")
+
+
+TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def template_text(value: str | None) -> str | None:
+    """A recipe's ``chat_template`` as Jinja text: 'zephyr' is Zephyr's; None stays None (the model's own)."""
+    return ZEPHYR_CHAT_TEMPLATE if value == "zephyr" else value
+
+
+def shipped_chat_template(model: str, fetch: bool = True) -> tuple[bool, str | None]:
+    """(known, template): the chat template a model ships, where transformers looks for one (``chat_template`` in
+    tokenizer_config.json, chat_template.jinja, a processor's chat_template.json). ``known`` is False when the model
+    cannot be read here (a hub id without ``fetch``, offline), and nothing is concluded."""
+    import json
+    from pathlib import Path
+
+    from .data import is_hub_id
+
+    directory = Path(model).expanduser()
+    found: dict[str, Path] = {}
+    if directory.is_dir():
+        found = {name: directory / name for name in TEMPLATE_FILES if (directory / name).is_file()}
+        if not (directory / "config.json").is_file() and not found:
+            return False, None
+    elif fetch and is_hub_id(model):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        for name in TEMPLATE_FILES:
+            try:
+                found[name] = Path(hf_hub_download(model, name))
+            except EntryNotFoundError:
+                continue
+            except Exception:  # offline, gated, not a model: vLLM will say so when it loads the model
+                return False, None
+    else:
+        return False, None
+    try:
+        if "chat_template.jinja" in found:
+            return True, found["chat_template.jinja"].read_text(encoding="utf-8")
+        for name in ("tokenizer_config.json", "chat_template.json"):
+            if name in found:
+                template = json.loads(found[name].read_text(encoding="utf-8")).get("chat_template")
+                if isinstance(template, list):  # named templates: transformers uses "default"
+                    template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+                if isinstance(template, str) and template.strip():
+                    return True, template
+    except (OSError, ValueError, AttributeError):
+        return False, None
+    return True, None
+
+
+def accepts_system_role(model: str, chat_template: str | None = None, trust_remote_code: bool = False) -> bool:
+    """Whether ``model``'s template (or ``chat_template``) renders a system message: older Mistral-Instruct
+    templates raise on one. Rendered with the model's tokenizer, as Ray's chat-template stage renders."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                      chat_template=template_text(chat_template), tokenize=False,
+                                      add_generation_prompt=True)
+    except Exception:  # jinja2's TemplateError from raise_exception, or any error the template's logic raises
+        return False
+    return True

@@ -67,7 +67,21 @@ class Engine(_Section):
     kv_cache_gib: float | None = Field(default=None, gt=0.0, description="KV cache size; default: vLLM's own rule "
                                        "on GPU, 30% of host RAM on CPU")
     trust_remote_code: bool = Field(default=False, description="run code shipped with the model: only if you trust it")
+    chat_template: str | None = Field(default=None, description="how this engine renders conversations: 'zephyr', "
+                                      "Jinja text, or a path to a .jinja file (read when the recipe is loaded); "
+                                      "default: the model's own (tokenizer_config.json or chat_template.jinja). A "
+                                      "model that ships none needs one")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM as they are")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, value: str | None) -> str | None:
+        if value is not None and value.endswith(".jinja") and "{" not in value:
+            try:
+                return Path(value).expanduser().read_text(encoding="utf-8")
+            except OSError as err:
+                raise ValueError(f"cannot read the template file {value}: {err.strerror or err}") from None
+        return value
 
 
 class Hardware(_Section):
@@ -165,6 +179,9 @@ class CompleteConfig(_Section):
     prompts: DatasetSource | None = None
     models: list[PoolModel] = Field(default_factory=list)
     principles: bool = Field(default=True, description="draw an UltraFeedback principle system prompt per completion")
+    principles_as: Literal["system", "user", "auto"] = Field(
+        default="auto", description="where the principle goes: a system message, or the start of the first user turn "
+        "(for chat templates that refuse a system role); auto: system unless the model's template refuses it")
     seed: int = 0
 
     @field_validator("models")
@@ -571,10 +588,10 @@ def _walk(value: Any, path: tuple = ()):
 def check_recipe_paths(recipe: Recipe, file: str) -> tuple[list[str], list[str]]:
     """Check every dataset and model a recipe names: (problems, notes). Hub ids are noted, not fetched."""
     from .data import is_hub_id
-    from .engines import check_model_dir, context_problems
+    from .engines import check_model_dir, context_problems, template_problems
 
-    problems: list[str] = [f"{file}: {p}" for p in context_problems(recipe, "", recipe.hardware,
-                                                                                      fetch=False)]
+    problems: list[str] = [f"{file}: {p}" for p in context_problems(recipe, "", recipe.hardware, fetch=False)
+                           + template_problems(recipe, "", fetch=False)]
     notes: list[str] = []
     for path, value in _walk(recipe):
         key = ".".join(str(p) for p in path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .chat import template_text
 from .config import Engine, Hardware
 
 # vLLM's CPU backend reads ``gpu_memory_utilization`` as the fraction of *host RAM* for the KV cache; its default
@@ -117,6 +118,25 @@ def context_problems(section: Any, key: str, hardware: Hardware, fetch: bool = T
             context_length(value, hardware, fetch)
         except ValueError as err:
             problems.append(f"{'.'.join(str(p) for p in path)}.max_model_len: {err}")
+    return problems
+
+
+def template_problems(section: Any, key: str, fetch: bool = True) -> list[str]:
+    """One ``key.path.chat_template: ...`` line per engine in a recipe section (or a whole recipe) whose model ships
+    no chat template and that sets none: Ray's chat-template stage would fail on its first batch. This run's models
+    are skipped (training saves one with each), and hub models unless ``fetch``."""
+    from .chat import shipped_chat_template
+    from .config import RUN_MODELS, _walk
+
+    problems = []
+    for path, value in _walk(section, (key,) if key else ()):
+        if not isinstance(value, Engine) or value.model in RUN_MODELS or value.chat_template is not None:
+            continue
+        known, template = shipped_chat_template(value.model, fetch)
+        if known and template is None:
+            problems.append(f"{'.'.join(str(p) for p in path)}.chat_template: {value.model} ships no chat template "
+                            "(none in tokenizer_config.json, no chat_template.jinja): set one ('zephyr', Jinja "
+                            "text, or a .jinja file)")
     return problems
 
 
@@ -323,13 +343,15 @@ def vllm_processor_config(engine: Engine, hardware: Hardware, sharing: int = 1, 
         "placement_group_config": {"bundles": placement_bundles(engine, hardware)},
         "should_continue_on_error": True,  # a failed row is marked and counted, not the end of the job
     }
+    template = {"chat_template": template_text(engine.chat_template)} if engine.chat_template else {}
+    options["chat_template_stage"] = template or True
     if hardware.accelerator == "cpu":
         # On a small CPU machine every stage actor is one more Python process to start (seconds each on 2 cores)
         # beside the engine's own. vLLM tokenizes the templated prompt and detokenizes the output itself, with the
         # same tokenizer call as Ray's tokenize stage (special tokens added), so only the chat-template actor is
         # kept, on a quarter CPU. GPU runs keep Ray's separate CPU stages, which keep tokenizing off the engine.
-        options.update(chat_template_stage={"num_cpus": 0.25}, tokenize_stage=False, detokenize_stage=False,
-                       runtime_env={"env_vars": engine_env_vars(hardware)})
+        options.update(chat_template_stage={"num_cpus": 0.25, **template}, tokenize_stage=False,
+                       detokenize_stage=False, runtime_env={"env_vars": engine_env_vars(hardware)})
     options.update(overrides)
     return vLLMEngineProcessorConfig(**options)
 

@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .chat import ZEPHYR_CHAT_TEMPLATE
+
 logger = logging.getLogger(__name__)
 
 HEAD_DIM = 64
@@ -40,6 +42,10 @@ class TinySpec:
     # "chat": template-rendered dialogues; "text": plain text, like a base model; "preference": a one-logit
     # sequence classifier (a reward model) trained to rank each corpus reply above a spoiled copy of it
     train_on: str
+    # the template the model ships: "zephyr"; "none" (like Vicuna- or WizardLM-style pool models, which ship no
+    # template: the recipe names one); "no-system" (Zephyr's, refusing a system message as older Mistral-Instruct
+    # templates do)
+    chat_template: str = "zephyr"
 
     @property
     def num_heads(self) -> int:
@@ -52,8 +58,9 @@ TINY_MODELS: tuple[TinySpec, ...] = (
     TinySpec("student", "student", 128, 2, 1, seed=3, train_steps=30, train_on="text"),
     TinySpec("reward", "reward", 128, 2, 1, seed=4, train_steps=60, train_on="preference"),
     TinySpec("generator-0", "generator", 192, 2, 1, seed=10, train_steps=50, train_on="chat"),
-    TinySpec("generator-1", "generator", 128, 2, 1, seed=11, train_steps=50, train_on="chat"),
-    TinySpec("generator-2", "generator", 128, 1, 1, seed=12, train_steps=20, train_on="chat"),
+    TinySpec("generator-1", "generator", 128, 2, 1, seed=11, train_steps=50, train_on="chat",
+             chat_template="no-system"),
+    TinySpec("generator-2", "generator", 128, 1, 1, seed=12, train_steps=20, train_on="chat", chat_template="none"),
     TinySpec("generator-3", "generator", 128, 1, 1, seed=13, train_steps=0, train_on="chat"),
 )
 
@@ -220,6 +227,14 @@ def build_model(spec: TinySpec, tokenizer: Any) -> Any:
     return model
 
 
+SHIPPED_TEMPLATES: dict[str, str | None] = {
+    "zephyr": ZEPHYR_CHAT_TEMPLATE,
+    "none": None,
+    "no-system": "{%- if messages and messages[0]['role'] == 'system' -%}"
+                 "{{- raise_exception('System role not supported') -}}{%- endif -%}" + ZEPHYR_CHAT_TEMPLATE,
+}
+
+
 def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overwrite: bool = False) -> dict[str, Path]:
     """Build the tiny models into ``out_dir/<name>`` (safetensors + tokenizer); returns name -> directory.
 
@@ -244,7 +259,9 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
     with torch.random.fork_rng():
         for spec in specs:
             target = out / spec.name
-            if (target / "model.safetensors").exists() and not overwrite:
+            spec_json = json.dumps(spec.__dict__, indent=2) + "\n"
+            if (target / "model.safetensors").exists() and not overwrite and (
+                    (target / "tiny_spec.json").is_file() and (target / "tiny_spec.json").read_text() == spec_json):
                 built[spec.name] = target
                 continue
             started = time.perf_counter()
@@ -252,8 +269,10 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
             shutil.rmtree(tmp, ignore_errors=True)
             model = build_model(spec, tokenizer)
             model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.chat_template = SHIPPED_TEMPLATES[spec.chat_template]
             tokenizer.save_pretrained(tmp)
-            (tmp / "tiny_spec.json").write_text(json.dumps(spec.__dict__, indent=2) + "\n")
+            tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
+            (tmp / "tiny_spec.json").write_text(spec_json)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
             n_params = sum(p.numel() for p in model.parameters())

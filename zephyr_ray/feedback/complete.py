@@ -50,8 +50,13 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-def completion_requests(row: dict[str, Any], model: PoolModel, use_principles: bool, seed: int) -> dict[str, Any]:
-    """One prompt row -> the chat and sampling parameters for ``model``; the principle drawn is seeded per row."""
+def completion_requests(row: dict[str, Any], model: PoolModel, use_principles: bool, seed: int,
+                        principle_role: str = "system") -> dict[str, Any]:
+    """One prompt row -> the chat and sampling parameters for ``model``; the principle drawn is seeded per row.
+
+    ``principle_role`` "user": the principle opens the user turn instead of a system message (templates that refuse
+    a system role). The row keeps the conversation with the principle as a system message either way, so judges and
+    pairs see the same instruction for every pool model."""
     principle = None
     messages = [{"role": "user", "content": row["prompt"]}]
     if use_principles:
@@ -60,14 +65,32 @@ def completion_requests(row: dict[str, Any], model: PoolModel, use_principles: b
     sampling = model.sampling.model_dump()
     if sampling["seed"] is None:
         sampling["seed"] = stable_seed(seed, row["prompt_id"], model.name, "sample")
-    return {"prompt": row["prompt"], "prompt_id": row["prompt_id"], "messages": messages,
+    rendered = messages
+    if principle and principle_role == "user":
+        rendered = [{"role": "user", "content": f"{PRINCIPLES[principle]}\n\n{row['prompt']}"}]
+    return {"prompt": row["prompt"], "prompt_id": row["prompt_id"], "messages": rendered, "conversation": messages,
             "sampling_params": sampling, "principle": principle}
+
+
+def principle_role(model: PoolModel, principles_as: str) -> str:
+    """Where ``model``'s principle goes: the recipe's choice, or (auto) a system message unless its template
+    refuses one."""
+    from ..chat import accepts_system_role
+
+    if principles_as != "auto":
+        return principles_as
+    engine = model.engine
+    if accepts_system_role(engine.model, engine.chat_template, engine.trust_remote_code):
+        return "system"
+    logger.info("complete: %s's chat template refuses a system message: its principle opens the user turn",
+                model.name)
+    return "user"
 
 
 def to_completion(row: dict[str, Any], model_name: str) -> dict[str, Any]:
     return {
         "prompt": row["prompt"], "prompt_id": row["prompt_id"], "model": model_name,
-        "messages": list(row["messages"]), "completion": row["generated_text"] or "",
+        "messages": list(row["conversation"]), "completion": row["generated_text"] or "",
         "sampling_params": json.dumps(row["sampling_params"], sort_keys=True), "principle": row["principle"],
         "num_prompt_tokens": int(row["num_input_tokens"] or 0),
         "num_generated_tokens": int(row["num_generated_tokens"] or 0),
@@ -106,8 +129,11 @@ def run_complete(recipe: Recipe, run_dir: Path) -> StageResult:
         wave_timer = Timer()
         parts = []
         for model in models:
-            requests = accepted.map(completion_requests,
-                                    fn_kwargs={"model": model, "use_principles": cfg.principles, "seed": cfg.seed})
+            role = principle_role(model, cfg.principles_as) if cfg.principles else "system"
+            if role == "user":  # models whose template refuses a system message (named in the log)
+                result.counts["principles_in_user_turn"] = result.counts.get("principles_in_user_turn", 0) + 1
+            requests = accepted.map(completion_requests, fn_kwargs={
+                "model": model, "use_principles": cfg.principles, "seed": cfg.seed, "principle_role": role})
             rows = generate(requests, model.engine, recipe.hardware, sharing=len(models))
             parts.append((rows.map(to_completion, fn_kwargs={"model_name": model.name}),
                           model_dir(run_dir, model.name)))
