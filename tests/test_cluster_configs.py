@@ -38,7 +38,9 @@ def test_cluster_yaml_passes_the_launchers_validation():
     # CPU-only work has a node type of its own, so the autoscaler does not start a GPU node for it
     assert cpu["min_workers"] == 0 and cpu["max_workers"] > 0 and cpu["resources"]["CPU"] > 0
     assert full["max_workers"] >= gpu["max_workers"] + cpu["max_workers"]
-    assert gpu["node_config"]["InstanceType"] == "p4d.24xlarge"
+    # the recipe's (and the paper's) A100 80GB: p4de; a p4d has 40GB cards
+    assert gpu["node_config"]["InstanceType"] == "p4de.24xlarge"
+    assert "cpu_node_group: cpu" in (REPO / "jobs" / "configs" / "zephyr-7b.yaml").read_text() and "cpu" in nodes
     assert any("[gpu" in command and "pip install" in command for command in full["setup_commands"])
     assert any("/mnt/shared" in command for command in full["setup_commands"]), "shared storage for checkpoints"
 
