@@ -270,6 +270,17 @@ def test_serve_skips_rays_model_download_for_a_local_directory_only(tiny_models)
     assert hub.callback_config.callback_class is not LocalModelCallback
 
 
+def refused_at_validate_and_at_start(path: Path, expected: str, run_dir: Path) -> None:
+    """``validate`` and ``stage complete`` both print ``expected`` as their one error line, exit 2, no traceback,
+    and the stage writes nothing."""
+    validated = cli("validate", str(path))
+    assert validated.returncode == 2 and "Traceback" not in validated.stderr
+    assert validated.stderr.splitlines() == [f"error: {path}: {expected}"]
+    started = cli("stage", "complete", str(path), "--run-dir", str(run_dir))
+    assert started.returncode == 2 and "Traceback" not in started.stderr
+    assert started.stderr.splitlines() == [f"error: {expected}"] and not (run_dir / "complete").exists()
+
+
 def test_a_max_model_len_above_the_models_limit_is_an_error_at_validate_and_at_start(tiny_models, tmp_path):
     """Named by its key and with the model's limit, before Ray or any engine starts (no Serve retry loop)."""
     teacher = tiny_models["teacher"]
@@ -284,12 +295,7 @@ def test_a_max_model_len_above_the_models_limit_is_an_error_at_validate_and_at_s
         """)
     expected = (f"complete.models.0.engine.max_model_len: max_model_len 4096 is above the limit of {teacher}: 2048 "
                 "tokens (max_position_embeddings in its config.json); lower max_model_len or leave it unset")
-    validated = cli("validate", str(path))
-    assert validated.returncode == 2 and "Traceback" not in validated.stderr
-    assert validated.stderr.splitlines() == [f"error: {path}: {expected}"]
-    started = cli("stage", "complete", str(path), "--run-dir", str(tmp_path / "run"))
-    assert started.returncode == 2 and "Traceback" not in started.stderr
-    assert started.stderr.splitlines() == [f"error: {expected}"] and not (tmp_path / "run" / "complete").exists()
+    refused_at_validate_and_at_start(path, expected, tmp_path / "run")
     for command in (["chat", str(teacher), "-m", "hi"], ["serve", str(teacher)]):
         refused = cli(*command, "--max-model-len", "4096")
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
@@ -314,12 +320,7 @@ def test_a_pool_model_without_a_chat_template_is_an_error_at_validate_and_at_sta
     path = write(tmp_path, recipe.replace("CHOICE", ""))
     expected = (f"complete.models.1.engine.chat_template: {bare} ships no chat template (none in "
                 "tokenizer_config.json, no chat_template.jinja): set one ('zephyr', Jinja text, or a .jinja file)")
-    validated = cli("validate", str(path))
-    assert validated.returncode == 2 and "Traceback" not in validated.stderr
-    assert validated.stderr.splitlines() == [f"error: {path}: {expected}"]
-    started = cli("stage", "complete", str(path), "--run-dir", str(tmp_path / "run"))
-    assert started.returncode == 2 and "Traceback" not in started.stderr
-    assert started.stderr.splitlines() == [f"error: {expected}"] and not (tmp_path / "run" / "complete").exists()
+    refused_at_validate_and_at_start(path, expected, tmp_path / "run")
 
     template_file = tmp_path / "zephyr.jinja"
     template_file.write_text(ZEPHYR_CHAT_TEMPLATE)

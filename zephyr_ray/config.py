@@ -588,10 +588,9 @@ def _walk(value: Any, path: tuple = ()):
 def check_recipe_paths(recipe: Recipe, file: str) -> tuple[list[str], list[str]]:
     """Check every dataset and model a recipe names: (problems, notes). Hub ids are noted, not fetched."""
     from .data import is_hub_id
-    from .engines import check_model_dir, context_problems, template_problems
+    from .engines import check_model_dir, engine_problems
 
-    problems: list[str] = [f"{file}: {p}" for p in context_problems(recipe, "", recipe.hardware, fetch=False)
-                           + template_problems(recipe, "", fetch=False)]
+    problems: list[str] = [f"{file}: {p}" for p in engine_problems(recipe, "", recipe.hardware, fetch=False)]
     notes: list[str] = []
     for path, value in _walk(recipe):
         key = ".".join(str(p) for p in path)

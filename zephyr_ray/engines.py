@@ -102,41 +102,33 @@ def kv_cache_bytes_needed(model: str, max_model_len: int, max_num_seqs: int, dty
     return 2 * layers * kv_heads * head_dim * dtype_bytes * max_model_len * max_num_seqs
 
 
-def context_problems(section: Any, key: str, hardware: Hardware, fetch: bool = True) -> list[str]:
-    """One ``key.path.max_model_len: ...`` line per engine in a recipe section (or a whole recipe) whose
-    ``max_model_len`` exceeds its model's limit; models that are this run's (not yet trained) are skipped, and hub
-    models unless ``fetch``."""
+def engine_problems(section: Any, key: str, hardware: Hardware, fetch: bool = True) -> list[str]:
+    """What would stop the engines of a recipe section (or a whole recipe) before they start, one line each, named
+    by key: a ``max_model_len`` above the model's limit, and a model that ships no chat template while the engine
+    sets none (Ray's chat-template stage would fail on its first batch). This run's models (not yet trained; training
+    saves a template with each) are skipped, and hub models unless ``fetch``."""
+    from .chat import shipped_chat_template
     from .config import RUN_MODELS, ServedModel, _walk
 
     problems = []
     for path, value in _walk(section, (key,) if key else ()):
-        if isinstance(value, ServedModel) and value.model:
+        served = isinstance(value, ServedModel)
+        if served and value.model:
             value = value.engine(value.model)
         if not isinstance(value, Engine) or value.model in RUN_MODELS:
             continue
+        where = ".".join(str(p) for p in path)
         try:
             context_length(value, hardware, fetch)
         except ValueError as err:
-            problems.append(f"{'.'.join(str(p) for p in path)}.max_model_len: {err}")
-    return problems
-
-
-def template_problems(section: Any, key: str, fetch: bool = True) -> list[str]:
-    """One ``key.path.chat_template: ...`` line per engine in a recipe section (or a whole recipe) whose model ships
-    no chat template and that sets none: Ray's chat-template stage would fail on its first batch. This run's models
-    are skipped (training saves one with each), and hub models unless ``fetch``."""
-    from .chat import shipped_chat_template
-    from .config import RUN_MODELS, _walk
-
-    problems = []
-    for path, value in _walk(section, (key,) if key else ()):
-        if not isinstance(value, Engine) or value.model in RUN_MODELS or value.chat_template is not None:
+            problems.append(f"{where}.max_model_len: {err}")
+        if served or value.chat_template is not None:
             continue
         known, template = shipped_chat_template(value.model, fetch)
         if known and template is None:
-            problems.append(f"{'.'.join(str(p) for p in path)}.chat_template: {value.model} ships no chat template "
-                            "(none in tokenizer_config.json, no chat_template.jinja): set one ('zephyr', Jinja "
-                            "text, or a .jinja file)")
+            problems.append(f"{where}.chat_template: {value.model} ships no chat template (none in "
+                            "tokenizer_config.json, no chat_template.jinja): set one ('zephyr', Jinja text, or a "
+                            ".jinja file)")
     return problems
 
 

@@ -55,10 +55,9 @@ def init_ray(hardware: Hardware, address: str | None = None) -> None:
 
 def run_stage(name: str, recipe: Recipe, run_dir: Path, address: str | None = None) -> StageResult:
     """Run one stage; engine settings its models cannot take are an error before Ray or any engine starts."""
-    from .engines import context_problems, template_problems
+    from .engines import engine_problems
 
-    section = getattr(recipe, name, None)
-    if problems := context_problems(section, name, recipe.hardware) + template_problems(section, name):
+    if problems := engine_problems(getattr(recipe, name, None), name, recipe.hardware):
         raise ValueError("; ".join(problems))
     init_ray(recipe.hardware, address)
     run_dir = run_dir.resolve()  # workers (Ray Train, Ray Data) run in other directories: hand them absolute paths
