@@ -491,24 +491,57 @@ def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests(endpoi
                        f"only the {len(failed)} requests in flight on the killed replica (the client sees the error)")
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "zephyr-7b-gpu.yaml"])
-def test_the_serve_configs_pass_rays_schema_and_build(name, ray_local, tiny_models):
+IMAGE_PROJECT = Path("/home/ray/zephyr-ray")  # where docker/Dockerfile puts the project
+
+
+def test_the_gpu_serve_config_passes_rays_schema_and_names_the_recipe_inside_the_image():
     from ray.serve.schema import ServeDeploySchema
 
     from zephyr_ray.config import load_recipe
-    from zephyr_ray.serving import app_builder, llm_config
+    from zephyr_ray.serving import llm_config
 
-    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / name).read_text()))
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "zephyr-7b-gpu.yaml").read_text()))
     (application,) = config.applications
     assert application.import_path == "zephyr_ray.serving:app_builder" and application.route_prefix == "/"
-    recipe = load_recipe(REPO / application.args["recipe"])
+    assert "WORKDIR " + str(IMAGE_PROJECT) in (REPO / "docker" / "Dockerfile").read_text()
+    recipe = load_recipe(REPO / Path(application.args["recipe"]).relative_to(IMAGE_PROJECT))
     served = recipe.serve.models[0]
     assert served.max_replicas > served.min_replicas and served.target_ongoing_requests < 10_000
-    if recipe.hardware.accelerator == "cpu":
-        built = app_builder({**application.args, "model": str(tiny_models["teacher"])})
-        assert type(built).__name__ == "Application"
-    else:  # the GPU variant: one GPU per replica, bf16, autoscaling from the recipe
-        cfg = llm_config(served, "HuggingFaceH4/zephyr-7b-beta", recipe.hardware)
-        assert cfg.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 1}]
-        assert cfg.engine_kwargs["dtype"] == "bfloat16"
-        assert cfg.deployment_config["autoscaling_config"]["max_replicas"] == served.max_replicas
+    cfg = llm_config(served, "HuggingFaceH4/zephyr-7b-beta", recipe.hardware)  # one GPU per replica, bf16
+    assert cfg.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 1}]
+    assert cfg.engine_kwargs["dtype"] == "bfloat16"
+    assert cfg.deployment_config["autoscaling_config"]["max_replicas"] == served.max_replicas
+
+
+@pytest.mark.engine
+def test_serve_run_of_the_tiny_config_from_another_directory_answers(tiny_models, tmp_path):
+    """`serve run serve/tiny-cpu.yaml` as a user types it, from a directory that is not the checkout: its relative
+    recipe and model paths are found (inside the project), the app comes up, and the OpenAI client gets a reply."""
+    from openai import OpenAI
+
+    config = yaml.safe_load((REPO / "serve" / "tiny-cpu.yaml").read_text())
+    (application,) = config["applications"]
+    assert not Path(application["args"]["recipe"]).is_absolute() and (REPO / application["args"]["model"]).is_dir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ZEPHYR_RAY_API_KEY")}
+    log_path = tmp_path / "serve-run.log"
+    with open(log_path, "w") as log:
+        run = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(REPO / "serve" / "tiny-cpu.yaml")],
+                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused", max_retries=0, timeout=30)
+        deadline = time.time() + 600
+        while True:
+            assert run.poll() is None, log_path.read_text()[-4000:]
+            assert time.time() < deadline, "serve run did not come up in 600 s: " + log_path.read_text()[-4000:]
+            try:
+                reply = client.chat.completions.create(model="zephyr-tiny", messages=QUESTION, max_tokens=8)
+                break
+            except Exception:  # not up yet: connection refused, or 404/503 while the app deploys
+                time.sleep(2)
+        assert reply.choices[0].message.content
+    finally:
+        os.killpg(run.pid, signal.SIGINT)
+        try:
+            run.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)

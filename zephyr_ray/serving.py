@@ -312,21 +312,39 @@ def build_app(config: ServeConfig, hardware: Hardware, run_dir: Path | None = No
     )
 
 
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the checkout (or image directory) an editable install runs from
+
+
+def located(value: str) -> Path | None:
+    """A path a Serve config names, absolute: as given, or from the working directory, or else inside this project
+    (``jobs/``, ``artifacts/``, ``runs/`` of the checkout or image the package runs from), because Serve builds the
+    app in a process whose working directory is not the one ``serve run`` was typed in. None when found nowhere."""
+    path = Path(value).expanduser()
+    for candidate in (path,) if path.is_absolute() else (Path.cwd() / path, PROJECT_DIR / path):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
 def app_builder(args: dict[str, Any]) -> Any:
     """For ``serve run`` / ``serve deploy`` (``import_path: zephyr_ray.serving:app_builder``). ``args``: ``recipe``
     (its ``serve`` and ``hardware`` sections), and ``run_dir`` (whose final model is served) or ``model`` (a model
-    directory or hub id for the first served model). Relative paths are taken from the directory the command runs
-    in."""
+    directory or hub id for the first served model). Relative paths: see ``located``."""
     from .config import load_recipe
 
-    recipe: Recipe = load_recipe(Path(args["recipe"]))
+    recipe_path = located(str(args["recipe"]))
+    if recipe_path is None:
+        raise FileNotFoundError(f"recipe: {args['recipe']} is neither under the working directory ({Path.cwd()}) "
+                                f"nor under the project ({PROJECT_DIR}); give an absolute path")
+    recipe: Recipe = load_recipe(recipe_path)
     config = recipe.serve or ServeConfig()
     if args.get("model"):
-        model = str(args["model"])
-        model = str(Path(model).resolve()) if Path(model).exists() else model
+        model = str(located(str(args["model"])) or args["model"])  # else a hub id
         config = config.model_copy(update={"models": [config.models[0].model_copy(update={"model": model}),
                                                       *config.models[1:]]})
-    run_dir = Path(args["run_dir"]).resolve() if args.get("run_dir") else None
+    run_dir = None
+    if args.get("run_dir"):
+        run_dir = located(str(args["run_dir"])) or Path(args["run_dir"]).resolve()
     return build_app(config, recipe.hardware, run_dir)
 
 
