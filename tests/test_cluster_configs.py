@@ -82,11 +82,21 @@ def test_the_launchers_validation_catches_a_broken_cluster_yaml():
         launcher_check(missing_head)
 
 
+def assert_names_the_recipe_inside_the_image(text: str) -> None:
+    """Recipe paths in manifests the cluster runs are absolute paths inside docker/Dockerfile's image: a relative one
+    would be resolved wherever the job driver or Serve controller happens to start."""
+    workdir = re.search(r"^WORKDIR (\S+)", (REPO / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    recipes = re.findall(r"(\S*jobs/configs/\S+\.yaml)", text)
+    assert recipes and all(r.startswith(workdir + "/") for r in recipes), recipes
+    assert all((REPO / Path(r).relative_to(workdir)).is_file() for r in recipes), recipes
+
+
 def test_the_rayjob_runs_every_stage_on_an_autoscaling_gpu_group():
     job = yaml.safe_load((REPO / "k8s" / "rayjob-zephyr-7b.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     loop = re.search(r"for stage in ([a-z_ ]+);", job["spec"]["entrypoint"]).group(1).split()
     assert tuple(loop) == STAGES
+    assert_names_the_recipe_inside_the_image(job["spec"]["entrypoint"])
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"].startswith("2.60") and cluster["enableInTreeAutoscaling"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -107,6 +117,7 @@ def test_the_rayservice_embeds_the_gpu_serve_config_and_takes_the_key_from_a_sec
     embedded = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     standalone = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "zephyr-7b-gpu.yaml").read_text()))
     assert embedded.applications[0].model_dump() == standalone.applications[0].model_dump()
+    assert_names_the_recipe_inside_the_image(service["spec"]["serveConfigV2"])
     cluster = service["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
     for pod in pods:
