@@ -491,7 +491,7 @@ def stage_command(recipe_path: Path, run: Path, address: str) -> list[str]:
 
 def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pipeline, a100_cluster, tmp_path):
     """complete with two engine replicas pinned to A100 nodes and ``hardware.cpu_node_group: cpu``: the replicas run
-    on both A100 nodes, nothing else of the stage does (reads, validation, dedupe shuffle, templating, writes run on
+    on both A100 nodes, nothing else of the stage does (reads, validation, dedupe shuffle, prompt tokens, writes run on
     the CPU node), and every row equals the single-node run's."""
     recipe_path, run, name = complete_on_a100s(pipeline, tmp_path)
     shown = subprocess.run(stage_command(recipe_path, run, a100_cluster.cluster.address), cwd=REPO,
@@ -502,7 +502,7 @@ def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pi
     assert {a.node_id for a in engines} == {n.node_id for n in a100_cluster.nodes}, "one replica on each A100 node"
     on_gpu_nodes, on_cpu_node = work_by_node(a100_cluster, job_id=engines[0].job_id)
     assert on_gpu_nodes == {"MapWorker(MapBatches(vLLMEngineStageUDF))"}, on_gpu_nodes
-    missing = [kind for kind in ("Read", "HashShuffleAggregator", "ChatTemplateUDF", "Write")
+    missing = [kind for kind in ("Read", "HashShuffleAggregator", "_preprocess", "Write")  # _preprocess: prompt ids
                if not any(kind in name for name in on_cpu_node)]
     assert not missing, f"{missing} not seen on the CPU node: {on_cpu_node}"
     _, run_dir, _ = pipeline

@@ -7,6 +7,7 @@ trains the model to stop (pad == eos in this template, so a plain collator would
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,12 +114,18 @@ def shipped_chat_template(model: str, fetch: bool = True) -> tuple[bool, str | N
     return True, None
 
 
+@functools.lru_cache(maxsize=16)
+def tokenizer_of(model: str, trust_remote_code: bool = False) -> Any:
+    """A model's tokenizer, loaded once per process (the driver asks for it per stage and per check)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+
+
 def accepts_system_role(model: str, chat_template: str | None = None, trust_remote_code: bool = False) -> bool:
     """Whether ``model``'s template (or ``chat_template``) renders a system message: older Mistral-Instruct
     templates raise on one. Rendered with the model's tokenizer, as Ray's chat-template stage renders."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    tokenizer = tokenizer_of(model, trust_remote_code)
     try:
         tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
                                       chat_template=template_text(chat_template), tokenize=False,
@@ -126,3 +133,34 @@ def accepts_system_role(model: str, chat_template: str | None = None, trust_remo
     except Exception:  # jinja2's TemplateError from raise_exception, or any error the template's logic raises
         return False
     return True
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding text with special tokens puts a BOS first (Mistral's and Llama's tokenizers do)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+
+
+def prompt_template(tokenizer: Any, chat_template: str | None = None) -> str | None:
+    """The template every path renders with (training, Ray Data generation, evaluation, Serve): ``chat_template``
+    (recipe value) or the tokenizer's own, led by ``{{ bos_token }}`` when the tokenizer adds a BOS and the template
+    writes none (Zephyr's). Every path then encodes the rendered text *without* special tokens, as TRL and vLLM's
+    chat API do, so a conversation has the same ids everywhere and one BOS where the model was pretrained with one.
+    Idempotent: a template that already starts with the BOS is returned as it is."""
+    template = template_text(chat_template) or tokenizer.chat_template
+    if template is None or not adds_bos(tokenizer):
+        return template
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template,
+                                             tokenize=False, add_generation_prompt=True)
+    return template if rendered.startswith(tokenizer.bos_token) else "{{ bos_token }}" + template
+
+
+def prompt_token_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str | None) -> list[int]:
+    """A conversation's prompt ids: rendered with ``template`` (``prompt_template``), encoded without special
+    tokens. Ends with the generation prompt after a user turn; after an assistant turn (a reply to score, or a
+    prefill) the final message is continued, as Ray's chat-template stage does."""
+    messages = [dict(m) for m in messages]
+    open_reply = bool(messages) and messages[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=not open_reply, continue_final_message=open_reply)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -104,6 +104,7 @@ def chat(
     verbose: VERBOSE = False,
 ) -> None:
     """Chat with a model through a real vLLM engine, behind the model's own chat template."""
+    from .chat import prompt_template
     from .config import Engine, Hardware
     from .data import is_hub_id
     from .engines import check_model_dir, context_length, detect_accelerator, local_llm
@@ -119,12 +120,13 @@ def chat(
     except ValueError as err:
         _fail(f"--max-model-len: {err}")
     llm = local_llm(model_dir, hardware, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib)
+    template = prompt_template(llm.get_tokenizer())  # as the other paths render (vLLM encodes it as they do)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     conversation = [{"role": "system", "content": system}] if system else []
 
     def reply(text: str) -> str:
         conversation.append({"role": "user", "content": text})
-        out = llm.chat([conversation], sampling, use_tqdm=False)[0].outputs[0]
+        out = llm.chat([conversation], sampling, chat_template=template, use_tqdm=False)[0].outputs[0]
         conversation.append({"role": "assistant", "content": out.text})
         return out.text + ("" if out.finish_reason == "stop" else f"  [{out.finish_reason}]")
 

@@ -38,6 +38,16 @@ class Sampling(_Section):
     seed: int | None = None
 
 
+def read_template_file(value: str | None) -> str | None:
+    """A ``chat_template`` that names a ``.jinja`` file becomes the file's text, read when the recipe is loaded."""
+    if value is not None and value.endswith(".jinja") and "{" not in value:
+        try:
+            return Path(value).expanduser().read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"cannot read the template file {value}: {err.strerror or err}") from None
+    return value
+
+
 class Engine(_Section):
     """A model served by vLLM inside a Ray Data or Ray Serve replica."""
 
@@ -73,15 +83,7 @@ class Engine(_Section):
                                       "model that ships none needs one")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM as they are")
 
-    @field_validator("chat_template")
-    @classmethod
-    def _template_file(cls, value: str | None) -> str | None:
-        if value is not None and value.endswith(".jinja") and "{" not in value:
-            try:
-                return Path(value).expanduser().read_text(encoding="utf-8")
-            except OSError as err:
-                raise ValueError(f"cannot read the template file {value}: {err.strerror or err}") from None
-        return value
+    _template_file = field_validator("chat_template")(lambda value: read_template_file(value))
 
 
 class Hardware(_Section):
@@ -357,7 +359,7 @@ class EvaluateConfig(_Section):
 
 
 class ServedModel(_Section):
-    """One model behind the endpoint, answering with the chat template saved with it."""
+    """One model behind the endpoint, answering with the chat template saved with it (or ``chat_template``)."""
 
     model_id: str = Field(default="zephyr", min_length=1, description="the name clients ask for (`model`)")
     model: str | None = Field(default=None, description="model directory or hub id; by default the recipe's final "
@@ -367,7 +369,10 @@ class ServedModel(_Section):
     kv_cache_gib: float | None = Field(default=None, gt=0.0)
     tensor_parallel_size: int = Field(default=1, gt=0)
     trust_remote_code: bool = False
+    chat_template: str | None = Field(default=None, description="as an engine's `chat_template`; default: the one "
+                                      "saved with the model (trained models carry the recipe's)")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM as they are")
+    _template_file = field_validator("chat_template")(lambda value: read_template_file(value))
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=2, gt=0)
     target_ongoing_requests: int = Field(default=16, gt=0, description="requests per replica the autoscaler aims "
@@ -390,7 +395,7 @@ class ServedModel(_Section):
         """The vLLM settings of this model, as the generation stages' engines state them."""
         return Engine(model=model, max_model_len=self.max_model_len, kv_cache_gib=self.kv_cache_gib,
                       tensor_parallel_size=self.tensor_parallel_size, trust_remote_code=self.trust_remote_code,
-                      engine_kwargs=self.engine_kwargs)
+                      chat_template=self.chat_template, engine_kwargs=self.engine_kwargs)
 
 
 class ServeConfig(_Section):

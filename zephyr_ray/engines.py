@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .chat import template_text
 from .config import Engine, Hardware
 
 # vLLM's CPU backend reads ``gpu_memory_utilization`` as the fraction of *host RAM* for the KV cache; its default
@@ -105,7 +104,7 @@ def kv_cache_bytes_needed(model: str, max_model_len: int, max_num_seqs: int, dty
 def engine_problems(section: Any, key: str, hardware: Hardware, fetch: bool = True) -> list[str]:
     """What would stop the engines of a recipe section (or a whole recipe) before they start, one line each, named
     by key: a ``max_model_len`` above the model's limit, and a model that ships no chat template while the engine
-    sets none (Ray's chat-template stage would fail on its first batch). This run's models (not yet trained; training
+    sets none (its first prompt could not be rendered). This run's models (not yet trained; training
     saves a template with each) are skipped, and hub models unless ``fetch``."""
     from .chat import shipped_chat_template
     from .config import RUN_MODELS, ServedModel, _walk
@@ -122,7 +121,7 @@ def engine_problems(section: Any, key: str, hardware: Hardware, fetch: bool = Tr
             context_length(value, hardware, fetch)
         except ValueError as err:
             problems.append(f"{where}.max_model_len: {err}")
-        if served or value.chat_template is not None:
+        if value.chat_template is not None:
             continue
         known, template = shipped_chat_template(value.model, fetch)
         if known and template is None:
@@ -185,8 +184,8 @@ def gpus_per_engine(engine: Engine) -> int:
     return engine.tensor_parallel_size * int(engine.engine_kwargs.get("pipeline_parallel_size", 1))
 
 
-# What one CPU engine takes of a Ray cluster's logical CPUs (its bundle, and the quarter CPU of its chat-template
-# actor), and what is kept for the light tasks beside the engines (reads, pre- and postprocessing, writes): Ray Data
+# What one CPU engine takes of a Ray cluster's logical CPUs (its bundle, and a quarter CPU for the tasks that
+# tokenize its prompts: with the 30% KV-cache default, two engines at a time on 4 logical CPUs), and what is kept for the light tasks beside the engines (reads, pre- and postprocessing, writes): Ray Data
 # starts every actor pool of an execution at once, and an execution whose engines took every CPU would wait forever
 # for the tasks that feed them.
 CPU_ENGINE_CPUS = 1.25
@@ -335,15 +334,14 @@ def vllm_processor_config(engine: Engine, hardware: Hardware, sharing: int = 1, 
         "placement_group_config": {"bundles": placement_bundles(engine, hardware)},
         "should_continue_on_error": True,  # a failed row is marked and counted, not the end of the job
     }
-    template = {"chat_template": template_text(engine.chat_template)} if engine.chat_template else {}
-    options["chat_template_stage"] = template or True
+    # The prompt's token ids come with each row (generate.prompt_tokens_of: one path for training, generation and
+    # Serve), so Ray's chat-template and tokenize stages are off.
+    options.update(chat_template_stage=False, tokenize_stage=False)
     if hardware.accelerator == "cpu":
         # On a small CPU machine every stage actor is one more Python process to start (seconds each on 2 cores)
-        # beside the engine's own. vLLM tokenizes the templated prompt and detokenizes the output itself, with the
-        # same tokenizer call as Ray's tokenize stage (special tokens added), so only the chat-template actor is
-        # kept, on a quarter CPU. GPU runs keep Ray's separate CPU stages, which keep tokenizing off the engine.
-        options.update(chat_template_stage={"num_cpus": 0.25, **template}, tokenize_stage=False,
-                       detokenize_stage=False, runtime_env={"env_vars": engine_env_vars(hardware)})
+        # beside the engine's own: vLLM detokenizes the output itself. GPU runs keep Ray's detokenize stage, which
+        # keeps that work off the engine.
+        options.update(detokenize_stage=False, runtime_env={"env_vars": engine_env_vars(hardware)})
     options.update(overrides)
     return vLLMEngineProcessorConfig(**options)
 

@@ -12,6 +12,7 @@ import functools
 import logging
 from typing import Any
 
+from .chat import prompt_template, prompt_token_ids, tokenizer_of
 from .config import Engine, Hardware
 from .engines import context_length, keep_engines_off_cpu_nodes, vllm_processor_config
 
@@ -22,12 +23,18 @@ _PROCESSOR_COLUMNS = ("prompt", "prompt_token_ids", "params", "request_id", "bat
                       "prompt_logprobs", "embeddings", "generated_tokens", "generated_text", "num_input_tokens",
                       "num_generated_tokens", "time_taken_llm")
 _PARKED = "__zr_"
-_DROP = ("prompt_token_ids", "params", "request_id", "batch_uuid", "metrics", "prompt_logprobs", "embeddings",
+_DROP = ("prompt_token_ids", "tokenized_prompt", "params", "request_id", "batch_uuid", "metrics", "prompt_logprobs", "embeddings",
          "generated_tokens", "time_taken_llm", "__inference_error__", "logprobs", "prompt")
 
 
-def _park(row: dict[str, Any]) -> dict[str, Any]:
+def _park(row: dict[str, Any], model: str, template: str | None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Park our columns that share a name with the processor's, and give the engine the prompt's token ids, made as
+    every path makes them (``chat.prompt_token_ids``). Ray's chat-template and tokenize stages are not used: its
+    tokenize stage, and vLLM's text path, add special tokens (a second BOS after a template's own), and its engine
+    stage passes ``tokenization_kwargs`` to pooling requests only."""
     parked = {(_PARKED + k if k in _PROCESSOR_COLUMNS else k): v for k, v in row.items()}
+    messages = row["messages"].tolist() if hasattr(row["messages"], "tolist") else row["messages"]
+    parked["tokenized_prompt"] = prompt_token_ids(tokenizer_of(model, trust_remote_code), messages, template)
     for params in ("sampling_params", "pooling_params"):  # the processor consumes its copy
         if params in row:
             parked[_PARKED + params] = row[params]
@@ -46,9 +53,12 @@ def finish_reason(prompt_tokens: int, generated_tokens: int, max_tokens: int, ma
 
 
 def _unpark(row: dict[str, Any], keep_logprobs: bool = False, max_model_len: int | None = None,
-            classify: bool = False) -> dict[str, Any]:
+            classify: bool = False, keep_prompt_token_ids: bool = False) -> dict[str, Any]:
     error = row.get("__inference_error__") or None
     out = {k: v for k, v in row.items() if k not in _DROP and not k.startswith(_PARKED)}
+    if keep_prompt_token_ids:  # the ids the engine ran on
+        ids = row.get("prompt_token_ids")
+        out["prompt_token_ids"] = None if ids is None else [int(i) for i in ids]
     out.update({k[len(_PARKED):]: v for k, v in row.items() if k.startswith(_PARKED)})
     out["generation_error"] = error
     if classify:
@@ -64,7 +74,15 @@ def _unpark(row: dict[str, Any], keep_logprobs: bool = False, max_model_len: int
     return out
 
 
-def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = False, sharing: int = 1) -> Any:
+def prompt_tokens_of(engine: Engine) -> Any:
+    """The processor's preprocess for ``engine``: rows get their prompt ids, rendered with the template every path
+    uses for this model (``chat.prompt_template``, worked out here once)."""
+    template = prompt_template(tokenizer_of(engine.model, engine.trust_remote_code), engine.chat_template)
+    return functools.partial(_park, model=engine.model, template=template, trust_remote_code=engine.trust_remote_code)
+
+
+def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = False, sharing: int = 1,
+             keep_prompt_token_ids: bool = False) -> Any:
     """Apply one vLLM engine pool to ``ds`` (lazy: nothing runs until the dataset is consumed or written);
     ``sharing``: how many engine pools run side by side with this one (``engines.side_by_side``)."""
     from ray.data.llm import build_processor
@@ -72,8 +90,9 @@ def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = 
     max_model_len = context_length(engine, hardware)
     processor = build_processor(
         vllm_processor_config(engine, hardware, sharing=sharing),
-        preprocess=_park,
-        postprocess=functools.partial(_unpark, keep_logprobs=keep_logprobs, max_model_len=max_model_len),
+        preprocess=prompt_tokens_of(engine),
+        postprocess=functools.partial(_unpark, keep_logprobs=keep_logprobs, max_model_len=max_model_len,
+                                      keep_prompt_token_ids=keep_prompt_token_ids),
     )
     return keep_engines_off_cpu_nodes(processor, hardware)(ds)
 
@@ -87,5 +106,6 @@ def classify(ds: Any, engine: Engine, hardware: Hardware) -> Any:
     from ray.data.llm import build_processor
 
     config = vllm_processor_config(engine, hardware, task_type="classify", detokenize_stage=False)
-    processor = build_processor(config, preprocess=_park, postprocess=functools.partial(_unpark, classify=True))
+    processor = build_processor(config, preprocess=prompt_tokens_of(engine),
+                                postprocess=functools.partial(_unpark, classify=True))
     return keep_engines_off_cpu_nodes(processor, hardware)(ds)

@@ -28,6 +28,7 @@ from typing import Any
 
 from ray.llm._internal.common.callbacks.base import CallbackBase
 
+from .chat import prompt_template, template_text, tokenizer_of
 from .config import Hardware, Recipe, ServeConfig, ServedModel
 from .engines import check_model_dir, placement_bundles, vllm_engine_kwargs
 
@@ -67,6 +68,19 @@ class LocalModelCallback(CallbackBase):
         self.ctx.run_init_node = False
 
 
+def served_template(engine: Any) -> str | None:
+    """The template every path renders with (``chat.prompt_template``; vLLM's chat API encodes without special
+    tokens, like the others). A hub model whose tokenizer cannot be read here (offline) gets the recipe's template
+    as written, or its own, and a warning."""
+    try:
+        tokenizer = tokenizer_of(engine.model, engine.trust_remote_code)
+    except OSError as err:
+        logger.warning("serve: cannot read %s's tokenizer here (%s); its prompt is not checked for a BOS",
+                       engine.model, str(err).splitlines()[0])
+        return template_text(engine.chat_template)
+    return prompt_template(tokenizer, engine.chat_template)
+
+
 def llm_config(served: ServedModel, source: str, hardware: Hardware) -> Any:
     """Ray Serve LLM's config for one model: vLLM settings as the generation stages use them, autoscaling from the
     recipe."""
@@ -76,9 +90,10 @@ def llm_config(served: ServedModel, source: str, hardware: Hardware) -> Any:
     if local and (problems := check_model_dir(source)):
         raise ValueError("; ".join(problems))
     engine = served.engine(str(Path(source).expanduser().resolve()) if local else source)
+    template = served_template(engine)
     return LLMConfig(
         model_loading_config={"model_id": served.model_id, "model_source": engine.model},
-        engine_kwargs=vllm_engine_kwargs(engine, hardware),
+        engine_kwargs={**vllm_engine_kwargs(engine, hardware), **({"chat_template": template} if template else {})},
         placement_group_config={"bundles": placement_bundles(engine, hardware)},
         deployment_config={
             "autoscaling_config": {"min_replicas": served.min_replicas, "max_replicas": served.max_replicas,

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .chat import ZEPHYR_CHAT_TEMPLATE
+from .chat import BOS_TOKEN, ZEPHYR_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class TinySpec:
     # template: the recipe names one); "no-system" (Zephyr's, refusing a system message as older Mistral-Instruct
     # templates do)
     chat_template: str = "zephyr"
+    # whether its tokenizer puts <s> first when it encodes text with special tokens, as Mistral's and Llama's do
+    adds_bos: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -55,7 +57,7 @@ class TinySpec:
 TINY_MODELS: tuple[TinySpec, ...] = (
     TinySpec("teacher", "teacher", 192, 2, 1, seed=1, train_steps=100, train_on="chat"),
     TinySpec("judge", "judge", 128, 2, 1, seed=2, train_steps=60, train_on="chat"),
-    TinySpec("student", "student", 128, 2, 1, seed=3, train_steps=30, train_on="text"),
+    TinySpec("student", "student", 128, 2, 1, seed=3, train_steps=30, train_on="text", adds_bos=True),
     TinySpec("reward", "reward", 128, 2, 1, seed=4, train_steps=60, train_on="preference"),
     TinySpec("generator-0", "generator", 192, 2, 1, seed=10, train_steps=50, train_on="chat"),
     TinySpec("generator-1", "generator", 128, 2, 1, seed=11, train_steps=50, train_on="chat",
@@ -76,7 +78,7 @@ def build_tokenizer(vocab_size: int = 1024) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .chat import BOS_TOKEN, EOS_TOKEN, ROLE_TOKENS, UNK_TOKEN, ZEPHYR_CHAT_TEMPLATE, render_reference
+    from .chat import EOS_TOKEN, ROLE_TOKENS, UNK_TOKEN, render_reference
 
     corpus = load_corpus()
     texts = [render_reference(row["messages"]) for row in corpus]
@@ -106,6 +108,20 @@ def build_tokenizer(vocab_size: int = 1024) -> Any:
     # The role markers are ordinary text in Mistral's tokenizer; one token each keeps tiny contexts short.
     tokenizer.add_tokens(list(ROLE_TOKENS))
     return tokenizer
+
+
+def bos_adding(tokenizer: Any) -> Any:
+    """A copy of the tiny tokenizer that puts ``<s>`` before what it encodes with special tokens, like Mistral's:
+    the case where a template that writes its own BOS, or a second encoding, would double it."""
+    import copy
+
+    from tokenizers import processors
+
+    variant = copy.deepcopy(tokenizer)
+    variant.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+        special_tokens=[(BOS_TOKEN, tokenizer.bos_token_id)])
+    return variant
 
 
 def _model_config(spec: TinySpec, tokenizer: Any) -> Any:
@@ -138,7 +154,8 @@ def _training_batch(spec: TinySpec, tokenizer: Any) -> tuple[Any, Any]:
         texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in corpus]
     else:
         texts = [" ".join(m["content"] for m in row["messages"]) for row in corpus]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # plain text as a base model is pretrained on it (a BOS first where the tokenizer adds one); chats as rendered
+    encoded = [tokenizer(t, add_special_tokens=spec.train_on == "text")["input_ids"] for t in texts]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
@@ -267,10 +284,11 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
             started = time.perf_counter()
             tmp = out / f".{spec.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model = build_model(spec, tokenizer)
+            spec_tokenizer = bos_adding(tokenizer) if spec.adds_bos else tokenizer
+            model = build_model(spec, spec_tokenizer)
             model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.chat_template = SHIPPED_TEMPLATES[spec.chat_template]
-            tokenizer.save_pretrained(tmp)
+            spec_tokenizer.chat_template = SHIPPED_TEMPLATES[spec.chat_template]
+            spec_tokenizer.save_pretrained(tmp)
             tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
             (tmp / "tiny_spec.json").write_text(spec_json)
             shutil.rmtree(target, ignore_errors=True)

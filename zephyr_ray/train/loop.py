@@ -44,11 +44,15 @@ def chat_template_of(training: Training) -> str:
 
 
 def load_tokenizer(model: str, training: Training) -> Any:
-    """The model's tokenizer with the recipe's chat template; pad falls back to EOS (Mistral has no pad token)."""
+    """The model's tokenizer with the recipe's chat template, as every other path renders it (led by the BOS when
+    the tokenizer adds one: ``chat.prompt_template``), saved with the trained model; pad falls back to EOS (Mistral
+    has no pad token)."""
     from transformers import AutoTokenizer
 
+    from ..chat import prompt_template
+
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-    tokenizer.chat_template = chat_template_of(training)
+    tokenizer.chat_template = prompt_template(tokenizer, chat_template_of(training))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
