@@ -334,3 +334,21 @@ def test_a_pool_model_without_a_chat_template_is_an_error_at_validate_and_at_sta
     assert validated.returncode == 2 and "Traceback" not in validated.stderr
     assert f"{path}:7: complete.models.1.engine.chat_template: cannot read the template file " \
         f"{tmp_path / 'gone.jinja'}: No such file or directory" in validated.stderr, validated.stderr
+
+
+def test_a_served_model_without_a_chat_template_is_refused_by_validate_and_takes_one_from_the_recipe(tiny_models,
+                                                                                                    tmp_path):
+    bare = tiny_models["generator-2"]
+    recipe = f"""\
+        name: x
+        hardware: {{accelerator: cpu, num_workers: 1}}
+        serve:
+          models:
+            - {{model_id: bare, model: {bare}CHOICE}}
+        """
+    refused = cli("validate", str(write(tmp_path, recipe.replace("CHOICE", ""))))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"serve.models.0.chat_template: {bare} ships no chat template" in refused.stderr, refused.stderr
+    path = write(tmp_path, recipe.replace("CHOICE", ", chat_template: zephyr"))
+    assert cli("validate", str(path)).returncode == 0
+    assert load_recipe(path).serve.models[0].engine(str(bare)).chat_template == "zephyr"
