@@ -11,7 +11,6 @@ from zephyr_ray.config import RecipeError, load_recipe
 from zephyr_ray.data import InstructionRow, QuestionRow, ReferenceAnswerRow, check_row
 from zephyr_ray.decontaminate import Screen
 from zephyr_ray.evaluate import (
-    bootstrap_interval,
     explanation_chars,
     grade_prompt,
     grading_results,
@@ -22,6 +21,7 @@ from zephyr_ray.evaluate import (
     parse_verdict,
     to_judgment,
 )
+from zephyr_ray.statistics import bootstrap_interval
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "jobs" / "data" / "tiny_mt_bench.jsonl"

@@ -40,6 +40,7 @@ from .data import (
     validated_once,
     write_rows_atomic,
 )
+from .statistics import bootstrap_interval
 from .stage import StageResult, Timer, log_rate, stage_section
 from .untrusted import json_field, rating
 
@@ -501,16 +502,6 @@ def grading_results(judgments: list[dict[str, Any]]) -> dict[str, Any]:
             "judge_failures": failures["judge"],
         }
     return results
-
-
-def bootstrap_interval(scores: list[float], samples: int, confidence: float, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``scores`` (resampled instructions)."""
-    import numpy as np
-
-    values = np.asarray(scores, dtype=float)
-    means = values[np.random.default_rng(seed).integers(0, len(values), (samples, len(values)))].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
 def length_controlled(scores: list[float], length_differences: list[float], ridge: float = 1e-3) -> float:
