@@ -45,9 +45,19 @@ def evaluated(tiny_models, ray_local, tmp_path_factory):
     """generator-0 graded on the shipped questions, and against itself (two names, one engine), by the tiny judge."""
     tmp = tmp_path_factory.mktemp("evaluate")
     engine = {"model": str(tiny_models["generator-0"]), "max_model_len": 512, "batch_size": 16, "kv_cache_gib": 0.5}
+    checkable = tmp / "gsm8k_style.jsonl"  # GSM8K's own row format, a plain answer, and one unusable row
+    checkable.write_text("\n".join(json.dumps(row) for row in [
+        *({"question": f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
+           "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+          for a, b in ((2, 3), (4, 4), (10, 5), (7, 1))),
+        {"question": "What is 6 times 7?", "answer": 42},
+        {"question": "A question with no answer"},
+    ]) + "\n")
     recipe = load_recipe(recipe_file(tmp, tiny_models, {
         "model": {"name": "gen0", **engine},
         "pairwise": {"baseline": {"name": "gen0-again", **engine}},
+        "exact_match": {"questions": {"path": str(checkable)}, "answer_pattern": "last_number",
+                        "sampling": {"temperature": 0.0, "max_tokens": 32}},
     }))
     run_dir = tmp / "run"
     return recipe, run_dir, run_stage("evaluate", recipe, run_dir)
@@ -111,6 +121,35 @@ def test_a_model_against_itself_wins_half_within_its_interval(evaluated):
 
 
 @pytest.mark.engine
+def test_exact_match_scores_each_model_on_the_checkable_questions_and_rejects_the_unusable_row(evaluated):
+    """GSM8K-format rows read as they are (one row without an answer is rejected, with its reason): both models'
+    accuracy with an interval and the count of replies with no number in them; greedy answers from one engine, so
+    the paired difference of the two names is exactly 0."""
+    _, run_dir, result = evaluated
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    assert result.counts["exact_match_questions"]["accepted"] == 5
+    assert result.counts["exact_match_questions"]["rejected"] == 1
+    (reject,) = rows(run_dir / "evaluate" / "exact_match_rejects")
+    assert "answer" in reject["reason"], reject
+    for model in ("gen0", "gen0-again"):
+        r = results["exact_match"][model]
+        assert r["n"] == 5 and 0 <= r["unparsed"] <= 5 and 0.0 <= r["accuracy"] <= 1.0
+        assert r["interval"][0] <= r["accuracy"] <= r["interval"][1]
+    scored = rows(run_dir / "evaluate" / "exact_match")
+    assert len(scored) == 10 and {s["model"] for s in scored} == {"gen0", "gen0-again"}
+    for s in scored:
+        assert s["correct"] == (s["extracted"] is not None and float(s["extracted"].replace(",", "")) == float(
+            s["reference"].rsplit("####", 1)[-1].strip()))
+    assert results["exact_match"]["gen0"]["accuracy"] == results["exact_match"]["gen0-again"]["accuracy"]
+    (paired,) = results["exact_match_paired"]
+    assert (paired["model"], paired["over"], paired["n"], paired["difference"]) == ("gen0", "gen0-again", 5, 0.0)
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert metrics["exact_match/gen0"] == results["exact_match"]["gen0"]["accuracy"]
+    answered = [a for a in rows(run_dir / "evaluate" / "answers" / "gen0") if a["set"] == "exact_match"]
+    assert len(answered) == 5  # asked in the same engine pass as the other sets
+
+
+@pytest.mark.engine
 def test_rerun_skips_and_the_report_shows_the_evaluation(evaluated, tmp_path):
     recipe, run_dir, result = evaluated
     again = run_stage("evaluate", recipe, run_dir)
@@ -124,6 +163,8 @@ def test_rerun_skips_and_the_report_shows_the_evaluation(evaluated, tmp_path):
     evaluation = page[page.index("<h2>Evaluation</h2>"):]
     assert evaluation.startswith('<h2>Evaluation</h2><img alt="Evaluation" src="data:image/png;base64,')
     assert "MT-Bench gen0:" in evaluation and "win rate gen0 vs gen0-again" in evaluation
+    exact = r"exact match gen0: \d+\.\d% \[\d+\.\d%, \d+\.\d%\] of 5 questions \(\d with no answer found\)"
+    assert re.search(exact, out.output) and re.search(exact, evaluation), out.output
 
 
 @pytest.mark.engine

@@ -327,6 +327,29 @@ class PairwiseConfig(_Section):
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
 
 
+class ExactMatchConfig(_Section):
+    """Verifiable evaluation: questions with reference answers, each model's final answer taken out of its reply by
+    a stated rule and compared with the reference (``zephyr_ray/exact_match.py``)."""
+
+    questions: DatasetSource = Field(description="rows with `question` and `answer`: GSM8K's as they are (the final "
+                                     "answer after `####`), or a plain answer")
+    answer_pattern: str = Field(default="gsm8k", description="how the final answer is found in a reply: 'gsm8k' "
+                                "(after the last ####), 'last_number', or a regular expression (its last match; "
+                                "its first group if it has one)")
+    models: list[EvalModel] = Field(default_factory=list, description="more models to score besides the evaluated "
+                                    "model and the pairwise baseline (e.g. the base model, train_sft)")
+    sampling: Sampling = Field(default=Sampling(temperature=0.0, max_tokens=256))
+    bootstrap_samples: int = Field(default=2000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        from .exact_match import check_pattern
+
+        return check_pattern(value)
+
+
 class DecontaminateConfig(_Section):
     """Keep evaluation prompts out of training: training prompts sharing an n-gram (of words, lower-cased) with any
     evaluation prompt are counted before training, and dropped into the rejects when ``drop`` is set."""
@@ -341,6 +364,7 @@ class EvaluateConfig(_Section):
     model: EvalModel = Field(default_factory=lambda: EvalModel(name="dpo"))
     mt_bench: MTBenchConfig | None = None
     pairwise: PairwiseConfig | None = None
+    exact_match: ExactMatchConfig | None = None
     judge: EvalJudgeConfig
     decontaminate: DecontaminateConfig | None = None
 

@@ -317,6 +317,43 @@ class ReferenceAnswerRow(Row):
         return [_check_text(turn, f"turns[{i}]") for i, turn in enumerate(turns)]
 
 
+class ReferenceQuestionRow(Row):
+    """A question with a reference answer (exact-match evaluation): GSM8K's ``question`` / ``answer`` as they are
+    (worked solution, then ``#### <answer>``) or a plain answer; ``question_id`` is the sha256 of the question."""
+
+    derived: ClassVar[tuple[str, ...]] = ("question_id",)
+    unique_key: ClassVar[str | None] = "question_id"
+    question: str
+    answer: str
+    question_id: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, row: Any) -> Any:
+        if isinstance(row, dict):
+            answer = row.get("answer")
+            if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # a plain numeric answer column
+                row = {**row, "answer": str(answer)}
+            if "question_id" not in row and isinstance(row.get("question"), str):
+                row = {**row, "question_id": prompt_id_of(row["question"])}
+        return row
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, value: str) -> str:
+        return _check_text(value, "question")
+
+    @field_validator("answer")
+    @classmethod
+    def _answer(cls, value: str) -> str:
+        from .exact_match import reference_answer
+
+        value = _check_text(value, "answer")
+        if not reference_answer(value):
+            raise ValueError("answer: nothing after its '####' marker")
+        return value
+
+
 class InstructionRow(Row):
     """A pairwise-evaluation instruction, as in AlpacaEval's JSON (``instruction``, and a reference set's
     ``output``, ``generator``, ``dataset``); ``instruction_id`` is the sha256 of the instruction."""

@@ -80,4 +80,5 @@ def training_screen(recipe: Any, run_dir: Path) -> Screen | None:
     prompts = [(f"mt_bench {q['question_id']} turn {i}", turn)
                for q in sets.questions for i, turn in enumerate(q["turns"], start=1)]
     prompts += [(f"pairwise {row['instruction_id'][:12]}", row["instruction"]) for row in sets.instructions]
+    prompts += [(f"exact_match {row['question_id'][:12]}", row["question"]) for row in sets.checkable]
     return Screen.build(prompts, cfg.decontaminate.ngram, cfg.decontaminate.drop)

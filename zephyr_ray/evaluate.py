@@ -25,7 +25,7 @@ import logging
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,13 @@ from .data import (
     InstructionRow,
     QuestionRow,
     ReferenceAnswerRow,
+    ReferenceQuestionRow,
     is_complete,
     validated_once,
     write_rows_atomic,
 )
-from .statistics import bootstrap_interval
 from .stage import StageResult, Timer, log_rate, stage_section
+from .statistics import bootstrap_interval
 from .untrusted import json_field, rating
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class EvaluationSets:
     questions: list[dict[str, Any]]  # QuestionRow, ``reference`` filled in from the reference answers
     instructions: list[dict[str, Any]]  # InstructionRow; from the questions' first turns when pairwise has no prompts
     counts: dict[str, Any]
+    checkable: list[dict[str, Any]] = field(default_factory=list)  # ReferenceQuestionRow (exact match)
 
 
 def _natural(value: str) -> tuple:
@@ -152,7 +154,13 @@ def evaluation_sets(cfg: EvaluateConfig, run_dir: Path) -> EvaluationSets:
     elif cfg.pairwise is not None:
         instructions = [{"instruction": q["turns"][0], "instruction_id": f"mt_bench:{q['question_id']}",
                          "output": None, "generator": None, "dataset": "mt_bench"} for q in questions]
-    return EvaluationSets(questions, instructions, counts)
+    checkable: list[dict[str, Any]] = []
+    if cfg.exact_match is not None:
+        counts["exact_match_questions"] = validated_once(cfg.exact_match.questions, ReferenceQuestionRow,
+                                                         stage_dir / "exact_match_questions",
+                                                         stage_dir / "exact_match_rejects")
+        checkable = read_rows(stage_dir / "exact_match_questions")
+    return EvaluationSets(questions, instructions, counts, checkable)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +196,17 @@ def answer_items(sets: EvaluationSets, cfg: EvaluateConfig) -> list[dict[str, An
         items += [{"set": "pairwise", "question_id": r["instruction_id"], "category": r["dataset"] or "pairwise",
                    "turns": [r["instruction"]], "temperature": sampling.temperature,
                    "max_tokens": sampling.max_tokens} for r in sets.instructions]
-    return items
+    return items + exact_match_items(sets, cfg)
+
+
+def exact_match_items(sets: EvaluationSets, cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    """The exact-match questions, asked as they are, one turn each."""
+    if cfg.exact_match is None:
+        return []
+    sampling = cfg.exact_match.sampling
+    return [{"set": "exact_match", "question_id": q["question_id"], "category": "exact_match",
+             "turns": [q["question"]], "temperature": sampling.temperature, "max_tokens": sampling.max_tokens}
+            for q in sets.checkable]
 
 
 def _turn_request(item: dict[str, Any], model: EvalModel, answers: list[str | None], turn: int,
@@ -434,6 +452,8 @@ def pairwise_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[s
     def first_answers(name: str) -> dict[str, str | None]:
         found = {}
         for row in answers[name]:
+            if row["set"] == "exact_match":
+                continue
             key = f"mt_bench:{row['question_id']}" if row["set"] == "mt_bench" else row["question_id"]
             found[key] = row["answers"][0]
         return found
@@ -575,13 +595,14 @@ def pairwise_results(judgments: list[dict[str, Any]], samples: int, confidence: 
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
-    """MT-Bench score per category per model (left) and the win rate with its interval, overall and per length
-    bin (right), in one PNG."""
+    """MT-Bench score per category per model, the win rate with its interval (overall and per length bin), and
+    exact-match accuracy per model with its interval, side by side in one PNG."""
     from .report import pyplot
 
     plt = pyplot()
     grading, pairwise = results.get("mt_bench") or {}, results.get("pairwise")
-    panels = int(bool(grading)) + int(bool(pairwise and pairwise.get("win_rate") is not None))
+    exact = {m: r for m, r in (results.get("exact_match") or {}).items() if r["accuracy"] is not None}
+    panels = int(bool(grading)) + int(bool(pairwise and pairwise.get("win_rate") is not None)) + int(bool(exact))
     if not panels:
         return
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
@@ -602,6 +623,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     if pairwise and pairwise.get("win_rate") is not None:
         ax = axes[0, ax_index]
+        ax_index += 1
         labels = ["overall", "length-controlled"] + [b["bin"] for b in pairwise["length_bins"]]
         values = [pairwise["win_rate"], pairwise["length_controlled_win_rate"]] + [
             b["win_rate"] if b["win_rate"] is not None else 0 for b in pairwise["length_bins"]]
@@ -618,6 +640,19 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{pairwise['model']} vs {pairwise['opponent']}: win rate, "
                      f"{pairwise['confidence']:.0%} interval")
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    if exact:
+        ax = axes[0, ax_index]
+        names = list(exact)
+        values = [exact[m]["accuracy"] for m in names]
+        ax.bar(names, values, color="#12b76a")
+        ax.errorbar(range(len(names)), values, fmt="none", color="black", capsize=6,
+                    yerr=[[v - exact[m]["interval"][0] for m, v in zip(names, values, strict=True)],
+                          [exact[m]["interval"][1] - v for m, v in zip(names, values, strict=True)]])
+        for x, m in enumerate(names):
+            ax.text(x, 0.02, f"n={exact[m]['n']}, {exact[m]['unparsed']} unparsed", ha="center", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_title("Exact match per model, bootstrap interval")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -641,7 +676,39 @@ def evaluation_summary(results: dict[str, Any]) -> str:
                      f"judge position consistency {pairwise['position_consistency'] or 0:.0%}")
     elif pairwise:
         lines.append(f"win rate: no instruction compared ({pairwise['judge_failures']} judge failures)")
+    for model, r in (results.get("exact_match") or {}).items():
+        shown = "-" if r["accuracy"] is None else \
+            f"{r['accuracy']:.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}]"
+        lines.append(f"exact match {model}: {shown} of {r['n']} questions ({r['unparsed']} with no answer found)")
+    for d in results.get("exact_match_paired") or []:
+        if d["difference"] is not None:
+            lines.append(f"  {d['model']} - {d['over']}: {d['difference']:+.1%} "
+                         f"[{d['interval'][0]:+.1%}, {d['interval'][1]:+.1%}] (paired, {d['n']} questions)")
     return "\n".join(lines)
+
+
+def exact_match_results(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[str, list[dict[str, Any]]],
+                        stage_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Each model's exact-match accuracy (``{"accuracy", "interval", "n", "unparsed"}``), and the evaluated
+    model's paired difference over every other scored model; the scored replies go to ``exact_match/``."""
+    from .exact_match import accuracy, paired_difference, score
+
+    em = cfg.exact_match
+    references = {q["question_id"]: q["answer"] for q in sets.checkable}
+    scored = {}
+    for model, rows in answers.items():
+        replies = [{"model": model, "question_id": r["question_id"], "question": r["turns"][0],
+                    "reference": references[r["question_id"]], "reply": r["answers"][0],
+                    "error": r["errors"][0]}
+                   for r in rows if r["set"] == "exact_match" and r["question_id"] in references]
+        if replies:
+            scored[model] = score(replies, em.answer_pattern)
+    write_rows_atomic([row for rows in scored.values() for row in rows], stage_dir / "exact_match")
+    per_model = {model: accuracy(rows, em.bootstrap_samples, em.confidence) for model, rows in scored.items()}
+    paired = [{"model": cfg.model.name, "over": other,
+               **paired_difference(scored[cfg.model.name], scored[other], em.bootstrap_samples, em.confidence)}
+              for other in scored if other != cfg.model.name and cfg.model.name in scored]
+    return per_model, paired
 
 
 def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -654,6 +721,9 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
             metrics[key] = pairwise[key]
     if pairwise.get("interval"):
         metrics["win_rate_low"], metrics["win_rate_high"] = pairwise["interval"]
+    for model, r in (results.get("exact_match") or {}).items():
+        if r["accuracy"] is not None:
+            metrics[f"exact_match/{model}"] = r["accuracy"]
     return metrics
 
 
@@ -677,6 +747,8 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
     sets = evaluation_sets(cfg, run_dir)
     models = [cfg.model] + ([cfg.pairwise.baseline] if cfg.pairwise and cfg.pairwise.baseline else [])
     answers = answer_all(models, answer_items(sets, cfg), recipe, run_dir)
+    if cfg.exact_match is not None and cfg.exact_match.models:  # scored on the exact-match questions only
+        answers.update(answer_all(cfg.exact_match.models, exact_match_items(sets, cfg), recipe, run_dir))
     if not is_complete(judgments_dir):
         judge = judge_label(cfg.judge)
         requests, settled = grading_requests(cfg, sets, answers, judge) if cfg.mt_bench else ([], [])
@@ -692,6 +764,8 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
     results = {"judge": judge_label(cfg.judge), "mt_bench": grading_results(judgments),
                "pairwise": (pairwise_results(judgments, cfg.pairwise.bootstrap_samples, cfg.pairwise.confidence)
                             if cfg.pairwise else None)}
+    if cfg.exact_match is not None:
+        results["exact_match"], results["exact_match_paired"] = exact_match_results(cfg, sets, answers, stage_dir)
     plot_results(results, stage_dir / "evaluate.png")
     (stage_dir / "metrics.json").write_text(json.dumps(headline_metrics(results), indent=2) + "\n")
     tmp = results_path.with_suffix(".tmp")
