@@ -122,7 +122,7 @@ def test_exported_sft_model_chats_through_vllm_and_stops_at_eos(trained):
     outputs = llm.chat(prompts, SamplingParams(temperature=0.0, max_tokens=128), use_tqdm=False)
     stopped = [o.outputs[0].finish_reason == "stop" for o in outputs]
     assert sum(stopped) >= HELD_OUT // 2, f"only {sum(stopped)} of {HELD_OUT} replies ended at </s>"
-    assert all("<|user|>" not in o.outputs[0].text for o in outputs)
+    assert all("<|user|>" not in o.outputs[0].text for o in outputs), [o.outputs[0].text for o in outputs]
 
 
 def test_dpo_prefers_held_out_chosen_replies_and_logs_its_metrics(trained):

@@ -47,6 +47,7 @@ class TinySpec:
     # templates do)
     chat_template: str = "zephyr"
     # whether its tokenizer puts <s> first when it encodes text with special tokens, as Mistral's and Llama's do
+    # (the warm-up encodes without it, as for every tiny model: the variant tests the token path, not pretraining)
     adds_bos: bool = False
 
     @property
@@ -154,8 +155,7 @@ def _training_batch(spec: TinySpec, tokenizer: Any) -> tuple[Any, Any]:
         texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in corpus]
     else:
         texts = [" ".join(m["content"] for m in row["messages"]) for row in corpus]
-    # plain text as a base model is pretrained on it (a BOS first where the tokenizer adds one); chats as rendered
-    encoded = [tokenizer(t, add_special_tokens=spec.train_on == "text")["input_ids"] for t in texts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
