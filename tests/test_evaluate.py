@@ -130,7 +130,7 @@ def test_exact_match_scores_each_model_on_the_checkable_questions_and_rejects_th
     assert result.counts["exact_match_questions"]["accepted"] == 5
     assert result.counts["exact_match_questions"]["rejected"] == 1
     (reject,) = rows(run_dir / "evaluate" / "exact_match_rejects")
-    assert "answer" in reject["reason"], reject
+    assert (reject["row"], reject["field"], reject["reason"]) == (6, "answer", "missing field"), reject
     for model in ("gen0", "gen0-again"):
         r = results["exact_match"][model]
         assert r["n"] == 5 and 0 <= r["unparsed"] <= 5 and 0.0 <= r["accuracy"] <= 1.0

@@ -96,6 +96,10 @@ ANSWER_SCHEMA = pa.schema([
     ("errors", pa.list_(pa.string())), ("finish_reasons", pa.list_(pa.string())),
     ("generated_tokens", pa.list_(pa.int64())), ("temperature", pa.float64()),
 ])
+EXACT_MATCH_SCHEMA = pa.schema([
+    ("model", pa.string()), ("question_id", pa.string()), ("question", pa.string()), ("reference", pa.string()),
+    ("reply", pa.string()), ("error", pa.string()), ("extracted", pa.string()), ("correct", pa.bool_()),
+])
 JUDGMENT_SCHEMA = pa.schema([
     ("set", pa.string()), ("question_id", pa.string()), ("category", pa.string()), ("turn", pa.int64()),
     ("model", pa.string()), ("opponent", pa.string()), ("order", pa.string()), ("judge", pa.string()),
@@ -703,7 +707,8 @@ def exact_match_results(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict
                    for r in rows if r["set"] == "exact_match" and r["question_id"] in references]
         if replies:
             scored[model] = score(replies, em.answer_pattern)
-    write_rows_atomic([row for rows in scored.values() for row in rows], stage_dir / "exact_match")
+    write_rows_atomic([row for rows in scored.values() for row in rows], stage_dir / "exact_match",
+                      schema=EXACT_MATCH_SCHEMA)
     per_model = {model: accuracy(rows, em.bootstrap_samples, em.confidence) for model, rows in scored.items()}
     paired = [{"model": cfg.model.name, "over": other,
                **paired_difference(scored[cfg.model.name], scored[other], em.bootstrap_samples, em.confidence)}
