@@ -185,9 +185,10 @@ def gpus_per_engine(engine: Engine) -> int:
 
 
 # What one CPU engine takes of a Ray cluster's logical CPUs (its bundle, and a quarter CPU for the tasks that
-# tokenize its prompts: with the 30% KV-cache default, two engines at a time on 4 logical CPUs), and what is kept for the light tasks beside the engines (reads, pre- and postprocessing, writes): Ray Data
-# starts every actor pool of an execution at once, and an execution whose engines took every CPU would wait forever
-# for the tasks that feed them.
+# tokenize its prompts: with the 30% KV-cache default, two engines at a time on 4 logical CPUs), and what is kept
+# for the light tasks beside the engines (reads, pre- and postprocessing, writes): Ray Data starts every actor pool
+# of an execution at once, and an execution whose engines took every CPU would wait forever for the tasks that feed
+# them.
 CPU_ENGINE_CPUS = 1.25
 CPU_TASK_RESERVE = 1.0
 

@@ -23,8 +23,8 @@ _PROCESSOR_COLUMNS = ("prompt", "prompt_token_ids", "params", "request_id", "bat
                       "prompt_logprobs", "embeddings", "generated_tokens", "generated_text", "num_input_tokens",
                       "num_generated_tokens", "time_taken_llm")
 _PARKED = "__zr_"
-_DROP = ("prompt_token_ids", "tokenized_prompt", "params", "request_id", "batch_uuid", "metrics", "prompt_logprobs", "embeddings",
-         "generated_tokens", "time_taken_llm", "__inference_error__", "logprobs", "prompt")
+_DROP = ("prompt_token_ids", "tokenized_prompt", "params", "request_id", "batch_uuid", "metrics", "prompt_logprobs",
+         "embeddings", "generated_tokens", "time_taken_llm", "__inference_error__", "logprobs", "prompt")
 
 
 def _park(row: dict[str, Any], model: str, template: str | None, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -34,7 +34,12 @@ def _park(row: dict[str, Any], model: str, template: str | None, trust_remote_co
     stage passes ``tokenization_kwargs`` to pooling requests only."""
     parked = {(_PARKED + k if k in _PROCESSOR_COLUMNS else k): v for k, v in row.items()}
     messages = row["messages"].tolist() if hasattr(row["messages"], "tolist") else row["messages"]
-    parked["tokenized_prompt"] = prompt_token_ids(tokenizer_of(model, trust_remote_code), messages, template)
+    try:
+        parked["tokenized_prompt"] = prompt_token_ids(tokenizer_of(model, trust_remote_code), messages, template)
+    except Exception as err:  # jinja2's errors, raise_exception in a template: say whose template and which row
+        roles = [m.get("role") for m in messages]
+        raise ValueError(f"{model}: its chat template cannot render a conversation with roles {roles} "
+                         f"(prompt_id {row.get('prompt_id')}): {err}") from err
     for params in ("sampling_params", "pooling_params"):  # the processor consumes its copy
         if params in row:
             parked[_PARKED + params] = row[params]
