@@ -155,6 +155,11 @@ def prompt_template(tokenizer: Any, chat_template: str | None = None) -> str | N
     return template if rendered.startswith(tokenizer.bos_token) else "{{ bos_token }}" + template
 
 
+def template_for(model: str, chat_template: str | None = None, trust_remote_code: bool = False) -> str | None:
+    """``prompt_template`` for a model named by its directory or hub id (its tokenizer loaded once per process)."""
+    return prompt_template(tokenizer_of(model, trust_remote_code), chat_template)
+
+
 def prompt_token_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str | None) -> list[int]:
     """A conversation's prompt ids: rendered with ``template`` (``prompt_template``), encoded without special
     tokens. Ends with the generation prompt after a user turn; after an assistant turn (a reply to score, or a

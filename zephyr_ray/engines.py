@@ -111,8 +111,7 @@ def engine_problems(section: Any, key: str, hardware: Hardware, fetch: bool = Tr
 
     problems = []
     for path, value in _walk(section, (key,) if key else ()):
-        served = isinstance(value, ServedModel)
-        if served and value.model:
+        if isinstance(value, ServedModel) and value.model:
             value = value.engine(value.model)
         if not isinstance(value, Engine) or value.model in RUN_MODELS:
             continue

@@ -12,7 +12,7 @@ import functools
 import logging
 from typing import Any
 
-from .chat import prompt_template, prompt_token_ids, tokenizer_of
+from .chat import prompt_token_ids, template_for, tokenizer_of
 from .config import Engine, Hardware
 from .engines import context_length, keep_engines_off_cpu_nodes, vllm_processor_config
 
@@ -82,7 +82,7 @@ def _unpark(row: dict[str, Any], keep_logprobs: bool = False, max_model_len: int
 def prompt_tokens_of(engine: Engine) -> Any:
     """The processor's preprocess for ``engine``: rows get their prompt ids, rendered with the template every path
     uses for this model (``chat.prompt_template``, worked out here once)."""
-    template = prompt_template(tokenizer_of(engine.model, engine.trust_remote_code), engine.chat_template)
+    template = template_for(engine.model, engine.chat_template, engine.trust_remote_code)
     return functools.partial(_park, model=engine.model, template=template, trust_remote_code=engine.trust_remote_code)
 
 

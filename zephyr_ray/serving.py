@@ -28,7 +28,7 @@ from typing import Any
 
 from ray.llm._internal.common.callbacks.base import CallbackBase
 
-from .chat import prompt_template, template_text, tokenizer_of
+from .chat import template_for, template_text
 from .config import Hardware, Recipe, ServeConfig, ServedModel
 from .engines import check_model_dir, placement_bundles, vllm_engine_kwargs
 
@@ -73,12 +73,11 @@ def served_template(engine: Any) -> str | None:
     tokens, like the others). A hub model whose tokenizer cannot be read here (offline) gets the recipe's template
     as written, or its own, and a warning."""
     try:
-        tokenizer = tokenizer_of(engine.model, engine.trust_remote_code)
+        return template_for(engine.model, engine.chat_template, engine.trust_remote_code)
     except OSError as err:
         logger.warning("serve: cannot read %s's tokenizer here (%s); its prompt is not checked for a BOS",
                        engine.model, str(err).splitlines()[0])
         return template_text(engine.chat_template)
-    return prompt_template(tokenizer, engine.chat_template)
 
 
 def llm_config(served: ServedModel, source: str, hardware: Hardware) -> Any:
