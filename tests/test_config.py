@@ -188,6 +188,27 @@ def test_one_score_judges_need_binarize_on_overall(tmp_path):
                               "not aspects; set binarize.score: overall"]
 
 
+def test_dpo_losses_combine_as_trl_takes_them(tmp_path):
+    """[sigmoid, sft] (DPO plus the chosen reply's NLL) reaches TRL's DPOConfig as given; a typo or a weight count
+    that does not match is one line at validate, naming the key."""
+    from trl import DPOConfig
+
+    from zephyr_ray.train.dpo import dpo_arguments
+
+    path = write(tmp_path, """\
+        name: x
+        train_dpo: {learning_rate: 1.0e-4, global_batch_size: 32, loss_type: [sigmoid, sft], loss_weights: [1.0, 0.5]}
+        """)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, **dpo_arguments(load_recipe(path).train_dpo))
+    assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5] and args.beta == 0.1
+    assert dpo_arguments(load_recipe(CONFIGS / "zephyr-7b.yaml").train_dpo)["loss_type"] == ["sigmoid"]
+    section = "name: x\ntrain_dpo: {learning_rate: 1.0e-4, global_batch_size: 32, "
+    typo = write(tmp_path, section + "loss_type: [sigmoid, nll]}\n")
+    assert len(problems(typo)) == 1 and "train_dpo" in problems(typo)[0] and "['nll']" in problems(typo)[0]
+    uneven = write(tmp_path, section + "loss_type: [sigmoid, sft], loss_weights: [1.0]}\n")
+    assert len(problems(uneven)) == 1 and "loss_weights" in problems(uneven)[0]
+
+
 def _model_dir(tmp_path: Path, **config: object) -> Path:
     import json
 

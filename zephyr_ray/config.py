@@ -243,12 +243,36 @@ class BinarizeConfig(_Section):
     seed: int = 42
 
 
+# TRL 1.16's DPOConfig.loss_type values (checked here so that `validate` names a typo before any worker starts)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
 class TrainDPOConfig(Training):
     """dDPO with TRL's DPOTrainer; the dSFT model is the frozen reference."""
 
     beta: float = Field(default=0.1, gt=0.0)
-    loss_type: str = "sigmoid"
+    loss_type: str | list[str] = Field(
+        default="sigmoid", description="TRL's DPO loss, or several summed with `loss_weights`: [sigmoid, sft] is DPO "
+        "plus the NLL of the chosen reply (RPO, Iterative RPO), which keeps DPO from lowering the chosen reply's "
+        "likelihood along with the rejected one's")
+    loss_weights: list[float] | None = Field(default=None, description="one weight per `loss_type` (default 1 each)")
     max_prompt_length: int = Field(default=1024, gt=0)
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @model_validator(mode="after")
+    def _losses(self) -> TrainDPOConfig:
+        unknown = [t for t in self.loss_types if t not in DPO_LOSS_TYPES]
+        if unknown or not self.loss_types:
+            raise ValueError(f"loss_type: {unknown or 'empty'} is not among TRL's DPO losses {list(DPO_LOSS_TYPES)}")
+        if self.loss_weights is not None and (len(self.loss_weights) != len(self.loss_types)
+                                              or any(w < 0 for w in self.loss_weights)):
+            raise ValueError(f"loss_weights: give one weight >= 0 per loss_type ({len(self.loss_types)}), got "
+                             f"{self.loss_weights}")
+        return self
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> TrainDPOConfig:

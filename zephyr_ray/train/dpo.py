@@ -29,6 +29,11 @@ from .loop import (
 logger = logging.getLogger(__name__)
 
 
+def dpo_arguments(cfg: Any) -> dict[str, Any]:
+    """The recipe's DPO settings as TRL's DPOConfig takes them."""
+    return {"beta": cfg.beta, "loss_type": cfg.loss_types, "loss_weights": cfg.loss_weights}
+
+
 def dpo_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: TRL's DPOTrainer on ``chosen``/``rejected`` chats (the shared prompt is implicit)."""
     from trl import DPOConfig, DPOTrainer
@@ -36,8 +41,7 @@ def dpo_worker(config: dict[str, Any]) -> None:
     recipe: Recipe = config["recipe"]
     cfg = recipe.train_dpo
     extra, tokenizer, train = worker_inputs(config, cfg)
-    args = DPOConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra), beta=cfg.beta,
-                     loss_type=[cfg.loss_type])
+    args = DPOConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra), **dpo_arguments(cfg))
     trainer = DPOTrainer(model=config["model"], ref_model=None, args=args,
                          train_dataset=train.select_columns(["chosen", "rejected"]), processing_class=tokenizer)
     train_with_ray(trainer, latest_hf_checkpoint(), config)
