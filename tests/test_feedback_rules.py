@@ -129,6 +129,37 @@ def test_endpoint_requests_carry_the_structured_output_the_endpoint_takes():
     assert out["overall"] == 8.0 and out["honesty"] == 5.0 and out["judge"] == "gpt"
 
 
+def test_a_recipe_prompt_replaces_the_judges_and_is_named_in_its_label(tmp_path):
+    """judge.prompt (text or a .txt file) and system_prompt reach the engine's and the endpoint's chats with the row's
+    instruction and completion in them; the output format stays the kind's; the judge label names the prompt by a
+    hash; a prompt without {response}, with stray braces, or given to a reward model is refused."""
+    from pydantic import ValidationError
+
+    from zephyr_ray.config import JudgeConfig
+    from zephyr_ray.feedback.judge import RUBRIC_VERSION, judge_name, judge_requests
+
+    (tmp_path / "short.txt").write_text("Rate {{as JSON}}: {instruction} => {response}")
+    cfg = JudgeConfig(kind="rubric", engine={"model": "./judge"}, prompt=str(tmp_path / "short.txt"),
+                      system_prompt="Be brief.")
+    assert cfg.prompt == "Rate {{as JSON}}: {instruction} => {response}"
+    sampling = cfg.sampling.model_dump()
+    for messages in (judge_requests(COMPLETION, "rubric", sampling, cfg.prompt, cfg.system_prompt)["messages"],
+                     endpoint_request(COMPLETION, sampling, "regex", cfg.prompt, cfg.system_prompt)["messages"]):
+        assert messages == [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": "Rate {as JSON}: Q? => an answer"}]
+    request = judge_requests(COMPLETION, "rubric", sampling, cfg.prompt, cfg.system_prompt)
+    assert request["sampling_params"]["structured_outputs"] == {"regex": RUBRIC_REGEX}
+    label = judge_name(cfg)
+    assert label.startswith("./judge (rubric, recipe prompt ") and RUBRIC_VERSION not in label
+    assert judge_name(JudgeConfig(kind="rubric", engine={"model": "./judge"})) == f"./judge (rubric, {RUBRIC_VERSION})"
+    for bad, reason in [("{instruction} only", "has no {response}"), ("{instruction} {response} {score}", "score"),
+                        ("{instruction} {response} {", "braces")]:
+        with pytest.raises(ValidationError, match=reason):
+            JudgeConfig(kind="rubric", engine={"model": "./judge"}, prompt=bad)
+    with pytest.raises(ValidationError, match="a reward model reads the chat itself"):
+        JudgeConfig(kind="reward_model", engine={"model": "./rm"}, prompt="{instruction} {response}")
+
+
 def test_endpoint_key_comes_from_the_environment_and_never_shows(monkeypatch):
     endpoint = Endpoint(base_url="http://127.0.0.1:9/v1", model="j", api_key_env="ZR_TEST_KEY")
     monkeypatch.delenv("ZR_TEST_KEY", raising=False)

@@ -217,11 +217,47 @@ class Endpoint(_Section):
         "(servers that take it); none: parse whatever comes back")
 
 
+def read_prompt_file(value: str | None) -> str | None:
+    """A prompt that names a ``.txt`` file becomes the file's text, read when the recipe is loaded."""
+    if value is not None and value.endswith(".txt") and "{" not in value and "\n" not in value:
+        try:
+            return Path(value).expanduser().read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"cannot read the prompt file {value}: {err.strerror or err}") from None
+    return value
+
+
 class JudgeConfig(_Section):
     kind: Literal["rubric", "logprob", "reward_model", "openai"] = "rubric"
     engine: Engine | None = None
     endpoint: Endpoint | None = None
     sampling: Sampling = Sampling(temperature=0.0, max_tokens=512)
+    prompt: str | None = Field(
+        default=None, description="the judge's prompt instead of the project's (UltraFeedback-style rubric, or the "
+        "logprob rating): text with {instruction} and {response}, or a .txt file read at load. The answer format "
+        "stays the kind's (rubric JSON, one digit 1-5), as structured outputs hold the judge to it. A small judge "
+        "learns a short prompt far sooner than a long one")
+    system_prompt: str | None = Field(default=None, description="the judge's system message instead of the project's")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_file(cls, value: Any) -> Any:
+        return read_prompt_file(value) if isinstance(value, str) else value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fields(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            value.format(instruction="", response="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"the prompt may hold only {{instruction}} and {{response}} (write {{{{ and }}}} for "
+                             f"literal braces): {type(err).__name__} {err}") from None
+        missing = [f for f in ("{instruction}", "{response}") if f not in value]
+        if missing:
+            raise ValueError(f"the prompt has no {' and no '.join(missing)}")
+        return value
 
     @model_validator(mode="after")
     def _backend(self) -> JudgeConfig:
@@ -229,6 +265,8 @@ class JudgeConfig(_Section):
             raise ValueError("kind 'openai' needs an `endpoint`")
         if self.kind != "openai" and self.engine is None:
             raise ValueError(f"kind '{self.kind}' needs an `engine`")
+        if self.kind == "reward_model" and (self.prompt or self.system_prompt):
+            raise ValueError("judge.prompt: a reward model reads the chat itself, not a prompt")
         return self
 
 

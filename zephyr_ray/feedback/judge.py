@@ -16,6 +16,7 @@ text that is not valid UTF-8 is repaired and counted by the writer (``data.confo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -88,9 +89,9 @@ Response:
 LOGPROB_RATINGS = ("1", "2", "3", "4", "5")
 
 
-def judge_messages(row: dict[str, Any], template: str) -> list[dict[str, str]]:
+def judge_messages(row: dict[str, Any], template: str, system: str | None = None) -> list[dict[str, str]]:
     instruction = "\n\n".join(m["content"] for m in row["messages"] if m["role"] != "system")
-    return [{"role": "system", "content": JUDGE_SYSTEM},
+    return [{"role": "system", "content": system or JUDGE_SYSTEM},
             {"role": "user", "content": template.format(instruction=instruction, response=row["completion"])}]
 
 
@@ -135,15 +136,17 @@ def logprob_score(top_logprobs: Any) -> tuple[float | None, str | None]:
     return sum(r * w for r, w in weights.items()) / total, None
 
 
-def judge_requests(row: dict[str, Any], kind: str, sampling: dict[str, Any]) -> dict[str, Any]:
-    """The judge's chat for one completion; the completion row rides along whole, untouched by the engine."""
+def judge_requests(row: dict[str, Any], kind: str, sampling: dict[str, Any], prompt: str | None = None,
+                   system: str | None = None) -> dict[str, Any]:
+    """The judge's chat for one completion (the recipe's ``prompt`` and ``system_prompt`` where it gives them); the
+    completion row rides along whole, untouched by the engine."""
     if kind == "rubric":
         params = {**sampling, "structured_outputs": {"regex": RUBRIC_REGEX}}
-        messages = judge_messages(row, RUBRIC_PROMPT)
+        messages = judge_messages(row, prompt or RUBRIC_PROMPT, system)
     else:
         params = {**sampling, "max_tokens": 1, "temperature": 0.0, "logprobs": 20,
                   "structured_outputs": {"choice": list(LOGPROB_RATINGS)}}
-        messages = judge_messages(row, LOGPROB_PROMPT)
+        messages = judge_messages(row, prompt or LOGPROB_PROMPT, system)
     return {"completion_row": row, "messages": messages, "sampling_params": params}
 
 
@@ -154,7 +157,8 @@ def reward_request(row: dict[str, Any]) -> dict[str, Any]:
             "pooling_params": {"use_activation": False}}  # the raw reward, not a sigmoid of it
 
 
-def endpoint_request(row: dict[str, Any], sampling: dict[str, Any], structured_output: str) -> dict[str, Any]:
+def endpoint_request(row: dict[str, Any], sampling: dict[str, Any], structured_output: str, prompt: str | None = None,
+                     system: str | None = None) -> dict[str, Any]:
     """The rubric chat for an OpenAI-compatible endpoint, with its structured output in the form it takes."""
     request = sampling_fields(sampling)
     if structured_output == "json_schema":
@@ -162,7 +166,8 @@ def endpoint_request(row: dict[str, Any], sampling: dict[str, Any], structured_o
                                       "json_schema": {"name": "rubric", "schema": RUBRIC_SCHEMA, "strict": True}}
     elif structured_output == "regex":
         request["extra_body"] = {"structured_outputs": {"regex": RUBRIC_REGEX}}
-    return {"completion_row": row, "messages": judge_messages(row, RUBRIC_PROMPT), "request": json.dumps(request)}
+    return {"completion_row": row, "messages": judge_messages(row, prompt or RUBRIC_PROMPT, system),
+            "request": json.dumps(request)}
 
 
 def unscored(row: dict[str, Any], judge: str, error: str | None, raw: str | None = None) -> dict[str, Any]:
@@ -191,13 +196,21 @@ def to_judgment(row: dict[str, Any], kind: str, judge: str) -> dict[str, Any]:
     return out
 
 
+def prompt_version(cfg: Any) -> str:
+    """The project's prompt version, or the recipe's own prompt named by a hash of its text."""
+    if cfg.prompt is None and cfg.system_prompt is None:
+        return RUBRIC_VERSION
+    text = json.dumps([cfg.system_prompt, cfg.prompt])
+    return f"recipe prompt {hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
 def judge_name(cfg: Any) -> str:
     """Who judged, in every judgment row: model, scorer and prompt version."""
     if cfg.kind == "openai":
-        return f"{cfg.endpoint.model} @ {cfg.endpoint.base_url} (openai rubric, {RUBRIC_VERSION})"
+        return f"{cfg.endpoint.model} @ {cfg.endpoint.base_url} (openai rubric, {prompt_version(cfg)})"
     if cfg.kind == "reward_model":
         return f"{cfg.engine.model} (reward_model)"
-    return f"{cfg.engine.model} ({cfg.kind}, {RUBRIC_VERSION})"
+    return f"{cfg.engine.model} ({cfg.kind}, {prompt_version(cfg)})"
 
 
 def score(judgeable: Any, cfg: Any, recipe: Recipe) -> Any:
@@ -206,10 +219,12 @@ def score(judgeable: Any, cfg: Any, recipe: Recipe) -> Any:
     if cfg.kind == "reward_model":
         return classify(judgeable.map(reward_request), cfg.engine, recipe.hardware)
     if cfg.kind == "openai":
-        requests = judgeable.map(endpoint_request, fn_kwargs={"sampling": sampling,
-                                                              "structured_output": cfg.endpoint.structured_output})
+        requests = judgeable.map(endpoint_request, fn_kwargs={
+            "sampling": sampling, "structured_output": cfg.endpoint.structured_output, "prompt": cfg.prompt,
+            "system": cfg.system_prompt})
         return chat_via_endpoint(requests, cfg.endpoint)
-    requests = judgeable.map(judge_requests, fn_kwargs={"kind": cfg.kind, "sampling": sampling})
+    requests = judgeable.map(judge_requests, fn_kwargs={"kind": cfg.kind, "sampling": sampling, "prompt": cfg.prompt,
+                                                        "system": cfg.system_prompt})
     return generate(requests, cfg.engine, recipe.hardware, keep_logprobs=cfg.kind == "logprob")
 
 
