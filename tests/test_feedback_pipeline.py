@@ -553,11 +553,13 @@ def test_a_node_lost_mid_stage_costs_no_row(pipeline, a100_cluster, tmp_path):
         assert time.time() < deadline, "no engine replica came up"
         time.sleep(0.5)
     victim = next(n for n in a100_cluster.nodes if n.node_id == engines[0].node_id)
-    # capacity comes back as the autoscaler would bring it: a fresh A100 node, where the lost engine restarts
-    a100_cluster.nodes.append(a100_cluster.cluster.add_node(num_cpus=2, resources={"accelerator_type:A100": 1}))
+    # the node goes first (killing a raylet takes no time; starting one takes seconds, in which a pass on a busy
+    # machine has been seen to finish), then capacity comes back as the autoscaler would bring it: a fresh A100
+    # node, where the lost engine restarts
     a100_cluster.cluster.remove_node(victim, allow_graceful=False)
     a100_cluster.nodes.remove(victim)
     assert not (run / "complete" / "models" / name / "_SUCCESS").exists(), "the pass ended before the node was lost"
+    a100_cluster.nodes.append(a100_cluster.cluster.add_node(num_cpus=2, resources={"accelerator_type:A100": 1}))
     outcome = "the stage finished: the lost engine restarted on another node, its batches retried"
     if job.wait(timeout=900) != 0:
         outcome = "the stage died with the node; resubmitted, it resumed"
