@@ -38,14 +38,19 @@ class Sampling(_Section):
     seed: int | None = None
 
 
-def read_template_file(value: str | None) -> str | None:
-    """A ``chat_template`` that names a ``.jinja`` file becomes the file's text, read when the recipe is loaded."""
-    if value is not None and value.endswith(".jinja") and "{" not in value:
+def _named_file_text(value: str | None, suffix: str, what: str) -> str | None:
+    """A value that names a ``suffix`` file (and holds no template braces) becomes the file's text, read at load."""
+    if value is not None and value.endswith(suffix) and "{" not in value and "\n" not in value:
         try:
             return Path(value).expanduser().read_text(encoding="utf-8")
         except OSError as err:
-            raise ValueError(f"cannot read the template file {value}: {err.strerror or err}") from None
+            raise ValueError(f"cannot read the {what} file {value}: {err.strerror or err}") from None
     return value
+
+
+def read_template_file(value: str | None) -> str | None:
+    """A ``chat_template`` that names a ``.jinja`` file becomes the file's text, read when the recipe is loaded."""
+    return _named_file_text(value, ".jinja", "template")
 
 
 class Engine(_Section):
@@ -218,13 +223,8 @@ class Endpoint(_Section):
 
 
 def read_prompt_file(value: str | None) -> str | None:
-    """A prompt that names a ``.txt`` file becomes the file's text, read when the recipe is loaded."""
-    if value is not None and value.endswith(".txt") and "{" not in value and "\n" not in value:
-        try:
-            return Path(value).expanduser().read_text(encoding="utf-8")
-        except OSError as err:
-            raise ValueError(f"cannot read the prompt file {value}: {err.strerror or err}") from None
-    return value
+    """A judge prompt that names a ``.txt`` file becomes the file's text, read when the recipe is loaded."""
+    return _named_file_text(value, ".txt", "prompt")
 
 
 class JudgeConfig(_Section):
