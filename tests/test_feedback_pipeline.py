@@ -492,10 +492,13 @@ def stage_command(recipe_path: Path, run: Path, address: str) -> list[str]:
 def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pipeline, a100_cluster, tmp_path):
     """complete with two engine replicas pinned to A100 nodes and ``hardware.cpu_node_group: cpu``: the replicas run
     on both A100 nodes, nothing else of the stage does (reads, validation, dedupe shuffle, prompt tokens, writes run on
-    the CPU node), and every row equals the single-node run's."""
+    the CPU node), and every row equals the single-node run's. Ray Data starts feeding rows as soon as one engine is
+    up, so a short pass on a busy machine can end before the second replica is placed (CI run 14): the stage here waits
+    for the whole pool first (Ray Data's ``wait_for_min_actors_s``, which a user who wants every replica busy sets)."""
     recipe_path, run, name = complete_on_a100s(pipeline, tmp_path)
     shown = subprocess.run(stage_command(recipe_path, run, a100_cluster.cluster.address), cwd=REPO,
-                           capture_output=True, text=True, timeout=900)
+                           capture_output=True, text=True, timeout=900,
+                           env={**os.environ, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"})
     assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
     engines = engine_actors(a100_cluster.state)
     assert len({a.actor_id for a in engines}) == 2, [(a.class_name, a.state) for a in engines]
