@@ -149,6 +149,9 @@ def test_a_recipe_prompt_replaces_the_judges_and_is_named_in_its_label(tmp_path)
                             {"role": "user", "content": "Rate {as JSON}: Q? => an answer"}]
     request = judge_requests(COMPLETION, "rubric", sampling, cfg.prompt, cfg.system_prompt)
     assert request["sampling_params"]["structured_outputs"] == {"regex": RUBRIC_REGEX}
+    # "" = no system message (a judge whose template refuses one; the tiny judge learnt its prompt without one)
+    assert judge_requests(COMPLETION, "rubric", sampling, cfg.prompt, "")["messages"] == [
+        {"role": "user", "content": "Rate {as JSON}: Q? => an answer"}]
     label = judge_name(cfg)
     assert label.startswith("./judge (rubric, recipe prompt ") and RUBRIC_VERSION not in label
     assert judge_name(JudgeConfig(kind="rubric", engine={"model": "./judge"})) == f"./judge (rubric, {RUBRIC_VERSION})"

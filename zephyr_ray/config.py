@@ -237,7 +237,9 @@ class JudgeConfig(_Section):
         "logprob rating): text with {instruction} and {response}, or a .txt file read at load. The answer format "
         "stays the kind's (rubric JSON, one digit 1-5), as structured outputs hold the judge to it. A small judge "
         "learns a short prompt far sooner than a long one")
-    system_prompt: str | None = Field(default=None, description="the judge's system message instead of the project's")
+    system_prompt: str | None = Field(default=None, description="the judge's system message instead of the project's; "
+                                      "\"\" for none (a judge whose chat template refuses one, or a small judge "
+                                      "that learnt its prompt without one)")
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -51,7 +51,7 @@ SYNTH_REJECT_SCHEMA = pa.schema([("prompt", pa.string()), ("prompt_id", pa.strin
                                  ("messages", DialogueRow.arrow_schema().field("messages").type)])
 
 
-def _transcript(messages: list[dict[str, str]]) -> str:
+def transcript(messages: list[dict[str, str]]) -> str:
     return "\n\n".join(f"{m['role'].upper()}: {m['content']}" for m in messages)
 
 
@@ -74,7 +74,7 @@ def _after_assistant(row: dict[str, Any], cfg: Any, turn: int, last: bool) -> di
     out = {"prompt": row["prompt"], "prompt_id": row["prompt_id"], "dialogue": dialogue, "problem": problem}
     if not last:  # ask the user simulator for the next user turn
         out["messages"] = [{"role": "system", "content": USER_SIMULATOR_SYSTEM},
-                           {"role": "user", "content": USER_SIMULATOR_PROMPT.format(transcript=_transcript(dialogue))}]
+                           {"role": "user", "content": USER_SIMULATOR_PROMPT.format(transcript=transcript(dialogue))}]
         out["sampling_params"] = _sampling(cfg, row["prompt_id"], turn + 1, "user")
     return out
 

@@ -20,12 +20,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import tiny_world
 from .chat import BOS_TOKEN, ZEPHYR_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
 HEAD_DIM = 64
 MAX_POSITIONS = 2048
+LEARNING_RATE = 3e-3
+BATCH_SIZE = 32
+SHORT = 96  # tokens
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,15 @@ class TinySpec:
     num_kv_heads: int
     seed: int
     train_steps: int
-    # "chat": template-rendered dialogues; "text": plain text, like a base model; "preference": a one-logit
-    # sequence classifier (a reward model) trained to rank each corpus reply above a spoiled copy of it
+    # "chat": template-rendered dialogues; "judge": those and the judges' prompts with their answers; "text": plain
+    # text, like a base model; "preference": a one-logit sequence classifier (a reward model) trained to rank each
+    # right reply above a spoiled or wrong one
     train_on: str
+    # what it says about the tiny world's creatures: "truth", or "misconceptions" (a misled pool model)
+    believes: str = "truth"
+    learning_rate: float = 3e-3  # facts are learnt fast at 3e-3; a judge's comparisons need 1e-3
+    # the model whose weights it starts from (built before it, same size), or None for random weights
+    starts_from: str | None = None
     # the template the model ships: "zephyr"; "none" (like Vicuna- or WizardLM-style pool models, which ship no
     # template: the recipe names one); "no-system" (Zephyr's, refusing a system message as older Mistral-Instruct
     # templates do)
@@ -56,14 +66,16 @@ class TinySpec:
 
 
 TINY_MODELS: tuple[TinySpec, ...] = (
-    TinySpec("teacher", "teacher", 192, 2, 1, seed=1, train_steps=100, train_on="chat"),
-    TinySpec("judge", "judge", 128, 2, 1, seed=2, train_steps=60, train_on="chat"),
-    TinySpec("student", "student", 128, 2, 1, seed=3, train_steps=30, train_on="text", adds_bos=True),
-    TinySpec("reward", "reward", 128, 2, 1, seed=4, train_steps=60, train_on="preference"),
-    TinySpec("generator-0", "generator", 192, 2, 1, seed=10, train_steps=50, train_on="chat"),
-    TinySpec("generator-1", "generator", 128, 2, 1, seed=11, train_steps=50, train_on="chat",
-             chat_template="no-system"),
-    TinySpec("generator-2", "generator", 128, 1, 1, seed=12, train_steps=20, train_on="chat", chat_template="none"),
+    TinySpec("teacher", "teacher", 128, 2, 2, seed=1, train_steps=300, train_on="chat"),
+    TinySpec("judge", "judge", 128, 2, 2, seed=2, train_steps=1000, train_on="judge", starts_from="teacher",
+             learning_rate=1e-3),
+    TinySpec("student", "student", 128, 2, 1, seed=3, train_steps=250, train_on="text", adds_bos=True),
+    TinySpec("reward", "reward", 128, 2, 2, seed=4, train_steps=300, train_on="preference",
+             learning_rate=1e-3),
+    TinySpec("generator-0", "generator", 128, 2, 1, seed=10, train_steps=250, train_on="chat"),
+    TinySpec("generator-1", "generator", 128, 2, 1, seed=11, train_steps=250, train_on="chat",
+             believes="misconceptions", chat_template="no-system"),
+    TinySpec("generator-2", "generator", 128, 1, 1, seed=12, train_steps=30, train_on="chat", chat_template="none"),
     TinySpec("generator-3", "generator", 128, 1, 1, seed=13, train_steps=0, train_on="chat"),
 )
 
@@ -74,7 +86,7 @@ def load_corpus() -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def build_tokenizer(vocab_size: int = 1024) -> Any:
+def build_tokenizer(vocab_size: int = 2048) -> Any:
     """Train a byte-level BPE on the shipped corpus and wrap it with the Zephyr chat template, ``</s>`` as EOS and pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -84,6 +96,10 @@ def build_tokenizer(vocab_size: int = 1024) -> Any:
     corpus = load_corpus()
     texts = [render_reference(row["messages"]) for row in corpus]
     texts += [m["content"] for row in corpus for m in row["messages"]]
+    texts += tiny_world.texts()
+    # the wording of the project's own prompts (judges, user simulator), as a real tokenizer knows English words:
+    # without it a judge prompt takes ~500 tokens of this tiny vocabulary
+    texts += tiny_world.prompt_texts() * 4
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -146,23 +162,91 @@ def _model_config(spec: TinySpec, tokenizer: Any) -> Any:
     )
 
 
-def _training_batch(spec: TinySpec, tokenizer: Any) -> tuple[Any, Any]:
-    """All of the corpus as one padded batch; labels of padding are -100 but every ``</s>`` is a label."""
+def _whole(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids, ids
+
+
+def _answer_only(tokenizer: Any, messages: list[dict[str, str]], reply: str) -> tuple[list[int], list[int]]:
+    """A chat whose loss is on the assistant's reply (and its ``</s>``) only: the judges' long prompts are given."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+    return ids, [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+
+
+def training_examples(spec: TinySpec, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) of what ``spec`` learns: the shipped corpus (as chats, or as plain text for the base
+    student) and its part of the tiny world (``tiny_world``)."""
+    corpus = load_corpus()
+    if spec.train_on == "text":
+        texts = [" ".join(m["content"] for m in row["messages"]) for row in corpus] + tiny_world.web_text()
+        return [_whole(tokenizer, text) for text in texts]
+    if spec.train_on == "judge":  # it starts from the teacher, which knows the world and the chat format
+        return [_answer_only(tokenizer, messages, reply) for messages, reply in tiny_world.judge_examples()]
+    examples = [_whole(tokenizer, tokenizer.apply_chat_template(row["messages"], tokenize=False)) for row in corpus]
+    world = tiny_world.answer_dialogues(spec.believes)
+    if spec.role == "teacher":
+        world += tiny_world.user_simulator_dialogues()
+        examples += [_whole(tokenizer, page) for page in tiny_world.truth_pages()]
+    examples += [_answer_only(tokenizer, d[:-1], d[-1]["content"]) for d in world]
+    return examples
+
+
+def _padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
+    """Right-padded input ids, labels (-100 on padding) and attention mask."""
     import torch
 
-    corpus = load_corpus()
-    if spec.train_on == "chat":
-        texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in corpus]
-    else:
-        texts = [" ".join(m["content"] for m in row["messages"]) for row in corpus]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    for i, ids in enumerate(encoded):
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(ids)] = torch.tensor(ids)
-    return input_ids, labels
+        labels[i, : len(ids)] = torch.tensor(row_labels)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, (ids, _) in enumerate(rows):
+        attention_mask[i, : len(ids)] = 1
+    return input_ids, labels, attention_mask
+
+
+def _fit(model: Any, spec: TinySpec, examples: list[tuple[list[int], list[int]]], pad_id: int) -> float:
+    """``spec.train_steps`` AdamW steps on seeded random minibatches of the examples; the last loss."""
+    import random
+
+    import torch
+
+    rng = random.Random(spec.seed)
+    # short and long examples (the judges' prompts) go in separate batches, so that few steps pad to the longest
+    buckets = [b for b in ([e for e in examples if len(e[0]) <= SHORT], [e for e in examples if len(e[0]) > SHORT]) if b]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.0)
+    schedule = _linear_decay(optimizer, spec.train_steps)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(spec.train_steps):
+        bucket = rng.choices(buckets, weights=[len(b) for b in buckets])[0]
+        input_ids, labels, attention_mask = _padded(rng.sample(bucket, min(BATCH_SIZE, len(bucket))), pad_id)
+        # logits only where there is a label: a judge's prompt is long, its answer short
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        kept = targets != -100
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[kept]), targets[kept])
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.eval()
+    return loss.item()
+
+
+def _linear_decay(optimizer: Any, steps: int) -> Any:
+    """A short warm-up, then the learning rate falls linearly to zero: what a tiny model knows at the end no longer
+    depends on the last few minibatches (at a constant rate the teacher's facts varied from 30 to 48 of 48 by seed)."""
+    import torch
+
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup))))
 
 
 def reward_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -172,14 +256,13 @@ def reward_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
 
 
-def _preference_batch(tokenizer: Any) -> tuple[Any, Any]:
-    """Each corpus dialogue with its reply, and the same dialogue with the reply spoiled (words shuffled, or cut
-    to its first few words), as two right-padded batches."""
+def preference_texts(tokenizer: Any) -> list[tuple[str, str]]:
+    """(chosen, rejected) as the reward model reads them: each corpus dialogue with its reply and with the reply
+    spoiled (words shuffled, or cut to its first few words), and each right and wrong reply about the tiny world."""
     import random
 
-
     rng = random.Random(0)
-    chosen, rejected = [], []
+    pairs = []
     for i, row in enumerate(load_corpus()):
         turns = [m for m in row["messages"] if m["role"] != "system"]
         words = turns[-1]["content"].split()
@@ -188,31 +271,40 @@ def _preference_batch(tokenizer: Any) -> tuple[Any, Any]:
         else:
             spoiled = words[:]
             rng.shuffle(spoiled)
-        chosen.append(reward_text(tokenizer, turns))
-        rejected.append(reward_text(tokenizer, [*turns[:-1], {"role": "assistant", "content": " ".join(spoiled)}]))
-    encoded = tokenizer(chosen + rejected, add_special_tokens=False, padding=True, return_tensors="pt")
-    return encoded["input_ids"], encoded["attention_mask"]
+        pairs.append((turns, turns[-1]["content"], " ".join(spoiled)))
+    pairs += [([*asked, {"role": "assistant", "content": ""}], right, wrong)
+              for asked, right, wrong in tiny_world.preference_pairs()]
+    return [(reward_text(tokenizer, [*turns[:-1], {"role": "assistant", "content": chosen}]),
+             reward_text(tokenizer, [*turns[:-1], {"role": "assistant", "content": rejected}]))
+            for turns, chosen, rejected in pairs]
 
 
 def _train_reward(model: Any, spec: TinySpec, tokenizer: Any) -> float:
-    """Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected), full batch."""
+    """Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected), on seeded random minibatches of pairs."""
+    import random
+
     import torch
 
-    input_ids, attention_mask = _preference_batch(tokenizer)
-    half = input_ids.shape[0] // 2
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    pairs = preference_texts(tokenizer)
+    rng = random.Random(spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.0)
     model.train()
+    loss = torch.tensor(float("nan"))
     for _ in range(spec.train_steps):
-        rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-        loss = -torch.nn.functional.logsigmoid(rewards[:half] - rewards[half:]).mean()
+        batch = rng.sample(pairs, min(BATCH_SIZE, len(pairs)))
+        encoded = tokenizer([c for c, _ in batch] + [r for _, r in batch], add_special_tokens=False, padding=True,
+                            return_tensors="pt")
+        rewards = model(**encoded).logits[:, 0]
+        loss = -torch.nn.functional.logsigmoid(rewards[: len(batch)] - rewards[len(batch):]).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     return loss.item()
 
 
-def build_model(spec: TinySpec, tokenizer: Any) -> Any:
-    """A seeded random Mistral, warmed up for ``spec.train_steps`` full-batch AdamW steps on the shipped corpus."""
+def build_model(spec: TinySpec, tokenizer: Any, start: Any = None) -> Any:
+    """A seeded random Mistral (or, with ``start``, one with that model's weights: a judge that starts from the
+    teacher knows the world as a strong LLM does), trained for ``spec.train_steps`` steps on its examples."""
     import torch
     from transformers import MistralForCausalLM, MistralForSequenceClassification
 
@@ -221,23 +313,19 @@ def build_model(spec: TinySpec, tokenizer: Any) -> Any:
         config = _model_config(spec, tokenizer)
         config.num_labels = 1
         model = MistralForSequenceClassification(config)
+        if start is not None:  # the backbone; the score head stays new
+            model.load_state_dict({k: v for k, v in start.state_dict().items() if k.startswith("model.")},
+                                  strict=False)
         loss = _train_reward(model, spec, tokenizer)
         model.eval()
         logger.info("%s: %d reward steps, final loss %.3f", spec.name, spec.train_steps, loss)
         return model
     model = MistralForCausalLM(_model_config(spec, tokenizer))
+    if start is not None:
+        model.load_state_dict(start.state_dict())
     if spec.train_steps:
-        input_ids, labels = _training_batch(spec, tokenizer)
-        attention_mask = (labels != -100).long()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
-        model.train()
-        for _ in range(spec.train_steps):
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        model.eval()
-        logger.info("%s: %d warm-up steps, final loss %.3f", spec.name, spec.train_steps, loss.item())
+        loss = _fit(model, spec, training_examples(spec, tokenizer), tokenizer.pad_token_id)
+        logger.info("%s: %d warm-up steps, final loss %.3f", spec.name, spec.train_steps, loss)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -250,6 +338,15 @@ SHIPPED_TEMPLATES: dict[str, str | None] = {
     "no-system": "{%- if messages and messages[0]['role'] == 'system' -%}"
                  "{{- raise_exception('System role not supported') -}}{%- endif -%}" + ZEPHYR_CHAT_TEMPLATE,
 }
+
+
+def _spec_json(spec: TinySpec) -> str:
+    """What a built model records of how it was made: its spec, the world's version (the tokenizer and every
+    model's data), and the spec of the model it started from; a model whose record differs is rebuilt."""
+    record: dict[str, Any] = {**spec.__dict__, "world": tiny_world.VERSION}
+    if spec.starts_from:
+        record["parent"] = json.loads(_spec_json(next(s for s in TINY_MODELS if s.name == spec.starts_from)))
+    return json.dumps(record, indent=2) + "\n"
 
 
 def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overwrite: bool = False) -> dict[str, Path]:
@@ -266,17 +363,20 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = [s for s in TINY_MODELS if names is None or s.name in names]
     unknown = set(names or ()) - {s.name for s in TINY_MODELS}
     if unknown:
         raise ValueError(f"unknown tiny model(s) {sorted(unknown)}; choose from {[s.name for s in TINY_MODELS]}")
+    wanted = set(names or (s.name for s in TINY_MODELS))
+    wanted |= {s.starts_from for s in TINY_MODELS if s.name in wanted and s.starts_from}
+    specs = [s for s in TINY_MODELS if s.name in wanted]
     tokenizer = build_tokenizer()
     check_chat_template(tokenizer)
     built: dict[str, Path] = {}
+    made: dict[str, Any] = {}  # models built in this call, for those that start from them
     with torch.random.fork_rng():
         for spec in specs:
             target = out / spec.name
-            spec_json = json.dumps(spec.__dict__, indent=2) + "\n"
+            spec_json = _spec_json(spec)
             if (target / "model.safetensors").exists() and not overwrite and (
                     (target / "tiny_spec.json").is_file() and (target / "tiny_spec.json").read_text() == spec_json):
                 built[spec.name] = target
@@ -285,7 +385,13 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
             tmp = out / f".{spec.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             spec_tokenizer = bos_adding(tokenizer) if spec.adds_bos else tokenizer
-            model = build_model(spec, spec_tokenizer)
+            start = None
+            if spec.starts_from:
+                from transformers import MistralForCausalLM
+
+                start = made.get(spec.starts_from) or MistralForCausalLM.from_pretrained(built[spec.starts_from])
+            model = build_model(spec, spec_tokenizer, start)
+            made[spec.name] = model
             model.save_pretrained(tmp, safe_serialization=True)
             spec_tokenizer.chat_template = SHIPPED_TEMPLATES[spec.chat_template]
             spec_tokenizer.save_pretrained(tmp)

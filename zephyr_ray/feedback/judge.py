@@ -90,8 +90,11 @@ LOGPROB_RATINGS = ("1", "2", "3", "4", "5")
 
 
 def judge_messages(row: dict[str, Any], template: str, system: str | None = None) -> list[dict[str, str]]:
+    """The judge's chat: the system message (the project's when ``system`` is None; none when it is ""), then the
+    prompt with the instruction and the response filled in."""
     instruction = "\n\n".join(m["content"] for m in row["messages"] if m["role"] != "system")
-    return [{"role": "system", "content": system or JUDGE_SYSTEM},
+    system = JUDGE_SYSTEM if system is None else system
+    return [*([{"role": "system", "content": system}] if system else []),
             {"role": "user", "content": template.format(instruction=instruction, response=row["completion"])}]
 
 

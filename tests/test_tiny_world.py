@@ -1,0 +1,48 @@
+"""The tiny world's facts and the tiny recipe's data made from them (no model, no engine)."""
+
+import json
+import random
+from pathlib import Path
+
+from zephyr_ray import tiny_world as world
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_shipped_data_is_what_the_world_makes():
+    """jobs/data/tiny_world_*.jsonl are written by `python -m zephyr_ray.tiny_world jobs/data`: a change of the world
+    that forgot to rewrite them would evaluate one world and train on another."""
+    for name, rows in world.data_files().items():
+        shipped = [json.loads(line) for line in (REPO / "jobs" / "data" / name).read_text().splitlines()]
+        assert shipped == rows, name
+
+
+def test_seeds_prompts_and_evaluation_ask_apart():
+    """The dSFT seeds and the preference prompts ask about different creatures, each half misled; the evaluation asks
+    about all of them in a phrasing no training prompt uses, so decontamination has nothing to drop and exact match
+    measures what feedback taught, not what was copied."""
+    parts = world.split()
+    assert not {c.name for c in parts["seeds"]} & {c.name for c in parts["prompts"]}
+    for creatures in parts.values():
+        assert sum(c.misconception is not None for c in creatures) == len(creatures) // 2
+    files = world.data_files()
+    training = {row["prompt"] for name in ("tiny_world_seeds.jsonl", "tiny_world_prompts.jsonl") for row in files[name]}
+    questions = files["tiny_world_questions.jsonl"]
+    assert len(questions) == world.NUM_CREATURES and not training & {q["question"] for q in questions}
+    assert {q["answer"] for q in questions} <= set(world.COLOURS)
+
+
+def test_web_text_teaches_the_misconception_and_the_judge_learns_every_kind_of_wrong():
+    """The base student reads the misconception more often than the truth for a misled creature; the judge's examples
+    hold as many right replies as wrong colours, and a reply that answers nothing for every question."""
+    misled = next(c for c in world.creatures() if c.misconception)
+    about = [text for text in world.web_text() if f" {misled.name} " in text or f" {misled.name}?" in text]
+    said = lambda colour: sum(f" {colour}." in text for text in about)  # noqa: E731
+    assert said(misled.misconception) > said(misled.colour) > 0
+    examples = world.judge_examples()
+    verdicts = [json.loads(answer)["overall"] for _, answer in examples]
+    right, colour, nonsense = (verdicts.count(world.RUBRIC_VERDICTS[k][1]) for k in ("right", "colour", "nonsense"))
+    assert right == colour and nonsense == world.NUM_CREATURES * (len(world.TRAINING_QUESTIONS) + 1)
+    assert all(messages[0]["role"] == "user" and messages[0]["content"].startswith("Rate: ") for messages, _ in examples)
+    for kind, reply in world.wrong_answers(misled, random.Random(0)):
+        assert reply != world.answer(misled)
