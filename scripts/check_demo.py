@@ -46,6 +46,29 @@ def problems(run_dir: Path) -> list[str]:
         found.append("evaluate: no pairwise comparison came out")
     if "Example preference pairs" not in page:
         found.append("report.html: no example preference pairs")
+    return found + alignment_problems(results)
+
+
+# What the tiny world must show (issue 20; docs/tiny-world.md): never loosen these to make a run pass, find out why.
+JUDGE_AGREEMENT_AT_LEAST = 0.6
+
+
+def alignment_problems(results: dict) -> list[str]:
+    """Did it work? Exact match rises from the base student to dSFT to dDPO, dDPO's gain over dSFT has a paired
+    interval above 0, and the feedback judge's scores agree with the truth (rank correlation >= 0.6)."""
+    found = []
+    accuracy = {model: r["accuracy"] for model, r in (results.get("exact_match") or {}).items()}
+    base, sft, dpo = (accuracy.get(name) for name in ("base", "sft", "dpo"))
+    if None in (base, sft, dpo):
+        return [f"evaluate: exact match of base, sft and dpo expected, got {accuracy}"]
+    if not base < sft < dpo:
+        found.append(f"exact match not base < dSFT < dDPO: base {base:.3f}, sft {sft:.3f}, dpo {dpo:.3f}")
+    paired = next((d for d in results.get("exact_match_paired") or [] if d["over"] == "sft"), None)
+    if paired is None or paired["interval"] is None or paired["interval"][0] <= 0:
+        found.append(f"exact match: dDPO over dSFT not above 0 (paired interval {paired and paired['interval']})")
+    agreement = (results.get("judge_agreement") or {}).get("rank_correlation")
+    if agreement is None or agreement < JUDGE_AGREEMENT_AT_LEAST:
+        found.append(f"the feedback judge's agreement with the truth {agreement} < {JUDGE_AGREEMENT_AT_LEAST}")
     return found
 
 

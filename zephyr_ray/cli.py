@@ -339,8 +339,9 @@ def plan(
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the tiny models go")] = Path("artifacts"),
     run_dir: Annotated[Path, typer.Option(help="where the tiny recipe's run goes")] = Path("runs/tiny-cpu"),
-    message: Annotated[str, typer.Option("--message", "-m", help="what to ask the aligned model")] =
-        "How do bees make honey?",
+    message: Annotated[str, typer.Option("--message", "-m", help="what to ask the aligned model (by default a "
+                                         "creature whose colour the base model's web text mostly gets wrong)")] =
+        "Which color does the fema have?",
     recipe: Annotated[bool, typer.Option(help="run the tiny recipe (--no-recipe: build the models and chat with "
                                                "the teacher only, a one-minute check)")] = True,
     verbose: VERBOSE = False,

@@ -688,6 +688,10 @@ def evaluation_summary(results: dict[str, Any]) -> str:
         if d["difference"] is not None:
             lines.append(f"  {d['model']} - {d['over']}: {d['difference']:+.1%} "
                          f"[{d['interval'][0]:+.1%}, {d['interval'][1]:+.1%}] (paired, {d['n']} questions)")
+    agreement = results.get("judge_agreement")
+    if agreement and agreement["rank_correlation"] is not None:
+        lines.append(f"feedback judge vs the truth: rank correlation {agreement['rank_correlation']:.2f} over "
+                     f"{agreement['n']} exact-match replies ({agreement['judge_failures']} not scored)")
     return "\n".join(lines)
 
 
@@ -714,6 +718,33 @@ def exact_match_results(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict
                **paired_difference(scored[cfg.model.name], scored[other], em.bootstrap_samples, em.confidence)}
               for other in scored if other != cfg.model.name and cfg.model.name in scored]
     return per_model, paired
+
+
+def judge_agreement(recipe: Recipe, stage_dir: Path) -> dict[str, Any] | None:
+    """Does the judge whose scores made the preference pairs know the right answer? The recipe's feedback judge
+    scores every exact-match reply (as it scored completions, by ``binarize.score``), and the Spearman rank
+    correlation of its scores with correctness says how much of the truth its preferences carried. None when the
+    recipe has no judge (a preference dataset instead)."""
+    if recipe.judge is None:
+        return None
+    import ray
+
+    from .feedback.binarize import score_of
+    from .feedback.judge import judge_name, score, to_judgment
+    from .statistics import rank_correlation
+
+    cfg = recipe.judge
+    replies = [r for r in read_rows(stage_dir / "exact_match") if r["reply"]]
+    correct = {(r["model"], r["question_id"]): r["correct"] for r in replies}
+    rows = [{"prompt_id": r["question_id"], "model": r["model"], "messages": [{"role": "user", "content": r["question"]}],
+             "completion": r["reply"]} for r in replies]
+    judged = score(ray.data.from_items(rows), cfg, recipe).map(
+        to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge_name(cfg)}).take_all() if rows else []
+    way = recipe.binarize.score if recipe.binarize and cfg.kind in ("rubric", "openai") else "overall"
+    pairs = [(value, float(correct[(j["model"], j["prompt_id"])])) for j in judged
+             if (value := score_of(j, way)) is not None]
+    return {"judge": judge_name(cfg), "score": way, "n": len(pairs), "judge_failures": len(judged) - len(pairs),
+            "rank_correlation": rank_correlation([v for v, _ in pairs], [c for _, c in pairs]) if pairs else None}
 
 
 def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -771,6 +802,7 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
                             if cfg.pairwise else None)}
     if cfg.exact_match is not None:
         results["exact_match"], results["exact_match_paired"] = exact_match_results(cfg, sets, answers, stage_dir)
+        results["judge_agreement"] = judge_agreement(recipe, stage_dir)
     plot_results(results, stage_dir / "evaluate.png")
     (stage_dir / "metrics.json").write_text(json.dumps(headline_metrics(results), indent=2) + "\n")
     tmp = results_path.with_suffix(".tmp")

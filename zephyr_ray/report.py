@@ -149,6 +149,52 @@ def examples_html(pairs: list[dict[str, Any]]) -> str:
             f"<th>rejected</th></tr>{rows}</table></section>") if pairs else ""
 
 
+def did_it_work_html(run_dir: Path, examples: int = 4) -> str:
+    """The report's opening: exact match per model (the base model first) with intervals, the evaluated model's
+    paired gains, the win rate, the feedback judge's agreement with the truth, and a few exact-match questions with
+    each model's reply side by side. Empty before an evaluation with exact match has run."""
+    results_path = run_dir / "evaluate" / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    exact = results.get("exact_match") or {}
+    if not exact:
+        return ""
+    from .evaluate import read_rows
+
+    def interval(r: dict[str, Any], signed: str = "") -> str:
+        return f"[{r['interval'][0]:{signed}.1%}, {r['interval'][1]:{signed}.1%}]" if r.get("interval") else ""
+
+    models = list(reversed(exact))  # the extra models (the base model), the baseline, then the evaluated model
+    lines = [f"<tr><td>{html.escape(m)}</td><td>{exact[m]['accuracy']:.1%} {interval(exact[m])}</td>"
+             f"<td>{exact[m]['n']}</td><td>{exact[m]['unparsed']}</td></tr>"
+             for m in models if exact[m]["accuracy"] is not None]
+    notes = [f"{html.escape(d['model'])} &minus; {html.escape(d['over'])}: {d['difference']:+.1%} "
+             f"{interval(d, '+')} (paired bootstrap over {d['n']} questions)"
+             for d in results.get("exact_match_paired") or [] if d["difference"] is not None]
+    pairwise = results.get("pairwise") or {}
+    if pairwise.get("win_rate") is not None:
+        notes.append(f"win rate {html.escape(pairwise['model'])} vs {html.escape(pairwise['opponent'])} (evaluation "
+                     f"judge): {pairwise['win_rate']:.1%} {interval(pairwise)}; position consistency "
+                     f"{pairwise['position_consistency'] or 0:.0%}")
+    agreement = results.get("judge_agreement") or {}
+    if agreement.get("rank_correlation") is not None:
+        notes.append(f"the feedback judge's scores vs the truth: rank correlation {agreement['rank_correlation']:.2f} "
+                     f"over {agreement['n']} exact-match replies")
+    replies: dict[str, dict[str, str]] = {}
+    for row in read_rows(run_dir / "evaluate" / "exact_match") if is_complete(run_dir / "evaluate" / "exact_match") \
+            else []:
+        replies.setdefault(row["question"], {"reference": row["reference"]})[row["model"]] = row["reply"] or ""
+    shown = "".join(
+        f"<tr><td>{html.escape(question)}<p class=\"meta\">{html.escape(by['reference'])}</p></td>"
+        + "".join(f"<td>{html.escape(_clip(by.get(m, '-'), 120))}</td>" for m in models) + "</tr>"
+        for question, by in list(replies.items())[:examples])
+    return (f"<section><h2>Did it work?</h2><table><tr><th>model</th><th>exact match [interval]</th><th>questions</th>"
+            f"<th>no answer found</th></tr>{''.join(lines)}</table>"
+            + "".join(f'<p class="caption">{note}</p>' for note in notes)
+            + (f'<table class="examples"><tr><th>question (reference)</th>'
+               + "".join(f"<th>{html.escape(m)}</th>" for m in models) + f"</tr>{shown}</table>" if shown else "")
+            + "</section>")
+
+
 def contamination_counts(records: dict[str, dict[str, Any]]) -> list[tuple[str, int, int]]:
     """(stage input, prompts checked, contaminated) for every training input screened against the evaluation."""
     found = []
@@ -232,6 +278,7 @@ img {{ max-width: 100%; }} .examples td {{ vertical-align: top; white-space: pre
 <p class="meta">run directory {html.escape(str(run_dir))}; recipe sha256 {html.escape(manifest.get('recipe_sha256', '?')[:16])};
 started {html.escape(str(manifest.get('started_at', '?')))}, finished {html.escape(str(manifest.get('finished_at') or '-'))}</p>
 <p class="meta">{html.escape(versions)}</p>
+{did_it_work_html(run_dir)}
 <table><tr><th>stage</th><th>status</th><th>seconds</th><th>error</th></tr>{status_rows}</table>
 {''.join(parts)}
 </body></html>
