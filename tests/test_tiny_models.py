@@ -123,3 +123,68 @@ def test_reward_model_ranks_whole_replies_above_spoiled_ones(tiny_models):
                                        return_tensors="pt")).logits[:, 0]
         wins += int(scores[0] > scores[1])
     assert wins == len(replies)
+
+
+def _greedy(model, tokenizer, chats: list, max_new_tokens: int) -> list[str]:
+    """Greedy replies to chats, left-padded in one batch (HF generate: the models' own knowledge, no engine)."""
+    import torch
+
+    prompts = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)["input_ids"] for c in chats]
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def test_the_tiny_world_separates_the_models(tiny_models):
+    """What issue 20's tiny world needs of the models, asked in the evaluation's phrasing (no training prompt uses
+    it): the teacher and generator-0 know every colour, generator-1 gives the misconception for every misled
+    creature, generator-2 knows far less and generator-3 nothing; the judge's rubric scores and the reward model's
+    scores of held-out replies (right, the misconception, another colour, nonsense) rank with the truth >= 0.6."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from zephyr_ray import tiny_world as world
+    from zephyr_ray.feedback.judge import judge_messages, parse_rubric
+    from zephyr_ray.statistics import rank_correlation
+    from zephyr_ray.tiny import reward_text
+
+    creatures = world.creatures()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    asked = [[{"role": "user", "content": world.evaluation_question(c)}] for c in creatures]
+    right, misled = {}, {}
+    for name in ("teacher", "generator-0", "generator-1", "generator-2", "generator-3"):
+        replies = _greedy(AutoModelForCausalLM.from_pretrained(tiny_models[name]), tokenizer, asked, 8)
+        right[name] = sum(r == world.answer(c) for r, c in zip(replies, creatures, strict=True)) / len(creatures)
+        misled[name] = sum(r == world.answer(c, c.misconception) for r, c in zip(replies, creatures, strict=True)
+                           if c.misconception)
+    assert right["teacher"] >= 0.95 and right["generator-0"] >= 0.95, right
+    assert misled["generator-1"] >= 22 and right["generator-1"] <= 0.55, (right, misled)  # 24 misled creatures
+    assert right["generator-2"] <= 0.5 and right["generator-3"] == 0, right
+
+    rng = random.Random(7)
+    items = [(world.evaluation_question(c), kind, reply) for c in creatures
+             for kind, reply in [("right", world.answer(c)), *world.wrong_answers(c, rng), ("nonsense", world.noise(rng))]]
+    truth = [float(kind == "right") for _, kind, _ in items]
+    judged = _greedy(AutoModelForCausalLM.from_pretrained(tiny_models["judge"]), tokenizer,
+                     [judge_messages({"messages": [{"role": "user", "content": q}], "completion": r},
+                                     world.JUDGE_PROMPT, world.JUDGE_SYSTEM_PROMPT) for q, _, r in items], 48)
+    scores = [parse_rubric(text)[0].get("overall") for text in judged]
+    scored = [(s, t) for s, t in zip(scores, truth, strict=True) if s is not None]
+    assert len(scored) >= 0.95 * len(items)
+    assert rank_correlation([s for s, _ in scored], [t for _, t in scored]) >= 0.6
+    reward = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"], use_safetensors=True)
+    with torch.no_grad():
+        rewards = [reward(**tokenizer(reward_text(tokenizer, [{"role": "user", "content": q},
+                                                              {"role": "assistant", "content": r}]),
+                                      add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
+                   for q, _, r in items]
+    assert rank_correlation(rewards, truth) >= 0.6

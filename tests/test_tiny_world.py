@@ -46,3 +46,15 @@ def test_web_text_teaches_the_misconception_and_the_judge_learns_every_kind_of_w
     assert all(messages[0]["role"] == "user" and messages[0]["content"].startswith("Rate: ") for messages, _ in examples)
     for kind, reply in world.wrong_answers(misled, random.Random(0)):
         assert reply != world.answer(misled)
+
+
+def test_rank_correlation_is_spearmans_rho_with_ties_averaged():
+    """The judge's agreement with the truth is Spearman's rho: ties (a judge's equal scores, a binary truth) take the
+    mean of the ranks they span; a constant side has no correlation."""
+    from zephyr_ray.statistics import rank_correlation, ranks
+
+    assert ranks([10.0, 20.0, 20.0, 5.0]) == [2.0, 3.5, 3.5, 1.0]
+    assert abs(rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) - 0.8) < 1e-12
+    assert rank_correlation([9, 9, 2, 1], [1, 1, 0, 0]) > 0.89
+    assert rank_correlation([3, 2, 1], [1, 2, 3]) == -1.0
+    assert rank_correlation([5, 5, 5], [0, 1, 1]) is None and rank_correlation([1], [1]) is None
