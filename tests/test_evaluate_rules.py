@@ -210,3 +210,33 @@ def test_pairwise_against_reference_outputs_asks_both_orders_and_settles_missing
     assert [(s["question_id"], s["order"], s["judge_error"]) for s in settled] == [
         ("i2", "model_first", "not judged: no answer from reference outputs"),
         ("i2", "baseline_first", "not judged: no answer from reference outputs")]
+
+
+def test_fastchats_empty_references_leave_the_question_whole():
+    """FastChat's own question.jsonl has empty strings inside `reference` (question 142: a reference for turn 1, ""
+    for turn 2; one question has it the other way round): 8 of its 80 questions were rejected for it. Rows in the
+    file's exact format (question 142's reference as the file gives it, turns shortened) are accepted; an empty entry
+    is no reference for that turn, so turn 2 is graded without references while turn 1 keeps its own."""
+    from zephyr_ray.evaluate import turn_references
+
+    official = [
+        '{"question_id": 142, "category": "stem", "turns": ["Consider a satellite ...", "What are some corner cases '
+        '...?"], "reference": ["The orbital radius will increase and the period of revolution will increase", ""]}',
+        '{"question_id": 111, "category": "math", "turns": ["The vertices of a triangle ...", "What\'s area of the '
+        'circle circumscribing the triangle?"], "reference": ["", "5pi"]}',
+        '{"question_id": 146, "category": "stem", "turns": ["Please explain ...", "Can a process involve both?"]}',
+    ]
+    rows = [check_row(line, None, QuestionRow) for line in official]
+    assert all(reject is None for _, reject in rows), rows
+    satellite, triangle, plain = (row for row, _ in rows)
+    assert satellite["reference"] == ["The orbital radius will increase and the period of revolution will increase",
+                                      None]
+    assert triangle["reference"] == [None, "5pi"] and plain["reference"] is None
+    assert turn_references(satellite, 1) == [satellite["reference"][0]] and turn_references(satellite, 2) is None
+    one = grade_prompt(satellite, ["It grows.", "None."], turn=1, use_reference=True)
+    two = grade_prompt(satellite, ["It grows.", "None."], turn=2, use_reference=True)
+    assert "[Reference answer]\nThe orbital radius" in one and "Reference answer" not in two
+    assert turn_references(triangle, 1) is None and turn_references(triangle, 2) is None
+    _, reject = check_row('{"question_id": 1, "category": "math", "turns": ["q"], "reference": ["", " "]}', None,
+                          QuestionRow)
+    assert reject is None

@@ -256,7 +256,8 @@ class QuestionRow(Row):
     question_id: str
     category: str
     turns: list[str]
-    reference: list[str] | None = None
+    # one per turn; None for a turn without one (FastChat's own file has "" there, e.g. question 142: ["...", ""])
+    reference: list[str | None] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -287,8 +288,13 @@ class QuestionRow(Row):
 
     @field_validator("reference")
     @classmethod
-    def _reference(cls, reference: list[str] | None) -> list[str] | None:
-        return None if reference is None else [_check_text(r, f"reference[{i}]") for i, r in enumerate(reference)]
+    def _reference(cls, reference: list[str | None] | None) -> list[str | None] | None:
+        """An empty or missing reference of a turn is no reference for that turn, not a broken question."""
+        if reference is None:
+            return None
+        kept = [None if r is None or not r.strip() else _check_text(r, f"reference[{i}]")
+                for i, r in enumerate(reference)]
+        return kept if any(r is not None for r in kept) else None
 
 
 class ReferenceAnswerRow(Row):

@@ -147,9 +147,11 @@ def evaluation_sets(cfg: EvaluateConfig, run_dir: Path) -> EvaluationSets:
                 cfg.mt_bench.reference_answers, ReferenceAnswerRow, stage_dir / "reference_answers",
                 stage_dir / "reference_rejects")
             references = {r["question_id"]: r["turns"] for r in read_rows(stage_dir / "reference_answers")}
-            for question in questions:
-                if question["reference"] is None:
-                    question["reference"] = references.get(question["question_id"])
+            for question in questions:  # a turn the question file gives no reference for takes the answers' one
+                given, answered = question["reference"] or [], references.get(question["question_id"]) or []
+                merged = [(given[i] if i < len(given) else None) or (answered[i] if i < len(answered) else None)
+                          for i in range(max(len(given), len(answered)))]
+                question["reference"] = merged if any(merged) else None
     instructions: list[dict[str, Any]] = []
     if cfg.pairwise is not None and cfg.pairwise.prompts is not None:
         counts["instructions"] = validated_once(cfg.pairwise.prompts, InstructionRow, stage_dir / "instructions",
@@ -300,9 +302,16 @@ def answer_all(models: list[EvalModel], items: list[dict[str, Any]], recipe: Rec
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def turn_references(question: dict[str, Any], turn: int) -> list[str] | None:
+    """The reference answers of turns 1..``turn`` when the question has every one of them, else None."""
+    reference = question.get("reference") or []
+    return list(reference[:turn]) if len(reference) >= turn and all(reference[:turn]) else None
+
+
 def grade_prompt(question: dict[str, Any], answers: list[str], turn: int, use_reference: bool) -> str:
-    """The judge's prompt for one turn: the question (or the conversation up to ``turn``) and the answer."""
-    reference = question.get("reference") if use_reference else None
+    """The judge's prompt for one turn: the question (or the conversation up to ``turn``) and the answer, with the
+    reference answers up to that turn when ``use_reference`` and the question has them all."""
+    reference = turn_references(question, turn) if use_reference else None
     if turn == 1:
         block = f"\n[Reference answer]\n{reference[0]}\n" if reference else ""
         return GRADE_PROMPT.format(reference_note=REFERENCE_NOTE if reference else "", reference=block,
@@ -311,7 +320,7 @@ def grade_prompt(question: dict[str, Any], answers: list[str], turn: int, use_re
     for i in range(turn):
         lines += [f"[User, turn {i + 1}]\n{question['turns'][i]}", f"[Assistant, turn {i + 1}]\n{answers[i]}"]
     block = ""
-    if reference and len(reference) >= turn:
+    if reference:
         block = "\n" + "\n".join(f"[Reference answer, turn {i + 1}]\n{reference[i]}" for i in range(turn)) + "\n"
     return GRADE_LATER_TURN_PROMPT.format(reference_note=REFERENCE_NOTE if block else "", reference=block,
                                           conversation="\n\n".join(lines))
@@ -433,8 +442,9 @@ def grading_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[st
             if row["set"] != "mt_bench" or row["question_id"] not in questions:
                 continue
             question = questions[row["question_id"]]
-            use_reference = question["category"] in cfg.mt_bench.reference_categories and bool(question["reference"])
+            by_category = question["category"] in cfg.mt_bench.reference_categories
             for turn in range(1, len(row["turns"]) + 1):
+                use_reference = by_category and turn_references(question, turn) is not None
                 base = _judgment(set="mt_bench", question_id=row["question_id"], category=row["category"],
                                  turn=turn, model=model, judge=judge, reference_used=use_reference,
                                  model_chars=len(row["answers"][turn - 1] or ""))
