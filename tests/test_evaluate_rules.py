@@ -240,3 +240,22 @@ def test_fastchats_empty_references_leave_the_question_whole():
     _, reject = check_row('{"question_id": 1, "category": "math", "turns": ["q"], "reference": ["", " "]}', None,
                           QuestionRow)
     assert reject is None
+
+
+def test_arena_hard_questions_read_as_pairwise_instructions_as_they_are():
+    """Arena-Hard-Auto's question.jsonl in both of its formats (lines as the files write them, prompts shortened):
+    v2.0 (`uid`, `category`, `subcategory`, `prompt`) and v0.1 (`question_id`, `category`, `cluster`, `turns` of
+    `{"content": ...}`); the id is kept, the category is the dataset; a row with no prompt is rejected by name."""
+    v2 = '{"uid":"ec71c09662a64365","category":"hard_prompt","subcategory":"coding","prompt":"please write a python ' \
+         'script that takes a .mp4 file and outputs screenshots taken 10s apart"}'
+    v01 = ('{"question_id": "4f8bbc6867bb420aa1c457bffd1a27d1", "category": "arena-hard-v0.1", "cluster": "Keyboard '
+           'Key Functions & Layout", "turns": [{"content": "how do you flash a Corne keyboard that has VIA installed"}]}')
+    row, reject = check_row(v2, None, InstructionRow)
+    assert reject is None and row["instruction_id"] == "ec71c09662a64365" and row["dataset"] == "hard_prompt"
+    assert row["instruction"].startswith("please write a python script") and row["output"] is None
+    row, reject = check_row(v01, None, InstructionRow)
+    assert reject is None and row["instruction_id"] == "4f8bbc6867bb420aa1c457bffd1a27d1"
+    assert row["instruction"] == "how do you flash a Corne keyboard that has VIA installed"
+    assert row["dataset"] == "arena-hard-v0.1"
+    _, reject = check_row('{"uid": "x1", "category": "hard_prompt", "prompt": ""}', None, InstructionRow)
+    assert reject["field"] == "instruction" and "empty" in reject["reason"]

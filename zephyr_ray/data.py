@@ -362,7 +362,9 @@ class ReferenceQuestionRow(Row):
 
 class InstructionRow(Row):
     """A pairwise-evaluation instruction, as in AlpacaEval's JSON (``instruction``, and a reference set's
-    ``output``, ``generator``, ``dataset``); ``instruction_id`` is the sha256 of the instruction."""
+    ``output``, ``generator``, ``dataset``); ``instruction_id`` is the sha256 of the instruction. Arena-Hard-Auto's
+    question.jsonl reads as it is: v2.0's ``uid``, ``category``, ``prompt``; v0.1's ``question_id``, ``category``,
+    ``turns: [{"content": ...}]`` (the first turn); their id is kept and their category is the ``dataset``."""
 
     derived: ClassVar[tuple[str, ...]] = ("instruction_id",)
     unique_key: ClassVar[str | None] = "instruction_id"
@@ -378,6 +380,15 @@ class InstructionRow(Row):
         if isinstance(row, dict):
             if "instruction" not in row and isinstance(row.get("prompt"), str):
                 row = {**row, "instruction": row["prompt"]}
+            turns = row.get("turns")
+            if "instruction" not in row and isinstance(turns, list) and turns:
+                first = turns[0]
+                row = {**row, "instruction": first.get("content") if isinstance(first, dict) else first}
+            given_id = row.get("uid", row.get("question_id"))
+            if "instruction_id" not in row and isinstance(given_id, (str, int)) and not isinstance(given_id, bool):
+                row = {**row, "instruction_id": str(given_id)}
+            if "dataset" not in row and isinstance(row.get("category"), str):
+                row = {**row, "dataset": row["category"]}
             if "instruction_id" not in row and isinstance(row.get("instruction"), str):
                 row = {**row, "instruction_id": prompt_id_of(row["instruction"])}
         return row
