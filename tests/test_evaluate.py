@@ -266,3 +266,41 @@ def test_alpacaeval_json_lists_load_as_they_are_and_a_broken_file_is_one_reject(
     loaded = load(str(broken), InstructionRow)
     assert (loaded.report.accepted, loaded.report.rejected) == (0, 1)
     assert loaded.rejected.take_all()[0]["reason"].startswith("not a valid JSON list: Expecting value at line 2")
+
+
+def test_the_demos_evaluation_exports_in_fastchats_and_alpacaevals_formats(tiny_run, tmp_path):
+    """`--export`: the demo's answers in FastChat's model_answer format (every question, both turns, `$ERROR$` for a
+    missing turn) and its judgments in FastChat's model_judgment format; show_result.py's own arithmetic on the
+    single-grading file (the mean score of the turns with a score other than -1, per model) gives our MT-Bench
+    scores, and each pairwise game's winners follow our verdicts in FastChat's terms."""
+    from collections import defaultdict
+
+    from zephyr_ray.official_formats import export_evaluation
+
+    written = export_evaluation(tiny_run, tmp_path, "judge")
+    results = json.loads((tiny_run / "evaluate" / "results.json").read_text())
+    names = {p.relative_to(tmp_path).as_posix() for p in written}
+    assert {"model_answer/dpo.jsonl", "model_answer/sft.jsonl", "model_judgment/judge_single.jsonl",
+            "model_judgment/judge_pair.jsonl"} <= names
+    assert "model_answer/base.jsonl" not in names  # it answered the exact-match questions only
+    for model in ("dpo", "sft"):
+        answers = [json.loads(line) for line in (tmp_path / "model_answer" / f"{model}.jsonl").read_text().splitlines()]
+        assert sorted(a["question_id"] for a in answers) == sorted(int(q["question_id"]) for q in QUESTIONS)
+        assert all(a["model_id"] == model and len(a["choices"][0]["turns"]) == 2 for a in answers)
+        assert all(isinstance(t, str) and t for a in answers for t in a["choices"][0]["turns"])
+    single = [json.loads(line) for line in (tmp_path / "model_judgment" / "judge_single.jsonl").read_text().splitlines()]
+    scores = defaultdict(list)
+    for row in single:
+        assert row["judge"][0] == "judge" and row["turn"] in (1, 2) and isinstance(row["question_id"], int)
+        if row["score"] != -1:
+            scores[row["model"]].append(row["score"])
+    for model, graded in results["mt_bench"].items():
+        assert sum(scores[model]) / len(scores[model]) == pytest.approx(graded["score"])
+        assert len(scores[model]) == graded["rated"]
+    pairs = [json.loads(line) for line in (tmp_path / "model_judgment" / "judge_pair.jsonl").read_text().splitlines()]
+    assert len(pairs) == results["pairwise"]["instructions"]
+    won = sum(p["g1_winner"] == p["g2_winner"] == "model_1" for p in pairs)
+    lost = sum(p["g1_winner"] == p["g2_winner"] == "model_2" for p in pairs)
+    assert won <= results["pairwise"]["wins"] and lost <= results["pairwise"]["losses"]
+    assert all(p["model_1"] == "dpo" and p["model_2"] == "sft" and p["g1_winner"] in
+               ("model_1", "model_2", "tie", "error") for p in pairs)

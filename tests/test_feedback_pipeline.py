@@ -32,6 +32,10 @@ def rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+# the tiny recipe's judge has its own short prompt (for the rubric kind it learnt); other kinds take the project's
+PROJECT_PROMPTS = {"prompt": None, "system_prompt": None}
+
+
 def tiny_recipe(tmp: Path, tiny_models: dict, **changes) -> Path:
     """tiny-cpu.yaml with the model paths pointing at the test's tiny models."""
     text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
@@ -222,7 +226,8 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
 
 def test_logprob_judge_on_the_same_completions(pipeline, tiny_models, tmp_path):
     _, run_dir, results = pipeline
-    recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"kind": "logprob"}, binarize={"score": "overall"}))
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"kind": "logprob", **PROJECT_PROMPTS},
+                                     binarize={"score": "overall"}))
     other = tmp_path / "run"
     judgments, judgeable, scored = rejudge(run_dir, recipe, other)
     assert len(scored) >= len(judgeable) * 0.9 and len(judgeable) >= len(judgments) / 2
@@ -299,8 +304,8 @@ def test_reward_model_judge_on_the_same_completions(pipeline, tiny_models, tmp_p
 
     _, run_dir, results = pipeline
     engine = {"model": str(tiny_models["reward"]), "max_model_len": 1536, "batch_size": 16, "kv_cache_gib": 0.5}
-    recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"kind": "reward_model", "engine": engine},
-                                     binarize={"score": "overall"}))
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"kind": "reward_model", "engine": engine,
+                                                                   **PROJECT_PROMPTS}, binarize={"score": "overall"}))
     other = tmp_path / "run"
     _, judgeable, scored = rejudge(run_dir, recipe, other)
     assert len(scored) == len(judgeable) > 0 and all(r["judge"].endswith("(reward_model)") for r in scored)

@@ -175,6 +175,8 @@ def evaluate(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML with an `evaluate` section")],
     run_dir: Annotated[Path | None, typer.Option(help="the run to evaluate (default: runs/<recipe name>)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
+    export: Annotated[Path | None, typer.Option(help="also write the answers and judgments in FastChat's and "
+                                                "AlpacaEval's formats into this directory")] = None,
     verbose: VERBOSE = False,
 ) -> None:
     """Grade the recipe's model MT-Bench style and measure its pairwise win rate (the recipe's `evaluate` stage)."""
@@ -193,6 +195,13 @@ def evaluate(
     results = json.loads(Path(result.outputs["results"]).read_text())
     echo(evaluation_summary(results))
     echo(f"results: {result.outputs['results']}, judgments: {result.outputs['judgments']}")
+    if export is not None:
+        from .official_formats import export_evaluation
+
+        judge = loaded.evaluate.judge
+        judge_model = judge.endpoint.model if judge.endpoint is not None else Path(judge.engine.model).name
+        for path in export_evaluation(run_dir, export, judge_model):
+            echo(f"exported: {path}")
 
 
 @app.command("serve")
