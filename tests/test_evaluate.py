@@ -155,9 +155,11 @@ def test_rerun_skips_and_the_report_shows_the_evaluation(evaluated, tmp_path):
     again = run_stage("evaluate", recipe, run_dir)
     assert again.skipped and again.counts == result.counts
     # the command prints the numbers (in-process: it joins this test's Ray)
-    out = CliRunner().invoke(app, ["evaluate", str(recipe_path(run_dir)), "--run-dir", str(run_dir)])
+    out = CliRunner().invoke(app, ["evaluate", str(recipe_path(run_dir)), "--run-dir", str(run_dir),
+                                   "--export", str(tmp_path / "export")])
     assert out.exit_code == 0, out.output
     assert "MT-Bench gen0: " in out.output
+    assert f"exported: {tmp_path / 'export' / 'model_judgment' / 'judge_single.jsonl'}" in out.output
     assert re.search(r"win rate gen0 vs gen0-again: \d+\.\d% \[\d+\.\d%, \d+\.\d%\]", out.output), out.output
     page = write_report(run_dir, tmp_path / "report.html").read_text()
     evaluation = page[page.index("<h2>Evaluation</h2>"):]
@@ -165,6 +167,40 @@ def test_rerun_skips_and_the_report_shows_the_evaluation(evaluated, tmp_path):
     assert "MT-Bench gen0:" in evaluation and "win rate gen0 vs gen0-again" in evaluation
     exact = r"exact match gen0: \d+\.\d% \[\d+\.\d%, \d+\.\d%\] of 5 questions \(\d with no answer found\)"
     assert re.search(exact, out.output) and re.search(exact, evaluation), out.output
+
+
+@pytest.mark.engine
+def test_fastchats_judge_prompts_grade_and_compare_through_the_whole_stage(evaluated, tiny_models, tmp_path):
+    """The evaluation again with `judge.prompts` (FastChat's judge_prompts.jsonl format, written here) on the same
+    answers: every judgment's prompt is FastChat's template filled as FastChat fills it, every turn is rated or a
+    counted failure, and the judge label names the prompt file."""
+    from test_evaluate_rules import fastchat_prompt_file
+
+    recipe, run_dir, _ = evaluated
+    prompts = fastchat_prompt_file(tmp_path / "judge_prompts.jsonl")
+    data = yaml.safe_load(recipe_path(run_dir).read_text())
+    data["evaluate"]["judge"]["prompts"] = {"path": str(prompts)}
+    data["evaluate"]["exact_match"] = None
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    other = tmp_path / "run"
+    shutil.copytree(run_dir / "evaluate" / "answers", other / "evaluate" / "answers")  # judged again, not answered
+    run_stage("evaluate", load_recipe(tmp_path / "recipe.yaml"), other)
+    judgments = rows(other / "evaluate" / "judgments")
+    graded = [j for j in judgments if j["set"] == "mt_bench"]
+    assert len(graded) == 64 and all((j["rating"] is None) != (j["judge_error"] is None) for j in graded)
+    for j in graded:
+        if j["judge_prompt"] is None:
+            continue
+        if j["turn"] == 1:
+            assert j["judge_prompt"].startswith("[Instruction]\nPlease act as an impartial judge")
+            assert ("[The Start of Reference Answer]" in j["judge_prompt"]) == j["reference_used"]
+        else:
+            assert j["judge_prompt"].startswith("<|The Start of Assistant A's Conversation with User|>")
+    paired = [j for j in judgments if j["set"] == "pairwise" and j["judge_prompt"] is not None]
+    assert paired and all(j["judge_prompt"].startswith("[User Question]\n") for j in paired)
+    results = json.loads((other / "evaluate" / "results.json").read_text())
+    assert "judge prompts judge_prompts.jsonl" in results["judge"]
+    assert all(r["rated"] + r["unanswered"] + r["judge_failures"] == 32 for r in results["mt_bench"].values())
 
 
 @pytest.mark.engine

@@ -259,3 +259,88 @@ def test_arena_hard_questions_read_as_pairwise_instructions_as_they_are():
     assert row["dataset"] == "arena-hard-v0.1"
     _, reject = check_row('{"uid": "x1", "category": "hard_prompt", "prompt": ""}', None, InstructionRow)
     assert reject["field"] == "instruction" and "empty" in reject["reason"]
+
+
+def fastchat_prompt_file(path: Path, drop: str | None = None, **changes: dict) -> Path:
+    """judge_prompts.jsonl in FastChat's format (its records' fields and templates' placeholders, wording shortened)."""
+    records = [
+        {"name": "pair-v2", "type": "pairwise", "system_prompt": "Please act as an impartial judge ... output your "
+         "final verdict by strictly following this format: \"[[A]]\" if assistant A is better, \"[[B]]\" if "
+         "assistant B is better, and \"[[C]]\" for a tie.", "prompt_template": "[User Question]\n{question}\n\n"
+         "[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n[The Start of "
+         "Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]", "description": "Prompt for general "
+         "questions", "category": "general", "output_format": "[[A]]"},
+        {"name": "single-v1", "type": "single", "system_prompt": "You are a helpful assistant.", "prompt_template":
+         "[Instruction]\nPlease act as an impartial judge ... \"[[rating]]\", for example: \"Rating: [[5]]\".\n\n"
+         "[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]",
+         "description": "Prompt for general questions", "category": "general", "output_format": "[[rating]]"},
+        {"name": "single-math-v1", "type": "single", "system_prompt": "You are a helpful assistant.",
+         "prompt_template": "[Instruction]\nPlease act as an impartial judge ... You will be given a reference "
+         "answer ...\n\n[Question]\n{question}\n\n[The Start of Reference Answer]\n{ref_answer_1}\n[The End of "
+         "Reference Answer]\n\n[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]",
+         "description": "Prompt for general questions", "category": "math", "output_format": "[[rating]]"},
+        {"name": "single-v1-multi-turn", "type": "single", "system_prompt": "Please act as an impartial judge ... "
+         "focus on the assistant's answer to the second user question ... \"Rating: [[5]]\".\n\n", "prompt_template":
+         "<|The Start of Assistant A's Conversation with User|>\n\n### User:\n{question_1}\n\n### Assistant A:\n"
+         "{answer_1}\n\n### User:\n{question_2}\n\n### Assistant A:\n{answer_2}\n\n<|The End of Assistant A's "
+         "Conversation with User|>", "description": "Prompt for general questions", "category": "general",
+         "output_format": "[[rating]]"},
+        {"name": "pair-v1", "type": "pairwise", "system_prompt": "older", "prompt_template": "{question} {answer_a} "
+         "{answer_b}", "description": "an older prompt the project does not use", "category": "general",
+         "output_format": "[[rating_a,rating_b]]"},
+    ]
+    records = [{**r, **changes.get(r["name"], {})} for r in records if r["name"] != drop]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_fastchats_judge_prompts_are_used_where_fastchat_uses_them(tmp_path):
+    """evaluate.judge.prompts: FastChat's judge_prompts.jsonl. Turn 1 gets single-v1 (single-math-v1 with the
+    reference for a math question that has one), turn 2 single-v1-multi-turn (no math multi-turn prompt in this
+    file: the general one), pairwise pair-v2, each with its own system prompt; the judge label names the file. A
+    file missing a prompt the evaluation needs, a template with a placeholder FastChat does not fill, or an output
+    format the project does not read fails at load with the file, line and prompt."""
+    from zephyr_ray.config import EvaluateConfig
+    from zephyr_ray.evaluate import EvaluationSets, grading_requests, judge_label, pairwise_requests
+
+    prompts = fastchat_prompt_file(tmp_path / "judge_prompts.jsonl")
+    cfg = EvaluateConfig(model={"name": "dpo"}, mt_bench={"questions": {"path": "q.jsonl"}},
+                         pairwise={"baseline": {"name": "sft"}},
+                         judge={"engine": {"model": "j"}, "prompts": {"path": str(prompts)}})
+    questions = [{"question_id": "81", "category": "writing", "turns": ["Write a haiku.", "Now a limerick."],
+                  "reference": None},
+                 {"question_id": "111", "category": "math", "turns": ["2+3?", "Times 4?"], "reference": ["5", None]}]
+    sets = EvaluationSets(questions, [{"instruction": "Write a haiku.", "instruction_id": "mt_bench:81",
+                                       "output": None, "generator": None, "dataset": "mt_bench"}], {})
+    answers = {name: [{"set": "mt_bench", "question_id": q["question_id"], "category": q["category"],
+                       "turns": q["turns"], "answers": [f"{name} one", f"{name} two"]} for q in questions]
+               for name in ("dpo", "sft")}
+    requests, settled = grading_requests(cfg, sets, answers, "j")
+    by_key = {tuple(json.loads(r["key"])[1:]): r for r in requests}
+    haiku1, haiku2 = by_key[("dpo", "81", 1)], by_key[("dpo", "81", 2)]
+    assert haiku1["system"] == "You are a helpful assistant." and "[Question]\nWrite a haiku.\n" in haiku1["prompt"]
+    assert "Reference Answer" not in haiku1["prompt"] and "dpo one" in haiku1["prompt"]
+    assert haiku2["system"].startswith("Please act as an impartial judge ... focus on")
+    assert "### User:\nNow a limerick.\n\n### Assistant A:\ndpo two" in haiku2["prompt"]
+    math1, math2 = by_key[("dpo", "111", 1)], by_key[("dpo", "111", 2)]
+    assert "[The Start of Reference Answer]\n5\n" in math1["prompt"] and math1["judgment"]["reference_used"]
+    assert "Reference" not in math2["prompt"] and not math2["judgment"]["reference_used"]  # turn 2 has none
+    pairs, _ = pairwise_requests(cfg, sets, answers, "j")
+    first = next(r for r in pairs if json.loads(r["key"])[2] == "model_first")
+    assert first["system"].endswith('and "[[C]]" for a tie.')
+    assert "[User Question]\nWrite a haiku.\n\n[The Start of Assistant A's Answer]\ndpo one\n" in first["prompt"]
+    assert "judge prompts judge_prompts.jsonl " in judge_label(cfg.judge)
+
+    def refused(path: Path, **sections) -> str:
+        with pytest.raises(ValueError) as caught:
+            EvaluateConfig(model={"name": "dpo"}, mt_bench={"questions": {"path": "q.jsonl"}},
+                           pairwise={"baseline": {"name": "sft"}},
+                           judge={"engine": {"model": "j"}, "prompts": {"path": str(path)}}, **sections)
+        return str(caught.value)
+
+    assert "no 'pair-v2' prompt" in refused(fastchat_prompt_file(tmp_path / "a.jsonl", drop="pair-v2"))
+    bad = refused(fastchat_prompt_file(tmp_path / "b.jsonl", **{"single-v1": {"prompt_template": "{question} "
+                                                                              "{answer} {score}"}}))
+    assert "b.jsonl:2: prompt 'single-v1' uses ['answer', 'question', 'score']" in bad
+    assert "c.jsonl:1: prompt 'pair-v2' answers in '[[rating]]'" in refused(fastchat_prompt_file(
+        tmp_path / "c.jsonl", **{"pair-v2": {"output_format": "[[rating]]"}}))

@@ -343,6 +343,23 @@ class EvalModel(Engine):
                        "directory or a hub id")
 
 
+class JudgePromptsFile(_Section):
+    """FastChat's ``judge_prompts.jsonl``, read unchanged (``zephyr_ray/judge_prompts.py``): its prompts replace the
+    project's for grading and pairwise, each where FastChat uses it."""
+
+    path: str
+    prompts: dict[str, dict[str, str]] = Field(default_factory=dict, exclude=True,
+                                               description="read from `path` when the recipe loads")
+
+    @model_validator(mode="after")
+    def _read(self) -> JudgePromptsFile:
+        from .judge_prompts import read_judge_prompts
+
+        if not self.prompts:
+            self.__dict__["prompts"] = read_judge_prompts(self.path)
+        return self
+
+
 class EvalJudgeConfig(_Section):
     """The evaluation's judge: a vLLM model (``engine``) or an OpenAI-compatible endpoint (GPT-4, as MT-Bench uses)."""
 
@@ -352,6 +369,8 @@ class EvalJudgeConfig(_Section):
     structured_output: bool = Field(
         default=True, description="vLLM judges: constrain the answer to 'explanation, then Rating: [[n]]' (or the "
         "verdict), so it always parses; endpoints follow their own `structured_output`")
+    prompts: JudgePromptsFile | None = Field(default=None, description="FastChat's judge prompts file "
+                                             "(judge_prompts.jsonl) instead of the project's prompts")
 
     @model_validator(mode="after")
     def _one_backend(self) -> EvalJudgeConfig:
@@ -443,6 +462,11 @@ class EvaluateConfig(_Section):
                              "or give `prompts` with an `output` column")
         if self.pairwise and self.pairwise.baseline and self.pairwise.baseline.name == self.model.name:
             raise ValueError(f"pairwise.baseline.name: '{self.model.name}' is already the evaluated model's name")
+        if self.judge.prompts is not None:
+            from .judge_prompts import check_needed
+
+            check_needed(self.judge.prompts.prompts, self.judge.prompts.path,
+                         [use for use in ("mt_bench", "pairwise") if getattr(self, use) is not None])
         return self
 
 

@@ -41,6 +41,7 @@ from .data import (
     validated_once,
     write_rows_atomic,
 )
+from .judge_prompts import grading_prompt, pairwise_prompt, prompts_version
 from .stage import StageResult, Timer, log_rate, stage_section
 from .statistics import bootstrap_interval
 from .untrusted import json_field, rating
@@ -382,9 +383,10 @@ def output_schema(kind: str) -> dict[str, Any]:
 
 
 def judge_label(judge: EvalJudgeConfig) -> str:
+    version = prompts_version(judge.prompts.path) if judge.prompts is not None else PROMPT_VERSION
     if judge.endpoint is not None:
-        return f"{judge.endpoint.model} @ {judge.endpoint.base_url} ({PROMPT_VERSION})"
-    return f"{judge.engine.model} ({PROMPT_VERSION})"
+        return f"{judge.endpoint.model} @ {judge.endpoint.base_url} ({version})"
+    return f"{judge.engine.model} ({version})"
 
 
 def judge_all(requests: list[dict[str, Any]], judge: EvalJudgeConfig, recipe: Recipe) -> list[dict[str, Any]]:
@@ -399,7 +401,8 @@ def judge_all(requests: list[dict[str, Any]], judge: EvalJudgeConfig, recipe: Re
     sampling = judge.sampling.model_dump()
     rows = []
     for request in requests:
-        row = {"key": request["key"], "messages": [{"role": "system", "content": JUDGE_SYSTEM},
+        system = request.get("system", JUDGE_SYSTEM)
+        row = {"key": request["key"], "messages": [*([{"role": "system", "content": system}] if system else []),
                                                    {"role": "user", "content": request["prompt"]}]}
         if judge.endpoint is not None:
             fields = sampling_fields(sampling)
@@ -451,9 +454,14 @@ def grading_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[st
                 if row["answers"][turn - 1] is None:
                     settled.append({**base, "judge_error": f"not judged: no answer ({row['errors'][turn - 1]})"})
                     continue
-                prompt = grade_prompt(question, row["answers"], turn, use_reference)
-                requests.append({"key": json.dumps(["grade", model, row["question_id"], turn]), "kind": "grade",
-                                 "prompt": prompt, "judgment": {**base, "judge_prompt": prompt}})
+                request = {"key": json.dumps(["grade", model, row["question_id"], turn]), "kind": "grade"}
+                if cfg.judge.prompts is not None:  # FastChat's prompts, where FastChat uses each
+                    _, request["system"], prompt = grading_prompt(
+                        cfg.judge.prompts.prompts, question, row["answers"], turn,
+                        turn_references(question, turn) if use_reference else None)
+                else:
+                    prompt = grade_prompt(question, row["answers"], turn, use_reference)
+                requests.append({**request, "prompt": prompt, "judgment": {**base, "judge_prompt": prompt}})
     return requests, settled
 
 
@@ -489,9 +497,12 @@ def pairwise_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[s
                 settled.append({**base, "judge_error": f"not judged: no answer from {missing}"})
                 continue
             a, b = (mine, other) if order == "model_first" else (other, mine)
-            prompt = PAIRWISE_PROMPT.format(question=row["instruction"], answer_a=a, answer_b=b)
-            requests.append({"key": json.dumps(["pair", key, order]), "kind": "pair", "prompt": prompt,
-                             "judgment": {**base, "judge_prompt": prompt}})
+            request = {"key": json.dumps(["pair", key, order]), "kind": "pair"}
+            if cfg.judge.prompts is not None:
+                _, request["system"], prompt = pairwise_prompt(cfg.judge.prompts.prompts, row["instruction"], a, b)
+            else:
+                prompt = PAIRWISE_PROMPT.format(question=row["instruction"], answer_a=a, answer_b=b)
+            requests.append({**request, "prompt": prompt, "judgment": {**base, "judge_prompt": prompt}})
     return requests, settled
 
 
