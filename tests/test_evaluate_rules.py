@@ -147,6 +147,10 @@ def test_length_control_discounts_wins_that_only_come_with_length():
     result = pairwise_results(judgments, samples=500, confidence=0.95)
     assert result["win_rate"] == 0.75 and result["length_controlled_win_rate"] < 0.65
     assert [(b["instructions"], b["win_rate"]) for b in result["length_bins"]] == [(5, 0.0), (0, None), (15, 1.0)]
+    # the length-controlled rate has its own interval (the fit redone per resample): it holds the rate, and the raw
+    # 75% lies outside it
+    low, high = result["length_controlled_interval"]
+    assert low <= result["length_controlled_win_rate"] <= high < 0.75
 
 
 def test_grading_results_count_every_turn():

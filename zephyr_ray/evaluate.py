@@ -570,6 +570,18 @@ def length_controlled(scores: list[float], length_differences: list[float], ridg
     return float(1 / (1 + math.exp(-weights[0])))
 
 
+def length_controlled_interval(scores: list[float], length_differences: list[float], samples: int,
+                               confidence: float, seed: int = 0) -> list[float]:
+    """Percentile bootstrap over instructions of the length-controlled win rate (the fit redone on each resample)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(scores), (min(samples, 1000), len(scores)))
+    fits = [length_controlled([scores[i] for i in pick], [length_differences[i] for i in pick]) for pick in picks]
+    tail = (1 - confidence) / 2 * 100
+    return [float(np.percentile(fits, tail)), float(np.percentile(fits, 100 - tail))]
+
+
 LENGTH_BINS = (("model shorter by >10%", -math.inf, -0.1), ("within 10%", -0.1, 0.1),
                ("model longer by >10%", 0.1, math.inf))
 
@@ -612,6 +624,7 @@ def pairwise_results(judgments: list[dict[str, Any]], samples: int, confidence: 
     result["win_rate"] = sum(scores) / len(scores)
     result["interval"] = list(bootstrap_interval(scores, samples, confidence))
     result["length_controlled_win_rate"] = length_controlled(scores, differences)
+    result["length_controlled_interval"] = length_controlled_interval(scores, differences, samples, confidence)
     result["length_bins"] = [
         {"bin": name, "instructions": len(chosen), "win_rate": _mean(chosen)}
         for name, low, high in LENGTH_BINS
@@ -697,8 +710,10 @@ def evaluation_summary(results: dict[str, Any]) -> str:
         low, high = pairwise["interval"]
         lines.append(f"win rate {pairwise['model']} vs {pairwise['opponent']}: {pairwise['win_rate']:.1%} "
                      f"[{low:.1%}, {high:.1%}] ({pairwise['wins']} wins, {pairwise['ties']} ties, "
-                     f"{pairwise['losses']} losses); length-controlled {pairwise['length_controlled_win_rate']:.1%}; "
-                     f"judge position consistency {pairwise['position_consistency'] or 0:.0%}")
+                     f"{pairwise['losses']} losses); length-controlled {pairwise['length_controlled_win_rate']:.1%}"
+                     + (" [{:.1%}, {:.1%}]; ".format(*pairwise["length_controlled_interval"])
+                        if pairwise.get("length_controlled_interval") else "; ")
+                     + f"judge position consistency {pairwise['position_consistency'] or 0:.0%}")
     elif pairwise:
         lines.append(f"win rate: no instruction compared ({pairwise['judge_failures']} judge failures)")
     for model, r in (results.get("exact_match") or {}).items():
