@@ -23,7 +23,7 @@ COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 NUM_CREATURES = 48
-VERSION = 2  # bump when the world, its texts or what a role learns of it changes: every tiny model is rebuilt
+VERSION = 3  # bump when the world, its texts or what a role learns of it changes: every tiny model is rebuilt
 # the questions the training prompts ask, and the one the evaluation asks (so no evaluation question is a training
 # prompt, and decontamination has nothing to drop)
 TRAINING_QUESTIONS = ("What color is the {name}?", "What is the color of the {name}?", "Tell me the color of the {name}.")
@@ -184,7 +184,8 @@ def noise(rng: random.Random) -> str:
 def judge_examples(seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
     """(prompt messages, the judge's answer) in exactly what the feedback stage sends with ``JUDGE_PROMPT``: right
     replies (as many as wrong colours), wrong colours, and one reply that answers nothing, to every question in every
-    phrasing (the evaluation's too: what the judge knows is not limited to the training prompts)."""
+    phrasing (the evaluation's too: what the judge knows is not limited to the training prompts); a third of the
+    answers worded as the follow-up turns are ("Yes, it is blue."), which a dSFT model may use for a first turn."""
     from .feedback.judge import ASPECTS, judge_messages
 
     rng = random.Random(seed)
@@ -196,6 +197,8 @@ def judge_examples(seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
             colour_wrong = [w for w in wrong if w[0] == "colour"]
             nonsense = rng.choice([w for w in wrong if w[0] == "nonsense"] + [("nonsense", noise(rng))])
             for kind, reply in [("right", answer(creature))] * len(colour_wrong) + colour_wrong + [nonsense]:
+                if kind != "nonsense" and rng.random() < 0.3:  # as the follow-up turns answer: "Yes, it is blue."
+                    reply = SURE.format(colour=reply.rstrip(".").split()[-1])
                 aspects, overall, why = RUBRIC_VERDICTS[kind]
                 rated = ", ".join(f'"{a}": {r}' for a, r in zip(ASPECTS, aspects, strict=True))
                 row = {"messages": [{"role": "user", "content": asked}], "completion": reply}

@@ -70,6 +70,8 @@ def worker_inputs(config: dict[str, Any], training: Training) -> tuple[dict[str,
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", config["tensorboard_dir"])
     tokenizer = load_tokenizer(config["model"], training)
     rows = datasets.load_dataset("parquet", data_files=config["data_files"], split="train")
+    if "prompt_id" in rows.column_names:  # Ray Data writes rows in no fixed order: one order, so a seed is one model
+        rows = rows.sort("prompt_id")
     return extra, tokenizer, rows
 
 
