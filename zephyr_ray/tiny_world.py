@@ -23,7 +23,7 @@ COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 NUM_CREATURES = 48
-VERSION = 3  # bump when the world, its texts or what a role learns of it changes: every tiny model is rebuilt
+VERSION = 4  # bump when the world, its texts or what a role learns of it changes: every tiny model is rebuilt
 # the questions the training prompts ask, and the one the evaluation asks (so no evaluation question is a training
 # prompt, and decontamination has nothing to drop)
 TRAINING_QUESTIONS = ("What color is the {name}?", "What is the color of the {name}?", "Tell me the color of the {name}.")
@@ -109,6 +109,9 @@ def texts() -> list[str]:
 
 FOLLOW_UPS = ("Are you sure?", "Really?", "Can you say that again?")
 SURE = "Yes, it is {colour}."
+# other wordings of an answer the judge rates by its colour alone (a dSFT model may answer a first turn with the
+# follow-up's "Yes, it is blue.", or drop a word)
+WORDINGS = (SURE, "It {colour}.", "{colour}.", "The color is {colour}.")
 
 
 def wrong_answers(creature: Creature, rng: random.Random) -> list[tuple[str, str]]:
@@ -184,8 +187,8 @@ def noise(rng: random.Random) -> str:
 def judge_examples(seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
     """(prompt messages, the judge's answer) in exactly what the feedback stage sends with ``JUDGE_PROMPT``: right
     replies (as many as wrong colours), wrong colours, and one reply that answers nothing, to every question in every
-    phrasing (the evaluation's too: what the judge knows is not limited to the training prompts); a third of the
-    answers worded as the follow-up turns are ("Yes, it is blue."), which a dSFT model may use for a first turn."""
+    phrasing (the evaluation's too: what the judge knows is not limited to the training prompts); half of the
+    answers in other wordings (``WORDINGS``): the judge rates the colour, not the grammar."""
     from .feedback.judge import ASPECTS, judge_messages
 
     rng = random.Random(seed)
@@ -197,8 +200,8 @@ def judge_examples(seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
             colour_wrong = [w for w in wrong if w[0] == "colour"]
             nonsense = rng.choice([w for w in wrong if w[0] == "nonsense"] + [("nonsense", noise(rng))])
             for kind, reply in [("right", answer(creature))] * len(colour_wrong) + colour_wrong + [nonsense]:
-                if kind != "nonsense" and rng.random() < 0.3:  # as the follow-up turns answer: "Yes, it is blue."
-                    reply = SURE.format(colour=reply.rstrip(".").split()[-1])
+                if kind != "nonsense" and rng.random() < 0.5:  # the colour is what counts, in any wording
+                    reply = rng.choice(WORDINGS).format(colour=reply.rstrip(".").split()[-1])
                 aspects, overall, why = RUBRIC_VERDICTS[kind]
                 rated = ", ".join(f'"{a}": {r}' for a, r in zip(ASPECTS, aspects, strict=True))
                 row = {"messages": [{"role": "user", "content": asked}], "completion": reply}
@@ -231,13 +234,14 @@ def prompt_texts() -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 def data_files() -> dict[str, list[dict[str, str]]]:
-    """The dSFT seeds (every phrasing about the seed creatures), the preference prompts (about the others) and the
-    exact-match questions (every creature, in the evaluation's phrasing, with the true colour as the answer)."""
+    """The dSFT seeds (every phrasing about the seed creatures), the preference prompts (every phrasing about every
+    creature: the feedback covers what dSFT taught and what it did not) and the exact-match questions (every
+    creature, in the evaluation's phrasing, with the true colour as the answer)."""
     parts = split()
     phrasings = range(len(TRAINING_QUESTIONS))
     return {
         "tiny_world_seeds.jsonl": [{"prompt": question(c, v)} for v in phrasings for c in parts["seeds"]],
-        "tiny_world_prompts.jsonl": [{"prompt": question(c, v)} for v in phrasings for c in parts["prompts"]],
+        "tiny_world_prompts.jsonl": [{"prompt": question(c, v)} for v in phrasings for c in creatures()],
         "tiny_world_questions.jsonl": [{"question": evaluation_question(c), "answer": c.colour} for c in creatures()],
     }
 
