@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -134,6 +135,37 @@ def copy_of_tiny_run(tiny_run: Path, into: Path, stages: tuple[str, ...] | None 
     shutil.copytree(tiny_run, copy, ignore=lambda folder, names: [
         n for n in names if n in ("logs", "report.html") or (keep is not None and Path(folder) == tiny_run
                                                              and n not in keep)])
+    return copy
+
+
+def few_prompts_of_tiny_run(tiny_run: Path, into: Path, stages: tuple[str, ...], prompts: int = 16) -> Path:
+    """A copy of the finished tiny run (``stages`` of it) cut to its first ``prompts`` preference prompts: the
+    recipe's prompt file holds only those, and every copied output with a ``prompt_id`` only their rows. For the tests
+    that run a stage of the data half again (a killed engine, a killed job, other judges, a lost node): what they
+    prove holds on 16 prompts as on the recipe's 144, at a ninth of the engine time. A stage run again on the cut
+    writes the rows the whole run wrote for those prompts: every row's seed is its own."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from zephyr_ray.data import SUCCESS_MARKER, prompt_id_of
+
+    copy = copy_of_tiny_run(tiny_run, into, stages=stages)
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    source = Path(recipe["complete"]["prompts"]["path"])
+    lines = (source if source.is_absolute() else REPO / source).read_text().splitlines()[:prompts]
+    (copy / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    recipe["complete"]["prompts"]["path"] = str(copy / "prompts.jsonl")
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    kept = {prompt_id_of(json.loads(line)["prompt"]) for line in lines}
+    for marker in copy.rglob(SUCCESS_MARKER):
+        parts = sorted(marker.parent.glob("*.parquet"))
+        table = pq.read_table([str(part) for part in parts]) if parts else None
+        if table is None or "prompt_id" not in table.column_names:
+            continue
+        mask = [value in kept for value in table.column("prompt_id").to_pylist()]
+        for part in parts:
+            part.unlink()
+        pq.write_table(table.filter(mask), marker.parent / "part-0.parquet")
     return copy
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import copy_of_tiny_run, free_port, record_reliability
+from conftest import copy_of_tiny_run, few_prompts_of_tiny_run, free_port, record_reliability
 
 from zephyr_ray.config import load_recipe
 from zephyr_ray.data import PreferenceRow, prompt_id_of
@@ -59,6 +59,23 @@ def pipeline(tiny_run, ray_local, tmp_path_factory):
     results = {name: run_stage(name, recipe, run_dir) for name in ("synthesize", "complete", "judge", "binarize")}
     assert all(result.skipped for result in results.values()), "the demo's run is finished: nothing is redone"
     return recipe, run_dir, results
+
+
+@pytest.fixture(scope="module")
+def few(tiny_run, tmp_path_factory):
+    """(recipe, run dir) of the demo's data half cut to its first 16 preference prompts (``few_prompts_of_tiny_run``):
+    the tests that run a stage again (other judges, a killed engine or job, a lost node) run it on these."""
+    run_dir = few_prompts_of_tiny_run(tiny_run, tmp_path_factory.mktemp("few"), ("complete", "judge", "binarize"))
+    return load_recipe(run_dir / "recipe.yaml"), run_dir
+
+
+def completions(run_dir: Path) -> list[dict]:
+    return [row for model in sorted((run_dir / "complete" / "models").iterdir()) if model.is_dir()
+            for row in rows(model)]
+
+
+def prompts_answered(run_dir: Path) -> int:
+    return len({row["prompt_id"] for row in completions(run_dir)})
 
 
 def test_synthesize_writes_ultrachat_dialogues_and_counts_drops(pipeline):
@@ -169,15 +186,14 @@ def rejudge(run_dir: Path, recipe, other: Path) -> tuple[list[dict], list[dict],
 
 @pytest.mark.fault
 @pytest.mark.reliability("fault", "a vLLM engine actor SIGKILLed mid-pass (judge, Ray Data actor pool)")
-def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(pipeline, tiny_models, ray_local,
-                                                                              tmp_path):
+def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(few, tiny_models, ray_local, tmp_path):
     """SIGKILL the judge's vLLM engine actor in the middle of its pass: Ray Data starts a new one and retries the
     lost batches; the judgments hold every completion exactly once, like the undisturbed pass."""
     import threading
 
     from ray.util.state import list_actors
 
-    _, run_dir, _ = pipeline
+    _, run_dir = few
     # one completion per batch, so the pass is many small tasks and lasts long enough to be interrupted mid-way
     judge = yaml.safe_load((run_dir / "recipe.yaml").read_text())["judge"]
     recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"engine": {**judge["engine"], "batch_size": 1}}))
@@ -225,8 +241,8 @@ def test_a_killed_vllm_engine_actor_is_restarted_and_every_row_is_written_once(p
                        "nothing: every completion judged exactly once, none twice")
 
 
-def test_logprob_judge_on_the_same_completions(pipeline, tiny_models, tmp_path):
-    _, run_dir, results = pipeline
+def test_logprob_judge_on_the_same_completions(few, tiny_models, tmp_path):
+    _, run_dir = few
     recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"kind": "logprob", **PROJECT_PROMPTS},
                                      binarize={"score": "overall"}))
     other = tmp_path / "run"
@@ -235,7 +251,7 @@ def test_logprob_judge_on_the_same_completions(pipeline, tiny_models, tmp_path):
     assert all(1.0 <= r["overall"] <= 5.0 and r["raw_judgment"] in "12345" for r in scored)
     assert len({round(r["overall"], 6) for r in scored}) > len(scored) // 2, "expected continuous scores"
     run_stage("binarize", recipe, other)
-    check_preferences(other, results["complete"].counts["prompts"]["accepted"])
+    check_preferences(other, prompts_answered(run_dir))
 
 
 def test_preferences_load_with_datasets_and_train_a_dpo_step(pipeline, tiny_models, tmp_path):
@@ -258,8 +274,8 @@ def test_preferences_load_with_datasets_and_train_a_dpo_step(pipeline, tiny_mode
     assert output.global_step == 1 and output.training_loss > 0
 
 
-def test_rerun_skips_finished_work_and_redoes_a_lost_model_identically(pipeline):
-    recipe, run_dir, _ = pipeline
+def test_rerun_skips_finished_work_and_redoes_a_lost_model_identically(few):
+    recipe, run_dir = few
     lost = run_dir / "complete" / "models" / "generator-1"
     before = sorted(rows(lost), key=lambda r: r["prompt_id"])
     shutil.rmtree(lost)
@@ -296,14 +312,14 @@ def test_stage_numbers_stay_on_the_ray_metrics_endpoint(pipeline, ray_local):
         time.sleep(2)
 
 
-def test_reward_model_judge_on_the_same_completions(pipeline, tiny_models, tmp_path):
+def test_reward_model_judge_on_the_same_completions(few, tiny_models, tmp_path):
     """vLLM's classify runner on the tiny reward model; its scores are the raw logits transformers computes."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from zephyr_ray.tiny import reward_text
 
-    _, run_dir, results = pipeline
+    _, run_dir = few
     engine = {"model": str(tiny_models["reward"]), "max_model_len": 1536, "batch_size": 16, "kv_cache_gib": 0.5}
     recipe = load_recipe(tiny_recipe(tmp_path, tiny_models, judge={"kind": "reward_model", "engine": engine,
                                                                    **PROJECT_PROMPTS}, binarize={"score": "overall"}))
@@ -319,15 +335,15 @@ def test_reward_model_judge_on_the_same_completions(pipeline, tiny_models, tmp_p
             expected = model(**tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
         assert row["overall"] == pytest.approx(expected, abs=1e-3)
     run_stage("binarize", recipe, other)
-    check_preferences(other, results["complete"].counts["prompts"]["accepted"])
+    check_preferences(other, prompts_answered(run_dir))
 
 
 @pytest.mark.reliability(
     "security",
     "a judge endpoint's API key planted in the environment; a wrong key; the endpoint down")
-def test_openai_judge_scores_through_a_local_openai_compatible_server(pipeline, tiny_models, judge_server,
-                                                                      tmp_path, monkeypatch, caplog):
-    _, run_dir, results = pipeline
+def test_openai_judge_scores_through_a_local_openai_compatible_server(few, tiny_models, judge_server, tmp_path,
+                                                                      monkeypatch, caplog):
+    _, run_dir = few
     url, key = judge_server
     monkeypatch.setenv("ZR_TEST_JUDGE_KEY", key)
 
@@ -337,7 +353,7 @@ def test_openai_judge_scores_through_a_local_openai_compatible_server(pipeline, 
         recipe = load_recipe(tiny_recipe(tmp_path / name, tiny_models, judge={"kind": "openai", "engine": None,
                                                                                "endpoint": endpoint}))
         judgments, judgeable, _ = rejudge(run_dir, recipe, tmp_path / name / "run")
-        assert len(judgments) == sum(results["complete"].counts[m.name] for m in recipe.complete.models)
+        assert len(judgments) == len(completions(run_dir))
         return judgeable
 
     (tmp_path / "ok").mkdir()
@@ -367,14 +383,14 @@ def test_openai_judge_scores_through_a_local_openai_compatible_server(pipeline, 
 
 @pytest.mark.fault
 @pytest.mark.reliability("fault", "the job's driver SIGKILLed mid-stage (complete, after its first pool model)")
-def test_killed_job_resumes_to_the_same_rows(pipeline, tiny_models, ray_local, tmp_path):
+def test_killed_job_resumes_to_the_same_rows(few, tiny_models, ray_local, tmp_path):
     """`ray job submit` of jobs/stage.py; the job's driver is SIGKILLed once the first pool models are written (the
     first two run side by side on the test's 4 logical CPUs, the third after them); a second submission redoes only
     the missing model and ends with the rows of the uninterrupted run."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    _, run_dir, _ = pipeline
-    recipe_path = tiny_recipe(tmp_path, tiny_models)
+    _, run_dir = few
+    recipe_path = tiny_recipe(tmp_path, tiny_models, complete={"prompts": {"path": str(run_dir / "prompts.jsonl")}})
     data = yaml.safe_load(recipe_path.read_text())
     data["complete"]["models"] = data["complete"]["models"][:3]  # two waves prove it; four models cost CI minutes
     recipe_path.write_text(yaml.safe_dump(data))
@@ -446,12 +462,12 @@ def a100_cluster():
         cluster.shutdown()
 
 
-def complete_on_a100s(pipeline, tmp_path: Path, batch_size: int = 2,
+def complete_on_a100s(few, tmp_path: Path, batch_size: int = 2,
                       max_tokens: int | None = None) -> tuple[Path, Path, str]:
     """(recipe, run dir, model): the single-node run's recipe with its first pool model on two engine replicas pinned
     to A100 nodes, in batches of ``batch_size`` rows, and its CPU work on the ``cpu`` worker group; the second pool
     model is copied as done (a resumed run skips it)."""
-    _, run_dir, _ = pipeline
+    _, run_dir = few
     data = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     data["hardware"]["cpu_node_group"] = "cpu"
     model = data["complete"]["models"][0]
@@ -495,13 +511,13 @@ def stage_command(recipe_path: Path, run: Path, address: str) -> list[str]:
             "--address", address]
 
 
-def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pipeline, a100_cluster, tmp_path):
+def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(few, a100_cluster, tmp_path):
     """complete with two engine replicas pinned to A100 nodes and ``hardware.cpu_node_group: cpu``: the replicas run
     on both A100 nodes, nothing else of the stage does (reads, validation, dedupe shuffle, prompt tokens, writes run on
     the CPU node), and every row equals the single-node run's. Ray Data starts feeding rows as soon as one engine is
     up, so a short pass on a busy machine can end before the second replica is placed (CI run 14): the stage here waits
     for the whole pool first (Ray Data's ``wait_for_min_actors_s``, which a user who wants every replica busy sets)."""
-    recipe_path, run, name = complete_on_a100s(pipeline, tmp_path)
+    recipe_path, run, name = complete_on_a100s(few, tmp_path)
     shown = subprocess.run(stage_command(recipe_path, run, a100_cluster.cluster.address), cwd=REPO,
                            capture_output=True, text=True, timeout=900,
                            env={**os.environ, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"})
@@ -514,20 +530,20 @@ def test_engine_replicas_spread_over_two_nodes_and_write_the_single_node_rows(pi
     missing = [kind for kind in ("Read", "HashShuffleAggregator", "_preprocess", "Write")  # _preprocess: prompt ids
                if not any(kind in name for name in on_cpu_node)]
     assert not missing, f"{missing} not seen on the CPU node: {on_cpu_node}"
-    _, run_dir, _ = pipeline
+    _, run_dir = few
     by_prompt = lambda rows_: sorted(rows_, key=lambda r: r["prompt_id"])  # noqa: E731
     assert by_prompt(rows(run / "complete" / "models" / name)) == by_prompt(
         rows(run_dir / "complete" / "models" / name))
 
 
-def test_binarize_runs_on_the_cpu_node_while_gpu_nodes_sit_idle(pipeline, a100_cluster, tmp_path):
+def test_binarize_runs_on_the_cpu_node_while_gpu_nodes_sit_idle(few, a100_cluster, tmp_path):
     """binarize (read, group-by shuffle, pairing, writes: no engine) with ``hardware.cpu_node_group: cpu`` on the
     four-node cluster: every task and actor of its job runs on the CPU node, although the idle A100 nodes have free
     CPUs that Ray would otherwise spread to; its pairs equal the single-node run's."""
     from ray.util.state import list_jobs
 
-    recipe_path, run, _ = complete_on_a100s(pipeline, tmp_path)
-    _, run_dir, _ = pipeline
+    recipe_path, run, _ = complete_on_a100s(few, tmp_path)
+    _, run_dir = few
     shutil.copytree(run_dir / "judge", run / "judge")
     before = {j.job_id for j in list_jobs(address=a100_cluster.state)}
     command = stage_command(recipe_path, run, a100_cluster.cluster.address)
@@ -545,13 +561,13 @@ def test_binarize_runs_on_the_cpu_node_while_gpu_nodes_sit_idle(pipeline, a100_c
 
 @pytest.mark.fault
 @pytest.mark.reliability("fault", "a worker node removed mid-stage (complete, two engine replicas on two nodes)")
-def test_a_node_lost_mid_stage_costs_no_row(pipeline, a100_cluster, tmp_path):
+def test_a_node_lost_mid_stage_costs_no_row(few, a100_cluster, tmp_path):
     """The A100 node of the first engine replica up is removed (its raylet and every process on it killed) while
     complete runs, and a fresh A100 node joins, as an autoscaler replaces a lost node: the stage finishes (the lost
     engine restarted elsewhere, its batches retried) or, if the job died with the node, a resubmitted stage resumes;
     either way every prompt is answered exactly once. One-row batches of up to 256 tokens keep the pass running well
     past the first engine's start."""
-    recipe_path, run, name = complete_on_a100s(pipeline, tmp_path, batch_size=1, max_tokens=256)
+    recipe_path, run, name = complete_on_a100s(few, tmp_path, batch_size=1, max_tokens=256)
     log = tmp_path / "stage.log"
     with open(log, "w") as out:
         job = subprocess.Popen(stage_command(recipe_path, run, a100_cluster.cluster.address), cwd=REPO,
@@ -575,7 +591,7 @@ def test_a_node_lost_mid_stage_costs_no_row(pipeline, a100_cluster, tmp_path):
         again = subprocess.run(stage_command(recipe_path, run, a100_cluster.cluster.address), cwd=REPO,
                                capture_output=True, text=True, timeout=900)
         assert again.returncode == 0, log.read_text()[-2000:] + again.stdout[-2000:] + again.stderr[-2000:]
-    _, run_dir, _ = pipeline
+    _, run_dir = few
     written = rows(run / "complete" / "models" / name)
     single = rows(run_dir / "complete" / "models" / name)  # (longer answers here: the prompts are the same)
     assert len({r["prompt_id"] for r in written}) == len(written), "a prompt was answered twice"

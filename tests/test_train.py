@@ -77,8 +77,9 @@ def test_zero3_gives_each_of_two_ranks_about_half_the_parameters(trained, stage)
         assert line["global_step_at_start"] == 0
 
 
-def sequence_loss(model_dir: Path, chats: list[list[dict]]) -> float:
-    """Mean token loss of ``chats`` rendered with the model's own chat template."""
+def reply_loss(model_dir: Path, chats: list[list[dict]]) -> float:
+    """Mean loss on the assistant's tokens of ``chats`` (the template's generation mask): what assistant-only SFT
+    trains, so the user turns it does not learn do not hide what it does."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,9 +87,12 @@ def sequence_loss(model_dir: Path, chats: list[list[dict]]) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
     losses = []
     for chat in chats:
-        ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"]
+        rendered = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True,
+                                                 return_assistant_tokens_mask=True)
+        ids, mask = rendered["input_ids"], torch.as_tensor(rendered["assistant_masks"]).reshape(1, -1)
+        assert mask.sum() > 0, "the chat template marks no assistant tokens"
         with torch.no_grad():
-            losses.append(model(input_ids=ids, labels=ids).loss.item())
+            losses.append(model(input_ids=ids, labels=ids.masked_fill(mask == 0, -100)).loss.item())
     return sum(losses) / len(losses)
 
 
@@ -97,7 +101,7 @@ def test_sft_lowers_held_out_loss_and_exports_a_plain_hf_model(trained, tiny_mod
     model = run_dir / "train_sft" / "model"
     assert results["train_sft"].outputs["model"] == str(model)
     held_out = [turns(r) for r in load_corpus()[:HELD_OUT]]
-    before, after = sequence_loss(tiny_models["student"], held_out), sequence_loss(model, held_out)
+    before, after = reply_loss(tiny_models["student"], held_out), reply_loss(model, held_out)
     assert after < 0.9 * before, (before, after)
     config = json.loads((model / "config.json").read_text())
     generation = json.loads((model / "generation_config.json").read_text())
