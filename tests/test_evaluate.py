@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from zephyr_ray.cli import app
 from zephyr_ray.config import MT_BENCH_TEMPERATURES, DatasetSource, load_recipe
 from zephyr_ray.data import InstructionRow, PromptRow, load, validated_once
-from zephyr_ray.decontaminate import training_screen
+from zephyr_ray.evaluate.sets import training_screen
 from zephyr_ray.report import write_report
 from zephyr_ray.stages import run_stage
 
@@ -311,7 +311,7 @@ def test_the_demos_evaluation_exports_in_fastchats_and_alpacaevals_formats(tiny_
     scores, and each pairwise game's winners follow our verdicts in FastChat's terms."""
     from collections import defaultdict
 
-    from zephyr_ray.official_formats import export_evaluation
+    from zephyr_ray.evaluate.official_formats import export_evaluation
 
     written = export_evaluation(tiny_run, tmp_path, "judge")
     results = json.loads((tiny_run / "evaluate" / "results.json").read_text())

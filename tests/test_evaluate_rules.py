@@ -10,17 +10,9 @@ import pytest
 from zephyr_ray.config import RecipeError, load_recipe
 from zephyr_ray.data import InstructionRow, QuestionRow, ReferenceAnswerRow, check_row
 from zephyr_ray.decontaminate import Screen
-from zephyr_ray.evaluate import (
-    explanation_chars,
-    grade_prompt,
-    grading_results,
-    length_controlled,
-    output_regex,
-    pairwise_results,
-    parse_rating,
-    parse_verdict,
-    to_judgment,
-)
+from zephyr_ray.evaluate.grading import grading_results, to_judgment
+from zephyr_ray.evaluate.pairwise import length_controlled, pairwise_results
+from zephyr_ray.evaluate.prompts import explanation_chars, grade_prompt, output_regex, parse_rating, parse_verdict
 from zephyr_ray.statistics import bootstrap_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +188,8 @@ def test_evaluate_sections_are_checked_at_load(tmp_path):
 
 def test_pairwise_against_reference_outputs_asks_both_orders_and_settles_missing_outputs():
     from zephyr_ray.config import EvaluateConfig
-    from zephyr_ray.evaluate import EvaluationSets, pairwise_requests
+    from zephyr_ray.evaluate.grading import pairwise_requests
+    from zephyr_ray.evaluate.sets import EvaluationSets
 
     cfg = EvaluateConfig.model_validate({"pairwise": {"prompts": {"path": "alpaca_eval.json"}},
                                          "judge": {"engine": {"model": "judge"}}})
@@ -221,7 +214,7 @@ def test_fastchats_empty_references_leave_the_question_whole():
     for turn 2; one question has it the other way round): 8 of its 80 questions were rejected for it. Rows in the
     file's exact format (question 142's reference as the file gives it, turns shortened) are accepted; an empty entry
     is no reference for that turn, so turn 2 is graded without references while turn 1 keeps its own."""
-    from zephyr_ray.evaluate import turn_references
+    from zephyr_ray.evaluate.prompts import turn_references
 
     official = [
         '{"question_id": 142, "category": "stem", "turns": ["Consider a satellite ...", "What are some corner cases '
@@ -305,7 +298,8 @@ def test_fastchats_judge_prompts_are_used_where_fastchat_uses_them(tmp_path):
     file missing a prompt the evaluation needs, a template with a placeholder FastChat does not fill, or an output
     format the project does not read fails at load with the file, line and prompt."""
     from zephyr_ray.config import EvaluateConfig
-    from zephyr_ray.evaluate import EvaluationSets, grading_requests, judge_label, pairwise_requests
+    from zephyr_ray.evaluate.grading import grading_requests, judge_label, pairwise_requests
+    from zephyr_ray.evaluate.sets import EvaluationSets
 
     prompts = fastchat_prompt_file(tmp_path / "judge_prompts.jsonl")
     cfg = EvaluateConfig(model={"name": "dpo"}, mt_bench={"questions": {"path": "q.jsonl"}},

@@ -2,7 +2,7 @@
 
 import pytest
 
-from zephyr_ray.exact_match import (
+from zephyr_ray.evaluate.exact_match import (
     accuracy,
     check_pattern,
     extract_answer,

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from zephyr_ray.config import Recipe
 from zephyr_ray.data import SUCCESS_MARKER, CompletionRow, text_repairs
-from zephyr_ray.evaluate import parse_rating, parse_verdict
+from zephyr_ray.evaluate.prompts import parse_rating, parse_verdict
 from zephyr_ray.feedback.judge import ASPECTS, parse_rubric
 from zephyr_ray.untrusted import MAX_DIGITS, clean_text, clean_value, rating, read_json
 

@@ -196,7 +196,7 @@ def evaluate(
     echo(evaluation_summary(results))
     echo(f"results: {result.outputs['results']}, judgments: {result.outputs['judgments']}")
     if export is not None:
-        from .official_formats import export_evaluation
+        from .evaluate.official_formats import export_evaluation
 
         judge = loaded.evaluate.judge
         judge_model = judge.endpoint.model if judge.endpoint is not None else Path(judge.engine.model).name

@@ -344,7 +344,7 @@ class EvalModel(Engine):
 
 
 class JudgePromptsFile(_Section):
-    """FastChat's ``judge_prompts.jsonl``, read unchanged (``zephyr_ray/judge_prompts.py``): its prompts replace the
+    """FastChat's ``judge_prompts.jsonl``, read unchanged (``zephyr_ray/evaluate/fastchat_prompts.py``): its prompts replace the
     project's for grading and pairwise, each where FastChat uses it."""
 
     path: str
@@ -353,7 +353,7 @@ class JudgePromptsFile(_Section):
 
     @model_validator(mode="after")
     def _read(self) -> JudgePromptsFile:
-        from .judge_prompts import read_judge_prompts
+        from .evaluate.fastchat_prompts import read_judge_prompts
 
         if not self.prompts:
             self.__dict__["prompts"] = read_judge_prompts(self.path)
@@ -412,7 +412,7 @@ class PairwiseConfig(_Section):
 
 class ExactMatchConfig(_Section):
     """Verifiable evaluation: questions with reference answers, each model's final answer taken out of its reply by
-    a stated rule and compared with the reference (``zephyr_ray/exact_match.py``)."""
+    a stated rule and compared with the reference (``zephyr_ray/evaluate/exact_match.py``)."""
 
     questions: DatasetSource = Field(description="rows with `question` and `answer`: GSM8K's as they are (the final "
                                      "answer after `####`), or a plain answer")
@@ -428,7 +428,7 @@ class ExactMatchConfig(_Section):
     @field_validator("answer_pattern")
     @classmethod
     def _pattern(cls, value: str) -> str:
-        from .exact_match import check_pattern
+        from .evaluate.exact_match import check_pattern
 
         return check_pattern(value)
 
@@ -463,7 +463,7 @@ class EvaluateConfig(_Section):
         if self.pairwise and self.pairwise.baseline and self.pairwise.baseline.name == self.model.name:
             raise ValueError(f"pairwise.baseline.name: '{self.model.name}' is already the evaluated model's name")
         if self.judge.prompts is not None:
-            from .judge_prompts import check_needed
+            from .evaluate.fastchat_prompts import check_needed
 
             check_needed(self.judge.prompts.prompts, self.judge.prompts.path,
                          [use for use in ("mt_bench", "pairwise") if getattr(self, use) is not None])

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import types
@@ -352,7 +353,7 @@ class ReferenceQuestionRow(Row):
     @field_validator("answer")
     @classmethod
     def _answer(cls, value: str) -> str:
-        from .exact_match import reference_answer
+        from .evaluate.exact_match import reference_answer
 
         value = _check_text(value, "answer")
         if not reference_answer(value):
@@ -729,6 +730,25 @@ def load(path: str, contract: type[Row] | str, split: str = "train", name: str |
 # ---------------------------------------------------------------------------------------------------------------
 # Writers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``path`` whole or not at all (a temporary file beside it, renamed): a reader never sees half a file,
+    and writers in two processes do not share the temporary one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_rows(out_dir: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """A small stage output (or its first ``limit`` rows) as dicts, on the driver: evaluation sets, reports."""
+    import pyarrow.dataset as pads
+
+    dataset = pads.dataset(str(out_dir), format="parquet")
+    return (dataset.head(limit) if limit is not None else dataset.to_table()).to_pylist()
 
 
 def is_complete(out_dir: str | Path) -> bool:

@@ -7,7 +7,8 @@ contaminated when it contains any n consecutive words of an evaluation prompt, o
 words (from ``MIN_WORDS`` words up; shorter ones would match common phrases). The count goes into the stage's
 counts; with ``drop`` the prompt goes to the stage's rejects, its reason naming the evaluation prompt and the words.
 
-Written by hand: an exact n-gram set lookup is a few lines, and the libraries that do it (MinHash dedup tools) answer
+The evaluation hands its prompts to ``Screen.build`` (``evaluate.sets.training_screen``): this module knows nothing
+of how they are read. Written by hand: an exact n-gram set lookup is a few lines, and the libraries that do it (MinHash dedup tools) answer
 a fuzzier question.
 """
 
@@ -16,8 +17,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 WORD = re.compile(r"\w+")
 MIN_WORDS = 4
@@ -65,20 +64,3 @@ class Screen:
                 if item is not None:
                     return Hit(item, " ".join(tokens[start:start + length]))
         return None
-
-
-def training_screen(recipe: Any, run_dir: Path) -> Screen | None:
-    """The screen for this recipe's training prompts, or None when its ``evaluate.decontaminate`` is not set.
-
-    The evaluation sets are validated into ``evaluate/`` here (once), so the evaluate stage reads the same rows."""
-    cfg = recipe.evaluate
-    if cfg is None or cfg.decontaminate is None:
-        return None
-    from .evaluate import evaluation_sets
-
-    sets = evaluation_sets(cfg, run_dir)
-    prompts = [(f"mt_bench {q['question_id']} turn {i}", turn)
-               for q in sets.questions for i, turn in enumerate(q["turns"], start=1)]
-    prompts += [(f"pairwise {row['instruction_id'][:12]}", row["instruction"]) for row in sets.instructions]
-    prompts += [(f"exact_match {row['question_id'][:12]}", row["question"]) for row in sets.checkable]
-    return Screen.build(prompts, cfg.decontaminate.ngram, cfg.decontaminate.drop)

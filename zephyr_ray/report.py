@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-from .data import is_complete
+from .data import is_complete, read_rows, write_text_atomic
 from .metrics import flat_counts
+from .plots import png_base64, pyplot
 from .run import MANIFEST, RECIPE_STAGES
 
 REPORT = "report.html"
@@ -33,25 +33,6 @@ def stage_records(run_dir: Path) -> dict[str, dict[str, Any]]:
         if result.is_file():
             records[stage] = {"status": "done", **json.loads(result.read_text())}
     return records
-
-
-def figure_png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def funnel_plot(records: dict[str, dict[str, Any]]) -> str | None:
@@ -75,7 +56,7 @@ def funnel_plot(records: dict[str, dict[str, Any]]) -> str | None:
         for i, key in enumerate(keys):
             ax.text(counts[key], i, f" {counts[key]:g}", va="center", fontsize=8)
         ax.tick_params(labelsize=8)
-    return figure_png(fig)
+    return png_base64(fig)
 
 
 def training_plot(histories: dict[str, list[dict[str, Any]]]) -> str | None:
@@ -105,7 +86,7 @@ def training_plot(histories: dict[str, list[dict[str, Any]]]) -> str | None:
         ax.set_title("DPO: reward margin and accuracy")
         ax.legend(loc="upper left", fontsize=8)
         twin.legend(loc="lower right", fontsize=8)
-    return figure_png(fig)
+    return png_base64(fig)
 
 
 def timings_plot(records: dict[str, dict[str, Any]]) -> str | None:
@@ -119,17 +100,13 @@ def timings_plot(records: dict[str, dict[str, Any]]) -> str | None:
     ax.set_xlabel("seconds (the stage's last run that did work)")
     for i, seconds in enumerate(timed.values()):
         ax.text(seconds, i, f" {seconds:.0f}s", va="center", fontsize=8)
-    return figure_png(fig)
+    return png_base64(fig)
 
 
 def example_pairs(run_dir: Path, limit: int = 3) -> list[dict[str, Any]]:
     """The first ``limit`` preference pairs binarize wrote (none before it has run)."""
-    import pyarrow.dataset as pads
-
     out = run_dir / "binarize" / "preferences"
-    if not is_complete(out):
-        return []
-    return pads.dataset(str(out), format="parquet").head(limit).to_pylist()
+    return read_rows(out, limit=limit) if is_complete(out) else []
 
 
 def _clip(text: str, limit: int = 400) -> str:
@@ -158,7 +135,6 @@ def did_it_work_html(run_dir: Path, examples: int = 4) -> str:
     exact = results.get("exact_match") or {}
     if not exact:
         return ""
-    from .evaluate import read_rows
 
     def interval(r: dict[str, Any], signed: str = "") -> str:
         return f"[{r['interval'][0]:{signed}.1%}, {r['interval'][1]:{signed}.1%}]" if r.get("interval") else ""
@@ -190,7 +166,7 @@ def did_it_work_html(run_dir: Path, examples: int = 4) -> str:
     return (f"<section><h2>Did it work?</h2><table><tr><th>model</th><th>exact match [interval]</th><th>questions</th>"
             f"<th>no answer found</th></tr>{''.join(lines)}</table>"
             + "".join(f'<p class="caption">{note}</p>' for note in notes)
-            + (f'<table class="examples"><tr><th>question (reference)</th>'
+            + ('<table class="examples"><tr><th>question (reference)</th>'
                + "".join(f"<th>{html.escape(m)}</th>" for m in models) + f"</tr>{shown}</table>" if shown else "")
             + "</section>")
 
@@ -283,8 +259,4 @@ started {html.escape(str(manifest.get('started_at', '?')))}, finished {html.esca
 {''.join(parts)}
 </body></html>
 """
-    out = out or run_dir / REPORT
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text_atomic(out or run_dir / REPORT, page)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from importlib import metadata
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Recipe, load_recipe
+from .data import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
-    path = run_dir / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_text_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 def now() -> str:

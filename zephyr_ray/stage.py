@@ -32,11 +32,9 @@ class StageResult:
         if repaired := text_repaired(run_dir / self.stage, run_dir):
             self.counts["text_repaired"] = repaired
         record_stage(self.stage, self.counts, self.seconds, self.tokens_per_second)
-        path = run_dir / self.stage / "result.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, default=str) + "\n")
-        tmp.rename(path)
+        from .data import write_text_atomic
+
+        write_text_atomic(run_dir / self.stage / "result.json", json.dumps(asdict(self), indent=2, default=str) + "\n")
 
 
 def text_repaired(stage_dir: Path, run_dir: Path) -> dict[str, int]:

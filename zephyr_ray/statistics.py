@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def mean(values: list[float]) -> float | None:
+    """The mean, or None for no values (a model with no rated turn has no score, not 0)."""
+    return sum(values) / len(values) if values else None
+
+
 def bootstrap_interval(scores: list[float], samples: int, confidence: float, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``scores`` (resampled questions). For two models answering the
     same questions, the scores may be per-question differences: the paired interval of the difference."""

@@ -31,7 +31,7 @@ from .data import (
     write_parquet_atomic,
     written_rows,
 )
-from .decontaminate import training_screen
+from .evaluate.sets import training_screen
 from .feedback.complete import stable_seed
 from .generate import generate
 from .stage import StageResult, Timer, already_done, log_rate, stage_section

@@ -220,8 +220,8 @@ def preference_pairs(seed: int = 0) -> list[tuple[list[dict[str, str]], str, str
 
 def prompt_texts() -> list[str]:
     """The constant text of the prompts the stages send (judges, user simulator)."""
-    from .evaluate import GRADE_LATER_TURN_PROMPT, GRADE_PROMPT, PAIRWISE_PROMPT, REFERENCE_NOTE
-    from .evaluate import JUDGE_SYSTEM as EVAL_SYSTEM
+    from .evaluate.prompts import GRADE_LATER_TURN_PROMPT, GRADE_PROMPT, PAIRWISE_PROMPT, REFERENCE_NOTE
+    from .evaluate.prompts import JUDGE_SYSTEM as EVAL_SYSTEM
     from .feedback.judge import JUDGE_SYSTEM, LOGPROB_PROMPT, RUBRIC_PROMPT
     from .synthesize import USER_SIMULATOR_PROMPT, USER_SIMULATOR_SYSTEM
 

@@ -11,7 +11,7 @@ anything else a stage writes. Nothing here raises on any ``str``; hostile text i
   strings can hold and UTF-8 cannot, become U+FFFD; a surrogate pair becomes the character it encodes), with the
   number of characters repaired. NUL is valid UTF-8 and kept.
 
-``feedback/judge.py`` (the rubric) and ``evaluate.py`` (ratings and verdicts) parse their judges' answers with these;
+``feedback/judge.py`` (the rubric) and ``evaluate/prompts.py`` (ratings and verdicts) parse their judges' answers with these;
 ``data.py``'s writer repairs text with ``clean_value``.
 """
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ..config import BinarizeConfig, Recipe
 from ..data import PreferenceRow, count_values, read_contract, split_by_reason, validated_once, write_parquet_atomic
-from ..decontaminate import training_screen
+from ..evaluate.sets import training_screen
 from ..stage import StageResult, Timer, already_done, log_rate, stage_section
 from .complete import stable_seed
 from .judge import ASPECTS
@@ -161,12 +161,9 @@ def preference_stats(judgments: Any, pairs: Any, rejects: Any, score: str) -> di
 
 def plot_stats(stats: dict[str, Any], path: Path) -> None:
     """Score histograms per pool model, wins per model, chosen-vs-rejected length, in one PNG."""
-    import matplotlib
+    from ..plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
     models = list(stats["score_histograms"])
     bins = sorted({b for h in stats["score_histograms"].values() for b in h}, key=bin_order)
     width = 0.8 / max(len(models), 1)
@@ -183,6 +180,4 @@ def plot_stats(stats: dict[str, Any], path: Path) -> None:
     axes[1].legend(fontsize=8)
     axes[2].bar(["chosen", "rejected"], [stats["mean_chars_chosen"], stats["mean_chars_rejected"]])
     axes[2].set_title(f"mean length (chars); chosen longer in {stats['fraction_chosen_longer']:.0%} of pairs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_png(fig, path)

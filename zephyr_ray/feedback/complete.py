@@ -25,8 +25,8 @@ from ..data import (
     write_parquet_atomic_many,
     written_rows,
 )
-from ..decontaminate import training_screen
 from ..engines import cluster_capacity, side_by_side
+from ..evaluate.sets import training_screen
 from ..generate import generate
 from ..stage import StageResult, Timer, already_done, log_rate, stage_section
 

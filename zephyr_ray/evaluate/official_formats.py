@@ -24,8 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .data import is_complete
-from .evaluate import answers_dir, read_rows
+from ..data import is_complete, read_rows, write_text_atomic
+from .answers import answers_dir
 
 ERROR = "$ERROR$"  # FastChat's text for a turn that got no answer
 WINNERS = {"model": "model_1", "opponent": "model_2", "tie": "tie"}
@@ -41,17 +41,8 @@ def _file_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "judge"
 
 
-def _write(path: Path, text: str) -> Path:
-    """Atomically: a file an official script reads is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    return _write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def fastchat_answers(rows: list[dict[str, Any]], model: str, tstamp: float) -> list[dict[str, Any]]:
@@ -111,7 +102,7 @@ def export_evaluation(run_dir: Path, out: Path, judge_model: str) -> list[Path]:
         if answers := fastchat_answers(rows, model_dir.name, tstamp):
             written.append(_jsonl(out / "model_answer" / f"{model_dir.name}.jsonl", answers))
         if outputs := alpaca_outputs(rows, model_dir.name):
-            written.append(_write(out / "alpaca_eval" / model_dir.name / "model_outputs.json",
+            written.append(write_text_atomic(out / "alpaca_eval" / model_dir.name / "model_outputs.json",
                                   json.dumps(outputs, ensure_ascii=False, indent=2) + "\n"))
     judgments = read_rows(stage / "judgments")
     name = _file_name(judge_model)

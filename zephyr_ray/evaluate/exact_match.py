@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .statistics import bootstrap_interval
+from ..statistics import bootstrap_interval
 
 GSM8K_MARKER = "####"
 NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")

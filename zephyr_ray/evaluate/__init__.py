@@ -1,0 +1,102 @@
+"""Stage ``evaluate``: MT-Bench-style single-answer grading and an AlpacaEval-style pairwise win rate.
+
+- **Grading.** The evaluated model (and the pairwise baseline, when it is a model) answers every question of an
+  MT-Bench-format set turn by turn, turn 2 seeing its own turn-1 answer, with MT-Bench's temperature per category
+  and its answer length. The judge rates each turn 1-10 as ``[[n]]``; for math, reasoning and coding it sees the
+  reference answer. Results per model: per category, per turn and overall, with every failure counted (an answer
+  that failed, a judgment without a rating), never silently dropped.
+- **Win rate.** The judge sees the model's and the baseline's answers to each instruction twice, in both orders, and
+  answers ``[[A]]``, ``[[B]]`` or ``[[C]]`` (tie). Per instruction the model scores 1 (win), 0.5 (tie) or 0 (loss),
+  averaged over the two orders, so a judge that always prefers the first answer yields ties, not wins. The win rate
+  is the mean with a bootstrap interval; because judges favour long answers, it is also given per length-difference
+  bin and length-controlled (AlpacaEval 2's idea: a logistic fit of the outcome on the length difference, read at
+  zero difference).
+
+Answers and judgments run on the same machinery as the data stages (``ray.data.llm`` vLLM engines, or an
+OpenAI-compatible endpoint for the judge). Answerers that share one engine configuration share one engine pass per
+turn. Outputs in ``<run_dir>/evaluate/``: the validated sets, ``answers/<model>/``, ``judgments/``,
+``results.json``, ``metrics.json`` (the headline numbers, for the manifest) and ``evaluate.png``.
+
+The package, one module a concern: ``sets`` (the validated sets), ``answers``, ``prompts`` (the project's judge
+prompts and the parsers) and ``fastchat_prompts``, ``grading`` (judgments, MT-Bench scores), ``pairwise`` (win rate
+statistics), ``exact_match``, ``results`` (summary, plot, metrics) and ``official_formats`` (export). The stage is
+``run_evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+from ..config import Recipe
+from ..data import is_complete, read_rows, write_rows_atomic, write_text_atomic
+from ..stage import StageResult, Timer, log_rate, stage_section
+from .answers import answer_all, answer_items, exact_match_items
+from .grading import (
+    JUDGMENT_SCHEMA,
+    grading_requests,
+    grading_results,
+    judge_all,
+    judge_label,
+    pairwise_requests,
+    to_judgment,
+)
+from .pairwise import pairwise_results
+from .results import evaluation_summary, exact_match_results, headline_metrics, judge_agreement, plot_results
+from .sets import evaluation_sets
+
+__all__ = ["evaluation_summary", "run_evaluate"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
+    """Answers, judgments and results into ``evaluate/``; a re-run skips what is complete (answers per model,
+    judgments), so an interrupted evaluation does not redo its engine passes."""
+    cfg = stage_section(recipe, "evaluate")
+    stage_dir = run_dir / "evaluate"
+    judgments_dir, results_path = stage_dir / "judgments", stage_dir / "results.json"
+    outputs = {"judgments": str(judgments_dir), "results": str(results_path)}
+    if is_complete(judgments_dir) and results_path.is_file() and (stage_dir / "result.json").is_file():
+        logger.info("evaluate: already done, skipping")
+        counts = json.loads((stage_dir / "result.json").read_text()).get("counts", {})
+        return StageResult("evaluate", skipped=True, counts=counts, outputs=outputs)
+    timer = Timer()
+    sets = evaluation_sets(cfg, run_dir)
+    models = [cfg.model] + ([cfg.pairwise.baseline] if cfg.pairwise and cfg.pairwise.baseline else [])
+    answers = answer_all(models, answer_items(sets, cfg), recipe, run_dir)
+    if cfg.exact_match is not None and cfg.exact_match.models:  # scored on the exact-match questions only
+        answers.update(answer_all(cfg.exact_match.models, exact_match_items(sets, cfg), recipe, run_dir))
+    if not is_complete(judgments_dir):
+        judge = judge_label(cfg.judge)
+        requests, settled = grading_requests(cfg, sets, answers, judge) if cfg.mt_bench else ([], [])
+        if cfg.pairwise:
+            more_requests, more_settled = pairwise_requests(cfg, sets, answers, judge)
+            requests, settled = requests + more_requests, settled + more_settled
+        judge_timer = Timer()
+        by_key = {r["key"]: r for r in requests}
+        judged = [to_judgment(by_key[a["key"]], a) for a in judge_all(requests, cfg.judge, recipe)]
+        log_rate("evaluate[judge]", len(judged), judge_timer.seconds)
+        write_rows_atomic(judged + settled, judgments_dir, schema=JUDGMENT_SCHEMA)
+    judgments = read_rows(judgments_dir)
+    results = {"judge": judge_label(cfg.judge), "mt_bench": grading_results(judgments),
+               "pairwise": (pairwise_results(judgments, cfg.pairwise.bootstrap_samples, cfg.pairwise.confidence)
+                            if cfg.pairwise else None)}
+    if cfg.exact_match is not None:
+        results["exact_match"], results["exact_match_paired"] = exact_match_results(cfg, sets, answers, stage_dir)
+        results["judge_agreement"] = judge_agreement(recipe, stage_dir)
+    plot_results(results, stage_dir / "evaluate.png")
+    write_text_atomic(stage_dir / "metrics.json", json.dumps(headline_metrics(results), indent=2) + "\n")
+    write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
+    failures = Counter((j["judge_error"] or "").split(":")[0] for j in judgments if j["judge_error"])
+    result = StageResult("evaluate", counts={
+        **sets.counts,
+        "answers": sum(len(rows) for rows in answers.values()),
+        "judgments": len(judgments),
+        "rated": sum(1 for j in judgments if j["rating"] is not None or j["verdict"] is not None),
+        "failures": dict(failures),
+    }, seconds=timer.seconds, outputs=outputs)
+    result.save(run_dir)
+    return result

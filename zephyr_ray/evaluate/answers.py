@@ -1,0 +1,153 @@
+"""Every answering model's answers to the evaluation's items, turn by turn on ``ray.data.llm`` vLLM engines (models
+with the same engine settings share one pass per turn), written to ``answers/<model>/``."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..config import RUN_MODELS, Engine, EvalModel, EvaluateConfig, Recipe
+from ..data import is_complete, read_rows, write_rows_atomic
+from ..stage import Timer, log_rate
+from .sets import EvaluationSets
+
+ANSWER_SCHEMA = pa.schema([
+    ("model", pa.string()), ("model_path", pa.string()), ("set", pa.string()), ("question_id", pa.string()),
+    ("category", pa.string()), ("turns", pa.list_(pa.string())), ("answers", pa.list_(pa.string())),
+    ("errors", pa.list_(pa.string())), ("finish_reasons", pa.list_(pa.string())),
+    ("generated_tokens", pa.list_(pa.int64())), ("temperature", pa.float64()),
+])
+
+
+
+def model_path(model: EvalModel, run_dir: Path) -> str:
+    """Where an answering model's weights are: this run's stage model, a directory, or a hub id."""
+    if model.model in RUN_MODELS:
+        path = run_dir / model.model / "model"
+        if not is_complete(path):
+            raise FileNotFoundError(f"evaluate: model '{model.name}' is this run's {model.model} model, and {path} "
+                                    f"is not finished; run {model.model} first")
+        return str(path)
+    return model.model
+
+
+
+def answers_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / "evaluate" / "answers" / name
+
+
+
+def answer_items(sets: EvaluationSets, cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    """What every answering model answers: the MT-Bench questions, then instructions not taken from them."""
+    items = []
+    if cfg.mt_bench is not None:
+        mt = cfg.mt_bench
+        items += [{"set": "mt_bench", "question_id": q["question_id"], "category": q["category"], "turns": q["turns"],
+                   "temperature": mt.temperatures.get(q["category"], mt.default_temperature),
+                   "max_tokens": mt.max_tokens} for q in sets.questions]
+    if cfg.pairwise is not None and cfg.pairwise.prompts is not None:
+        sampling = cfg.pairwise.sampling
+        items += [{"set": "pairwise", "question_id": r["instruction_id"], "category": r["dataset"] or "pairwise",
+                   "turns": [r["instruction"]], "temperature": sampling.temperature,
+                   "max_tokens": sampling.max_tokens} for r in sets.instructions]
+    return items + exact_match_items(sets, cfg)
+
+
+
+def exact_match_items(sets: EvaluationSets, cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    """The exact-match questions, asked as they are, one turn each."""
+    if cfg.exact_match is None:
+        return []
+    sampling = cfg.exact_match.sampling
+    return [{"set": "exact_match", "question_id": q["question_id"], "category": "exact_match",
+             "turns": [q["question"]], "temperature": sampling.temperature, "max_tokens": sampling.max_tokens}
+            for q in sets.checkable]
+
+
+
+def _turn_request(item: dict[str, Any], model: EvalModel, answers: list[str | None], turn: int,
+                  top_p: float) -> dict[str, Any]:
+    from ..feedback.complete import stable_seed
+
+    messages = []
+    for i in range(turn):
+        messages.append({"role": "user", "content": item["turns"][i]})
+        if i < turn - 1:
+            messages.append({"role": "assistant", "content": answers[i]})
+    return {"key": json.dumps([model.name, item["set"], item["question_id"]]), "messages": messages,
+            "sampling_params": {"temperature": item["temperature"], "top_p": top_p, "max_tokens": item["max_tokens"],
+                                "seed": stable_seed(model.name, item["set"], item["question_id"], turn)}}
+
+
+
+def answer_with_engine(models: list[EvalModel], engine: Engine, items: list[dict[str, Any]], recipe: Recipe,
+                       run_dir: Path, path: str) -> None:
+    """Every item answered by each of ``models`` (which share ``engine``), one engine pass per turn; a turn is asked
+    only when the turns before it were answered. Writes ``answers/<model>/`` for each."""
+    import ray.data
+
+    from ..generate import generate
+
+    state = {(m.name, item["set"], item["question_id"]): {"item": item, "answers": [], "errors": [], "finish": [],
+                                                          "tokens": []}
+             for m in models for item in items}
+    by_name = {m.name: m for m in models}
+    for turn in range(1, max((len(i["turns"]) for i in items), default=0) + 1):
+        requests = []
+        for (name, _, _), s in state.items():
+            item = s["item"]
+            if turn <= len(item["turns"]):
+                if len(s["answers"]) == turn - 1 and all(a is not None for a in s["answers"]):
+                    requests.append(_turn_request(item, by_name[name], s["answers"], turn, top_p=1.0))
+                else:
+                    s["answers"].append(None)
+                    s["errors"].append(f"not asked: turn {turn - 1} has no answer")
+                    s["finish"].append("error")
+                    s["tokens"].append(0)
+        if not requests:
+            continue
+        timer = Timer()
+        rows = generate(ray.data.from_items(requests), engine, recipe.hardware).take_all()
+        returned = {row["key"] for row in rows}
+        rows += [{"key": r["key"], "generated_text": None, "generation_error": "the engine returned no row",
+                  "finish_reason": "error", "num_generated_tokens": 0}
+                 for r in requests if r["key"] not in returned]
+        for row in rows:
+            s = state[tuple(json.loads(row["key"]))]
+            failed = row["generation_error"] or (None if (row["generated_text"] or "").strip() else "empty answer")
+            s["answers"].append(None if failed else row["generated_text"])
+            s["errors"].append(failed)
+            s["finish"].append(row["finish_reason"])
+            s["tokens"].append(int(row["num_generated_tokens"] or 0))
+        log_rate(f"evaluate[answers {'+'.join(by_name)} turn {turn}]", len(rows), timer.seconds,
+                 sum(int(r["num_generated_tokens"] or 0) for r in rows))
+    for model in models:
+        out = [{"model": model.name, "model_path": path, "set": s["item"]["set"],
+                "question_id": s["item"]["question_id"], "category": s["item"]["category"],
+                "turns": s["item"]["turns"], "answers": s["answers"], "errors": s["errors"],
+                "finish_reasons": s["finish"], "generated_tokens": s["tokens"],
+                "temperature": s["item"]["temperature"]}
+               for (name, _, _), s in state.items() if name == model.name]
+        write_rows_atomic(out, answers_dir(run_dir, model.name), schema=ANSWER_SCHEMA)
+
+
+
+def answer_all(models: list[EvalModel], items: list[dict[str, Any]], recipe: Recipe,
+               run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each model's answers, generated where ``answers/<model>/`` is not complete yet; models with the same engine
+    settings and weights share the engine's passes."""
+    groups: dict[str, list[EvalModel]] = defaultdict(list)
+    paths = {m.name: model_path(m, run_dir) for m in models}
+    for model in models:
+        settings = model.model_dump(exclude={"name"}) | {"model": paths[model.name]}
+        groups[json.dumps(settings, sort_keys=True)].append(model)
+    for settings, group in groups.items():
+        todo = [m for m in group if not is_complete(answers_dir(run_dir, m.name))]
+        if todo:
+            engine = Engine.model_validate(json.loads(settings))
+            answer_with_engine(todo, engine, items, recipe, run_dir, engine.model)
+    return {m.name: read_rows(answers_dir(run_dir, m.name)) for m in models}

@@ -1,0 +1,188 @@
+"""What an evaluation's numbers become: exact-match accuracy per model (and the evaluated model's paired gain), the
+feedback judge's agreement with the truth, the headline metrics for the manifest, the summary text and the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..config import EvaluateConfig, Recipe
+from ..data import read_rows, write_rows_atomic
+from .sets import EvaluationSets
+
+EXACT_MATCH_SCHEMA = pa.schema([
+    ("model", pa.string()), ("question_id", pa.string()), ("question", pa.string()), ("reference", pa.string()),
+    ("reply", pa.string()), ("error", pa.string()), ("extracted", pa.string()), ("correct", pa.bool_()),
+])
+
+
+
+def exact_match_results(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[str, list[dict[str, Any]]],
+                        stage_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Each model's exact-match accuracy (``{"accuracy", "interval", "n", "unparsed"}``), and the evaluated
+    model's paired difference over every other scored model; the scored replies go to ``exact_match/``."""
+    from .exact_match import accuracy, paired_difference, score
+
+    em = cfg.exact_match
+    references = {q["question_id"]: q["answer"] for q in sets.checkable}
+    scored = {}
+    for model, rows in answers.items():
+        replies = [{"model": model, "question_id": r["question_id"], "question": r["turns"][0],
+                    "reference": references[r["question_id"]], "reply": r["answers"][0],
+                    "error": r["errors"][0]}
+                   for r in rows if r["set"] == "exact_match" and r["question_id"] in references]
+        if replies:
+            scored[model] = score(replies, em.answer_pattern)
+    write_rows_atomic([row for rows in scored.values() for row in rows], stage_dir / "exact_match",
+                      schema=EXACT_MATCH_SCHEMA)
+    per_model = {model: accuracy(rows, em.bootstrap_samples, em.confidence) for model, rows in scored.items()}
+    paired = [{"model": cfg.model.name, "over": other,
+               **paired_difference(scored[cfg.model.name], scored[other], em.bootstrap_samples, em.confidence)}
+              for other in scored if other != cfg.model.name and cfg.model.name in scored]
+    return per_model, paired
+
+
+
+def judge_agreement(recipe: Recipe, stage_dir: Path) -> dict[str, Any] | None:
+    """Does the judge whose scores made the preference pairs know the right answer? The recipe's feedback judge
+    scores every exact-match reply (as it scored completions, by ``binarize.score``), and the Spearman rank
+    correlation of its scores with correctness says how much of the truth its preferences carried. None when the
+    recipe has no judge (a preference dataset instead)."""
+    if recipe.judge is None:
+        return None
+    import ray
+
+    from ..feedback.binarize import score_of
+    from ..feedback.judge import judge_name, score, to_judgment
+    from ..statistics import rank_correlation
+
+    cfg = recipe.judge
+    replies = [r for r in read_rows(stage_dir / "exact_match") if r["reply"]]
+    correct = {(r["model"], r["question_id"]): r["correct"] for r in replies}
+    rows = [{"prompt_id": r["question_id"], "model": r["model"], "messages": [{"role": "user", "content": r["question"]}],
+             "completion": r["reply"]} for r in replies]
+    judged = score(ray.data.from_items(rows), cfg, recipe).map(
+        to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge_name(cfg)}).take_all() if rows else []
+    way = recipe.binarize.score if recipe.binarize and cfg.kind in ("rubric", "openai") else "overall"
+    pairs = [(value, float(correct[(j["model"], j["prompt_id"])])) for j in judged
+             if (value := score_of(j, way)) is not None]
+    return {"judge": judge_name(cfg), "score": way, "n": len(pairs), "judge_failures": len(judged) - len(pairs),
+            "rank_correlation": rank_correlation([v for v, _ in pairs], [c for _, c in pairs]) if pairs else None}
+
+
+
+def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The numbers the run manifest keeps: each model's MT-Bench score and the win rates."""
+    metrics = {f"mt_bench/{model}": r["score"] for model, r in (results.get("mt_bench") or {}).items()
+               if r["score"] is not None}
+    pairwise = results.get("pairwise") or {}
+    for key in ("win_rate", "length_controlled_win_rate"):
+        if pairwise.get(key) is not None:
+            metrics[key] = pairwise[key]
+    if pairwise.get("interval"):
+        metrics["win_rate_low"], metrics["win_rate_high"] = pairwise["interval"]
+    for model, r in (results.get("exact_match") or {}).items():
+        if r["accuracy"] is not None:
+            metrics[f"exact_match/{model}"] = r["accuracy"]
+    return metrics
+
+
+
+def evaluation_summary(results: dict[str, Any]) -> str:
+    """MT-Bench scores per model and category, and the win rate with its interval, as plain text."""
+    lines = []
+    for model, r in (results.get("mt_bench") or {}).items():
+        score = "-" if r["score"] is None else f"{r['score']:.2f}"
+        lines.append(f"MT-Bench {model}: {score} over {r['rated']} of {r['graded']} turns rated "
+                     f"({r['unanswered']} unanswered, {r['judge_failures']} judge failures)")
+        lines.append("  " + ", ".join(f"{c} {v:.1f}" if v is not None else f"{c} -"
+                                      for c, v in r["categories"].items()))
+    pairwise = results.get("pairwise")
+    if pairwise and pairwise.get("win_rate") is not None:
+        low, high = pairwise["interval"]
+        lines.append(f"win rate {pairwise['model']} vs {pairwise['opponent']}: {pairwise['win_rate']:.1%} "
+                     f"[{low:.1%}, {high:.1%}] ({pairwise['wins']} wins, {pairwise['ties']} ties, "
+                     f"{pairwise['losses']} losses); length-controlled {pairwise['length_controlled_win_rate']:.1%}"
+                     + (" [{:.1%}, {:.1%}]; ".format(*pairwise["length_controlled_interval"])
+                        if pairwise.get("length_controlled_interval") else "; ")
+                     + f"judge position consistency {pairwise['position_consistency'] or 0:.0%}")
+    elif pairwise:
+        lines.append(f"win rate: no instruction compared ({pairwise['judge_failures']} judge failures)")
+    for model, r in (results.get("exact_match") or {}).items():
+        shown = "-" if r["accuracy"] is None else \
+            f"{r['accuracy']:.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}]"
+        lines.append(f"exact match {model}: {shown} of {r['n']} questions ({r['unparsed']} with no answer found)")
+    for d in results.get("exact_match_paired") or []:
+        if d["difference"] is not None:
+            lines.append(f"  {d['model']} - {d['over']}: {d['difference']:+.1%} "
+                         f"[{d['interval'][0]:+.1%}, {d['interval'][1]:+.1%}] (paired, {d['n']} questions)")
+    agreement = results.get("judge_agreement")
+    if agreement and agreement["rank_correlation"] is not None:
+        lines.append(f"feedback judge vs the truth: rank correlation {agreement['rank_correlation']:.2f} over "
+                     f"{agreement['n']} exact-match replies ({agreement['judge_failures']} not scored)")
+    return "\n".join(lines)
+
+
+
+def plot_results(results: dict[str, Any], path: Path) -> None:
+    """MT-Bench score per category per model, the win rate with its interval (overall and per length bin), and
+    exact-match accuracy per model with its interval, side by side in one PNG."""
+    from ..plots import pyplot, save_png
+
+    plt = pyplot()
+    grading, pairwise = results.get("mt_bench") or {}, results.get("pairwise")
+    exact = {m: r for m, r in (results.get("exact_match") or {}).items() if r["accuracy"] is not None}
+    panels = int(bool(grading)) + int(bool(pairwise and pairwise.get("win_rate") is not None)) + int(bool(exact))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
+    ax_index = 0
+    if grading:
+        ax = axes[0, ax_index]
+        ax_index += 1
+        categories = sorted({c for r in grading.values() for c in r["categories"]})
+        width = 0.8 / max(len(grading), 1)
+        for i, (model, r) in enumerate(grading.items()):
+            values = [r["categories"].get(c) or 0 for c in categories]
+            ax.bar([x + i * width for x in range(len(categories))], values, width=width,
+                   label=f"{model}: {r['score']:.2f}" if r["score"] is not None else f"{model}: -")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(categories))], categories, rotation=30)
+        ax.set_ylim(0, 10.5)
+        ax.set_ylabel("judge rating (1-10)")
+        ax.set_title("MT-Bench-style grading per category (legend: overall)")
+        ax.legend(fontsize=8)
+    if pairwise and pairwise.get("win_rate") is not None:
+        ax = axes[0, ax_index]
+        ax_index += 1
+        labels = ["overall", "length-controlled"] + [b["bin"] for b in pairwise["length_bins"]]
+        values = [pairwise["win_rate"], pairwise["length_controlled_win_rate"]] + [
+            b["win_rate"] if b["win_rate"] is not None else 0 for b in pairwise["length_bins"]]
+        bars = ax.bar(labels, values, color=["#2e5bff", "#7a5af8"] + ["#98a2b3"] * len(pairwise["length_bins"]))
+        low, high = pairwise["interval"]
+        ax.errorbar([0], [pairwise["win_rate"]], yerr=[[pairwise["win_rate"] - low], [high - pairwise["win_rate"]]],
+                    color="black", capsize=6)
+        for bar, b in zip(bars[2:], pairwise["length_bins"], strict=True):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"n={b['instructions']}", ha="center",
+                    va="bottom", fontsize=8)
+        ax.axhline(0.5, color="#c0392b", linestyle="--", linewidth=1)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("win rate (ties count half)")
+        ax.set_title(f"{pairwise['model']} vs {pairwise['opponent']}: win rate, "
+                     f"{pairwise['confidence']:.0%} interval")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    if exact:
+        ax = axes[0, ax_index]
+        names = list(exact)
+        values = [exact[m]["accuracy"] for m in names]
+        ax.bar(names, values, color="#12b76a")
+        ax.errorbar(range(len(names)), values, fmt="none", color="black", capsize=6,
+                    yerr=[[v - exact[m]["interval"][0] for m, v in zip(names, values, strict=True)],
+                          [exact[m]["interval"][1] - v for m, v in zip(names, values, strict=True)]])
+        for x, m in enumerate(names):
+            ax.text(x, 0.02, f"n={exact[m]['n']}, {exact[m]['unparsed']} unparsed", ha="center", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_title("Exact match per model, bootstrap interval")
+    save_png(fig, path)
