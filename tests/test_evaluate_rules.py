@@ -3,6 +3,7 @@ decontamination's n-gram screen, and the config checks."""
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from zephyr_ray.statistics import bootstrap_interval
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "jobs" / "data" / "tiny_mt_bench.jsonl"
+FASTCHAT = REPO / "tests" / "data" / "fastchat"  # FastChat's own MT-Bench files, unchanged (see its NOTICE.md)
 
 
 def test_the_shipped_question_set_is_mt_bench_format_with_references_where_mt_bench_has_them():
@@ -342,3 +344,55 @@ def test_fastchats_judge_prompts_are_used_where_fastchat_uses_them(tmp_path):
     assert "b.jsonl:2: prompt 'single-v1' uses ['answer', 'question', 'score']" in bad
     assert "c.jsonl:1: prompt 'pair-v2' answers in '[[rating]]'" in refused(fastchat_prompt_file(
         tmp_path / "c.jsonl", **{"pair-v2": {"output_format": "[[rating]]"}}))
+
+
+def test_fastchats_own_mt_bench_files_are_read_whole_and_each_turn_gets_fastchats_prompt(ray_local, tmp_path):
+    """FastChat's question.jsonl (80 questions; 8 hold an empty string in `reference`), its GPT-4 reference answers
+    and its judge_prompts.jsonl, unchanged: every question is accepted and all 160 turns are graded. Each turn gets the
+    prompt FastChat's gen_judgment.py gives it: single-math-v1 (its multi-turn one on turn 2) with the references for
+    the 30 math, reasoning and coding questions, single-v1 for the 50 others, pair-v2 for the pairwise comparison.
+    With the question file alone, a turn whose reference is empty is graded without one."""
+    from zephyr_ray.config import EvaluateConfig
+    from zephyr_ray.evaluate.grading import grading_requests, pairwise_requests
+    from zephyr_ray.evaluate.sets import evaluation_sets
+
+    def graded(run_dir: Path, **mt_bench) -> tuple[dict, list[dict], dict[str, dict]]:
+        cfg = EvaluateConfig(model={"name": "dpo"}, pairwise={"baseline": {"name": "sft"}},
+                             mt_bench={"questions": {"path": str(FASTCHAT / "question.jsonl")}, **mt_bench},
+                             judge={"engine": {"model": "j"},
+                                    "prompts": {"path": str(FASTCHAT / "judge_prompts.jsonl")}})
+        sets = evaluation_sets(cfg, run_dir)
+        answers = {name: [{"set": "mt_bench", "question_id": q["question_id"], "category": q["category"],
+                           "turns": q["turns"], "answers": [f"{name} {q['question_id']} answer {t}" for t in (1, 2)],
+                           "errors": [None, None]} for q in sets.questions] for name in ("dpo", "sft")}
+        requests, settled = grading_requests(cfg, sets, {"dpo": answers["dpo"]}, "j")
+        assert not settled
+        pairs, unpaired = pairwise_requests(cfg, sets, answers, "j")
+        assert not unpaired and len(pairs) == 160 and {r["prompt_name"] for r in pairs} == {"pair-v2"}
+        return sets.counts, requests, {q["question_id"]: q for q in sets.questions}
+
+    lines = (FASTCHAT / "question.jsonl").read_text().splitlines()
+    with_empty = [q for q in map(json.loads, lines) if "" in (q.get("reference") or [])]
+    assert len(lines) == 80 and len(with_empty) == 8  # the file as FastChat ships it
+
+    counts, requests, questions = graded(tmp_path / "with-answers",
+                                         reference_answers={"path": str(FASTCHAT / "reference_answer_gpt-4.jsonl")})
+    assert (counts["questions"]["accepted"], counts["questions"]["rejected"]) == (80, 0)
+    assert (counts["reference_answers"]["accepted"], counts["reference_answers"]["rejected"]) == (30, 0)
+    assert Counter(r["prompt_name"] for r in requests) == {"single-v1": 50, "single-v1-multi-turn": 50,
+                                                           "single-math-v1": 30, "single-math-v1-multi-turn": 30}
+    references = {r["question_id"]: r["choices"][0]["turns"] for r in map(
+        json.loads, (FASTCHAT / "reference_answer_gpt-4.jsonl").read_text().splitlines())}
+    for request in requests:
+        _, _, question_id, turn = json.loads(request["key"])
+        if request["prompt_name"].startswith("single-math"):
+            assert all(ref in request["prompt"] for ref in references[int(question_id)][:turn]), question_id
+            assert questions[question_id]["category"] in ("math", "reasoning", "coding")
+
+    counts, requests, questions = graded(tmp_path / "questions-only")
+    assert (counts["questions"]["accepted"], counts["questions"]["rejected"]) == (80, 0)
+    math = {tuple(json.loads(r["key"])[2:]) for r in requests if r["prompt_name"].startswith("single-math")}
+    expected = {(q["question_id"], turn) for q in map(json.loads, lines) for turn in (1, 2)
+                if q["category"] in ("math", "reasoning", "coding") and q.get("reference")
+                and all(q["reference"][:turn])}
+    assert math == {(str(question_id), turn) for question_id, turn in expected} and len(requests) == 160

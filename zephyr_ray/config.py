@@ -388,8 +388,8 @@ class MTBenchConfig(_Section):
     questions: DatasetSource = Field(description="FastChat question.jsonl rows (question_id, category, turns, "
                                      "reference) or HuggingFaceH4/mt_bench_prompts")
     reference_answers: DatasetSource | None = Field(
-        default=None, description="FastChat reference answers ({question_id, choices: [{turns}]}) for questions "
-        "without an inline `reference`")
+        default=None, description="FastChat reference answers ({question_id, choices: [{turns}]}): a turn's "
+        "reference where they give one (as FastChat grades), the question's inline `reference` elsewhere")
     temperatures: dict[str, float] = Field(default_factory=lambda: dict(MT_BENCH_TEMPERATURES))
     default_temperature: float = Field(default=0.7, ge=0.0, le=5.0)
     max_tokens: int = Field(default=1024, gt=0, description="per answer (MT-Bench: 1024)")

@@ -107,7 +107,7 @@ def grading_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[st
                     continue
                 request = {"key": json.dumps(["grade", model, row["question_id"], turn]), "kind": "grade"}
                 if cfg.judge.prompts is not None:  # FastChat's prompts, where FastChat uses each
-                    _, request["system"], prompt = grading_prompt(
+                    request["prompt_name"], request["system"], prompt = grading_prompt(
                         cfg.judge.prompts.prompts, question, row["answers"], turn,
                         turn_references(question, turn) if use_reference else None)
                 else:
@@ -151,7 +151,8 @@ def pairwise_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[s
             a, b = (mine, other) if order == "model_first" else (other, mine)
             request = {"key": json.dumps(["pair", key, order]), "kind": "pair"}
             if cfg.judge.prompts is not None:
-                _, request["system"], prompt = pairwise_prompt(cfg.judge.prompts.prompts, row["instruction"], a, b)
+                request["prompt_name"], request["system"], prompt = pairwise_prompt(
+                    cfg.judge.prompts.prompts, row["instruction"], a, b)
             else:
                 prompt = PAIRWISE_PROMPT.format(question=row["instruction"], answer_a=a, answer_b=b)
             requests.append({**request, "prompt": prompt, "judgment": {**base, "judge_prompt": prompt}})

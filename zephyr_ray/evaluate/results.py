@@ -61,7 +61,8 @@ def judge_agreement(recipe: Recipe, stage_dir: Path) -> dict[str, Any] | None:
     cfg = recipe.judge
     replies = [r for r in read_rows(stage_dir / "exact_match") if r["reply"]]
     correct = {(r["model"], r["question_id"]): r["correct"] for r in replies}
-    rows = [{"prompt_id": r["question_id"], "model": r["model"], "messages": [{"role": "user", "content": r["question"]}],
+    rows = [{"prompt_id": r["question_id"], "model": r["model"],
+             "messages": [{"role": "user", "content": r["question"]}],
              "completion": r["reply"]} for r in replies]
     judged = score(ray.data.from_items(rows), cfg, recipe).map(
         to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge_name(cfg)}).take_all() if rows else []

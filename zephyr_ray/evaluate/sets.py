@@ -21,7 +21,7 @@ from ..decontaminate import Screen
 
 @dataclass
 class EvaluationSets:
-    questions: list[dict[str, Any]]  # QuestionRow, ``reference`` filled in from the reference answers
+    questions: list[dict[str, Any]]  # QuestionRow, ``reference`` from the reference answers where they have one
     instructions: list[dict[str, Any]]  # InstructionRow; from the questions' first turns when pairwise has no prompts
     counts: dict[str, Any]
     checkable: list[dict[str, Any]] = field(default_factory=list)  # ReferenceQuestionRow (exact match)
@@ -47,9 +47,11 @@ def evaluation_sets(cfg: EvaluateConfig, run_dir: Path) -> EvaluationSets:
                 cfg.mt_bench.reference_answers, ReferenceAnswerRow, stage_dir / "reference_answers",
                 stage_dir / "reference_rejects")
             references = {r["question_id"]: r["turns"] for r in read_rows(stage_dir / "reference_answers")}
-            for question in questions:  # a turn the question file gives no reference for takes the answers' one
+            # the answers file gives a turn's reference where it has one (FastChat's gen_judgment reads only that
+            # file); the question's own `reference` fills the turns it lacks
+            for question in questions:
                 given, answered = question["reference"] or [], references.get(question["question_id"]) or []
-                merged = [(given[i] if i < len(given) else None) or (answered[i] if i < len(answered) else None)
+                merged = [(answered[i] if i < len(answered) else None) or (given[i] if i < len(given) else None)
                           for i in range(max(len(given), len(answered)))]
                 question["reference"] = merged if any(merged) else None
     instructions: list[dict[str, Any]] = []
