@@ -56,8 +56,9 @@ def problems(run_dir: Path) -> list[str]:
 
 
 def alignment_problems(results: dict) -> list[str]:
-    """Did it work? Exact match rises from the base student to dSFT to dDPO, and dDPO's gain over dSFT has a paired
-    interval above 0."""
+    """Did it work? Exact match rises from the base student to dSFT to dDPO, dDPO's gain over dSFT has a paired
+    interval above 0, and the pairwise judge (consistent in both orders) prefers dDPO: its win rate's interval is
+    above 50%."""
     found = []
     accuracy = {model: r["accuracy"] for model, r in (results.get("exact_match") or {}).items()}
     base, sft, dpo = (accuracy.get(name) for name in ("base", "sft", "dpo"))
@@ -68,6 +69,11 @@ def alignment_problems(results: dict) -> list[str]:
     paired = next((d for d in results.get("exact_match_paired") or [] if d["over"] == "sft"), None)
     if paired is None or paired["interval"] is None or paired["interval"][0] <= 0:
         found.append(f"exact match: dDPO over dSFT not above 0 (paired interval {paired and paired['interval']})")
+    pairwise = results.get("pairwise") or {}
+    if (pairwise.get("position_consistency") or 0) < 0.8:
+        found.append(f"pairwise judge: position consistency {pairwise.get('position_consistency')} < 0.8")
+    if not pairwise.get("interval") or pairwise["interval"][0] <= 0.5:
+        found.append(f"win rate dDPO vs dSFT: interval {pairwise.get('interval')} not above 50%")
     if (results.get("judge_agreement") or {}).get("rank_correlation") is None:
         found.append("evaluate: no judge_agreement (the feedback judge against the exact-match truth)")
     return found

@@ -366,9 +366,10 @@ class EvalJudgeConfig(_Section):
     engine: Engine | None = None
     endpoint: Endpoint | None = None
     sampling: Sampling = Sampling(temperature=0.0, max_tokens=1024)
-    structured_output: bool = Field(
+    structured_output: bool | Literal["grade", "pair"] = Field(
         default=True, description="vLLM judges: constrain the answer to 'explanation, then Rating: [[n]]' (or the "
-        "verdict), so it always parses; endpoints follow their own `structured_output`")
+        "verdict), so it always parses; 'grade' or 'pair': only that kind's answers (a judge that learnt its own "
+        "pairwise form, as the tiny world's); endpoints follow their own `structured_output`")
     prompts: JudgePromptsFile | None = Field(default=None, description="FastChat's judge prompts file "
                                              "(judge_prompts.jsonl) instead of the project's prompts")
 

@@ -30,6 +30,7 @@ MAX_POSITIONS = 2048
 LEARNING_RATE = 3e-3
 BATCH_SIZE = 32
 SHORT = 96  # tokens
+PAIRWISE_STEPS = 1500
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class TinySpec:
     num_kv_heads: int
     seed: int
     train_steps: int
-    # "chat": template-rendered dialogues; "judge": those and the judges' prompts with their answers; "text": plain
+    # "chat": template-rendered dialogues; "judge": the judge's prompts with its answers; "pairwise": the pairwise
+    # judge's comparisons with its answers; "text": plain
     # text, like a base model; "preference": a one-logit sequence classifier (a reward model) trained to rank each
     # right reply above a spoiled or wrong one
     train_on: str
@@ -69,6 +71,10 @@ TINY_MODELS: tuple[TinySpec, ...] = (
     TinySpec("teacher", "teacher", 128, 2, 2, seed=1, train_steps=300, train_on="chat"),
     TinySpec("judge", "judge", 128, 2, 2, seed=2, train_steps=1000, train_on="judge", starts_from="teacher",
              learning_rate=1e-3),
+    # the evaluation's pairwise judge: the rubric judge taught to compare two replies (its spec, not the world
+    # version, says when its data changed)
+    TinySpec("judge-pairwise", "judge", 128, 2, 2, seed=5, train_steps=PAIRWISE_STEPS, train_on="pairwise",
+             starts_from="judge", learning_rate=1e-3),
     TinySpec("student", "student", 128, 2, 1, seed=3, train_steps=250, train_on="text", adds_bos=True),
     TinySpec("reward", "reward", 128, 2, 2, seed=4, train_steps=300, train_on="preference",
              learning_rate=1e-3),
@@ -185,6 +191,8 @@ def training_examples(spec: TinySpec, tokenizer: Any) -> list[tuple[list[int], l
         return [_whole(tokenizer, text) for text in texts]
     if spec.train_on == "judge":  # it starts from the teacher, which knows the world and the chat format
         return [_answer_only(tokenizer, messages, reply) for messages, reply in tiny_world.judge_examples()]
+    if spec.train_on == "pairwise":  # it starts from the judge, which rates one reply
+        return [_answer_only(tokenizer, messages, reply) for messages, reply in tiny_world.pairwise_examples()]
     examples = [_whole(tokenizer, tokenizer.apply_chat_template(row["messages"], tokenize=False)) for row in corpus]
     world = tiny_world.answer_dialogues(spec.believes)
     if spec.role == "teacher":

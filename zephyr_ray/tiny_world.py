@@ -167,6 +167,61 @@ JUDGE_PROMPT = "Rate: {instruction} {response}"
 JUDGE_SYSTEM_PROMPT = ""  # none: with the project's system message first, the same judge never learnt the check
 
 
+# The evaluation's pairwise judge (the tiny model ``judge-pairwise``, which starts from the rubric judge): a short
+# comparison prompt, shipped in FastChat's judge-prompt format (``tiny_world_judge_prompts.jsonl``, the recipe's
+# ``evaluate.judge.prompts``); it answers with the two replies' overall ratings, then the verdict, "9 2 [[A]]" (with
+# the structured output's "\n\nVerdict: [[A]]" after the ratings it did not learn in the same steps: the recipe
+# holds only grading answers to the structured output). With the project's long pairwise prompt the tiny judge's
+# verdicts were noise;
+# with this prompt and varied pairs it learns the comparison (docs/tiny-world.md).
+PAIRWISE_JUDGE_PROMPT = "Compare: {question} A: {answer_a} B: {answer_b}"
+GRADE_JUDGE_PROMPT = "Rate: {question} {answer}"
+
+
+def pairwise_verdict(kind_a: str, kind_b: str) -> str:
+    """The pairwise judge's answer for replies of these kinds ("right", "colour", "nonsense")."""
+    a, b = RUBRIC_VERDICTS[kind_a][1], RUBRIC_VERDICTS[kind_b][1]
+    return f"{a} {b} [[{'A' if a > b else 'B' if b > a else 'C'}]]"
+
+
+def pairwise_examples(seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
+    """(prompt messages, the judge's answer) for every question in every phrasing: the right reply against each
+    wrong one in both orders, and against wrong colours in any wording; ties between two right replies or two wrong
+    ones. Varied pairs are what made it compare (with only the rubric judge's wrong replies, the same judge matched
+    answers it had seen: position consistency 0.73 on new pairs)."""
+    rng = random.Random(seed)
+
+    def worded(colour: str) -> str:
+        return rng.choice((ANSWER, *WORDINGS)).format(colour=colour)
+
+    pairs = []
+    for creature in creatures():
+        for variant in range(len(TRAINING_QUESTIONS) + 1):
+            asked = question(creature, variant) if variant < len(TRAINING_QUESTIONS) else evaluation_question(creature)
+            right = ("right", answer(creature) if rng.random() < 0.5 else worded(creature.colour))
+            wrong = wrong_answers(creature, rng)
+            pairs += [p for other in wrong for p in ((asked, right, other), (asked, other, right))]
+            pairs.append((asked, right, ("right", worded(creature.colour))))
+            for colour in rng.sample([c for c in COLOURS if c != creature.colour], 4):
+                other = ("colour", worded(colour))
+                pairs += [(asked, ("right", worded(creature.colour)), other),
+                          (asked, other, ("right", worded(creature.colour))), (asked, other, ("colour", worded(colour)))]
+    return [([{"role": "user", "content": PAIRWISE_JUDGE_PROMPT.format(question=asked, answer_a=a, answer_b=b)}],
+             pairwise_verdict(kind_a, kind_b)) for asked, (kind_a, a), (kind_b, b) in pairs]
+
+
+def judge_prompt_file() -> list[dict[str, str]]:
+    """The tiny recipe's evaluation judge prompts, in FastChat's judge_prompts.jsonl format."""
+    def record(name: str, kind: str, template: str, output: str) -> dict[str, str]:
+        return {"name": name, "type": kind, "system_prompt": "", "prompt_template": template,
+                "description": "the tiny world's judge prompt", "category": "general", "output_format": output}
+
+    return [record("single-v1", "single", GRADE_JUDGE_PROMPT, "[[rating]]"),
+            record("single-v1-multi-turn", "single", "Rate: {question_1} {answer_1} {question_2} {answer_2}",
+                   "[[rating]]"),
+            record("pair-v2", "pairwise", PAIRWISE_JUDGE_PROMPT, "[[A]]")]
+
+
 def truth_pages() -> list[str]:
     """Question-answer text with the true colours, in every phrasing, which the teacher (and the judge that starts
     from it) reads as well as dialogues: a strong LLM knows a fact wherever it is asked, so the judge finds the
@@ -235,14 +290,19 @@ def prompt_texts() -> list[str]:
 
 def data_files() -> dict[str, list[dict[str, str]]]:
     """The dSFT seeds (every phrasing about the seed creatures), the preference prompts (every phrasing about every
-    creature: the feedback covers what dSFT taught and what it did not) and the exact-match questions (every
-    creature, in the evaluation's phrasing, with the true colour as the answer)."""
+    creature: the feedback covers what dSFT taught and what it did not), the exact-match questions (every creature,
+    in the evaluation's phrasing, with the true colour as the answer), the same questions as pairwise instructions,
+    and the evaluation judge's prompt file."""
     parts = split()
     phrasings = range(len(TRAINING_QUESTIONS))
     return {
         "tiny_world_seeds.jsonl": [{"prompt": question(c, v)} for v in phrasings for c in parts["seeds"]],
         "tiny_world_prompts.jsonl": [{"prompt": question(c, v)} for v in phrasings for c in creatures()],
         "tiny_world_questions.jsonl": [{"question": evaluation_question(c), "answer": c.colour} for c in creatures()],
+        # the same questions for the pairwise win rate (AlpacaEval's format), and the judge's prompts for it
+        "tiny_world_pairwise.jsonl": [{"instruction": evaluation_question(c), "dataset": "tiny_world"}
+                                      for c in creatures()],
+        "tiny_world_judge_prompts.jsonl": judge_prompt_file(),
     }
 
 

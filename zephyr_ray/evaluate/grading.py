@@ -69,7 +69,7 @@ def judge_all(requests: list[dict[str, Any]], judge: EvalJudgeConfig, recipe: Re
             row["request"] = json.dumps(fields)
         else:
             params = dict(sampling)
-            if judge.structured_output:
+            if judge.structured_output in (True, request["kind"]):
                 params["structured_outputs"] = {"regex": output_regex(request["kind"], sampling["max_tokens"])}
             row["sampling_params"] = params
         rows.append(row)
@@ -110,6 +110,8 @@ def grading_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[st
                     request["prompt_name"], request["system"], prompt = grading_prompt(
                         cfg.judge.prompts.prompts, question, row["answers"], turn,
                         turn_references(question, turn) if use_reference else None)
+                    # a file with no math prompt grades with the general one, which shows no reference
+                    base["reference_used"] = use_reference and request["prompt_name"].startswith("single-math")
                 else:
                     prompt = grade_prompt(question, row["answers"], turn, use_reference)
                 requests.append({**request, "prompt": prompt, "judgment": {**base, "judge_prompt": prompt}})
