@@ -29,10 +29,11 @@ def recipe_file(tmp: Path, tiny_models: dict, evaluate: dict | None = None, **se
     text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
     text = text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent))
     data = yaml.safe_load(text.replace("./jobs/data", str(REPO / "jobs" / "data")))
-    # these tests read the project's own prompts, every answer held to the structured output (the tiny world's
-    # prompts and free verdicts are the demo's)
+    # these tests read the project's own prompts on the tiny judge, every answer held to the structured output (the
+    # tiny world's pairwise judge, its prompts and free verdicts are the demo's)
     for key in ("prompts", "structured_output"):
         data["evaluate"]["judge"].pop(key)
+    data["evaluate"]["judge"]["engine"]["model"] = str(tiny_models["judge"])
     data["evaluate"].update(evaluate or {})
     data.update(sections)
     tmp.mkdir(parents=True, exist_ok=True)
