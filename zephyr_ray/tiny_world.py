@@ -164,6 +164,8 @@ RUBRIC_VERDICTS = {  # what the judge answers for a right reply, a wrong colour,
 # with this short prompt in ~1000 steps, and never with the project's ~250-token rubric prompt (measured; see
 # docs/tiny-world.md). The output is the rubric kind's JSON all the same.
 JUDGE_PROMPT = "Rate: {instruction} {response}"
+# the same prompt for the evaluation's single grading, in FastChat's placeholders
+GRADE_JUDGE_PROMPT = JUDGE_PROMPT.format(instruction="{question}", response="{answer}")
 JUDGE_SYSTEM_PROMPT = ""  # none: with the project's system message first, the same judge never learnt the check
 
 
@@ -175,7 +177,6 @@ JUDGE_SYSTEM_PROMPT = ""  # none: with the project's system message first, the s
 # verdicts were noise;
 # with this prompt and varied pairs it learns the comparison (docs/tiny-world.md).
 PAIRWISE_JUDGE_PROMPT = "Compare: {question} A: {answer_a} B: {answer_b}"
-GRADE_JUDGE_PROMPT = "Rate: {question} {answer}"
 
 
 def pairwise_verdict(kind_a: str, kind_b: str) -> str:
