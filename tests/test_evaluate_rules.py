@@ -298,7 +298,8 @@ def test_fastchats_judge_prompts_are_used_where_fastchat_uses_them(tmp_path):
     reference for a math question that has one), turn 2 single-v1-multi-turn (no math multi-turn prompt in this
     file: the general one), pairwise pair-v2, each with its own system prompt; the judge label names the file. A
     file missing a prompt the evaluation needs, a template with a placeholder FastChat does not fill, or an output
-    format the project does not read fails at load with the file, line and prompt."""
+    format the project does not read fails at load with the file, line and prompt (or, where the recipe is loaded away
+    from the file, when the evaluation starts)."""
     from zephyr_ray.config import EvaluateConfig
     from zephyr_ray.evaluate.grading import grading_requests, judge_label, pairwise_requests
     from zephyr_ray.evaluate.sets import EvaluationSets
@@ -344,6 +345,13 @@ def test_fastchats_judge_prompts_are_used_where_fastchat_uses_them(tmp_path):
     assert "b.jsonl:2: prompt 'single-v1' uses ['answer', 'question', 'score']" in bad
     assert "c.jsonl:1: prompt 'pair-v2' answers in '[[rating]]'" in refused(fastchat_prompt_file(
         tmp_path / "c.jsonl", **{"pair-v2": {"output_format": "[[rating]]"}}))
+
+    # A recipe loaded where the file is not (Serve loads the whole recipe from its own directory) loads; the
+    # evaluation, which needs the file, names it before any engine starts.
+    elsewhere = EvaluateConfig(model={"name": "dpo"}, mt_bench={"questions": {"path": "q.jsonl"}},
+                               judge={"engine": {"model": "j"}, "prompts": {"path": "not/here/judge_prompts.jsonl"}})
+    with pytest.raises(ValueError, match="not/here/judge_prompts.jsonl: no such judge prompts file"):
+        elsewhere.check_judge_prompts()
 
 
 def test_fastchats_own_mt_bench_files_are_read_whole_and_each_turn_gets_fastchats_prompt(ray_local, tmp_path):

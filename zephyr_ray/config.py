@@ -345,19 +345,22 @@ class EvalModel(Engine):
 
 class JudgePromptsFile(_Section):
     """FastChat's ``judge_prompts.jsonl``, read unchanged (``zephyr_ray/evaluate/fastchat_prompts.py``): its prompts replace the
-    project's for grading and pairwise, each where FastChat uses it."""
+    project's for grading and pairwise, each where FastChat uses it. Checked when the recipe loads where the file is
+    found from there; read again when the evaluation runs (Serve loads the recipe from another directory)."""
 
     path: str
-    prompts: dict[str, dict[str, str]] = Field(default_factory=dict, exclude=True,
-                                               description="read from `path` when the recipe loads")
 
     @model_validator(mode="after")
-    def _read(self) -> JudgePromptsFile:
+    def _check_when_found(self) -> JudgePromptsFile:
+        if Path(self.path).is_file():
+            self.prompts  # noqa: B018 - reads and checks the file now, for the error at load time
+        return self
+
+    @property
+    def prompts(self) -> dict[str, dict[str, str]]:
         from .evaluate.fastchat_prompts import read_judge_prompts
 
-        if not self.prompts:
-            self.__dict__["prompts"] = read_judge_prompts(self.path)
-        return self
+        return read_judge_prompts(self.path)
 
 
 class EvalJudgeConfig(_Section):
@@ -463,12 +466,17 @@ class EvaluateConfig(_Section):
                              "or give `prompts` with an `output` column")
         if self.pairwise and self.pairwise.baseline and self.pairwise.baseline.name == self.model.name:
             raise ValueError(f"pairwise.baseline.name: '{self.model.name}' is already the evaluated model's name")
-        if self.judge.prompts is not None:
-            from .evaluate.fastchat_prompts import check_needed
+        if self.judge.prompts is not None and Path(self.judge.prompts.path).is_file():
+            self.check_judge_prompts()
+        return self
 
+    def check_judge_prompts(self) -> None:
+        """The judge prompts file has every prompt this evaluation uses."""
+        from .evaluate.fastchat_prompts import check_needed
+
+        if self.judge.prompts is not None:
             check_needed(self.judge.prompts.prompts, self.judge.prompts.path,
                          [use for use in ("mt_bench", "pairwise") if getattr(self, use) is not None])
-        return self
 
 
 class ServedModel(_Section):

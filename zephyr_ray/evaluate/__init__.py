@@ -64,6 +64,7 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
         counts = json.loads((stage_dir / "result.json").read_text()).get("counts", {})
         return StageResult("evaluate", skipped=True, counts=counts, outputs=outputs)
     timer = Timer()
+    cfg.check_judge_prompts()  # before any engine pass: the recipe may have been loaded where the file is not
     sets = evaluation_sets(cfg, run_dir)
     models = [cfg.model] + ([cfg.pairwise.baseline] if cfg.pairwise and cfg.pairwise.baseline else [])
     answers = answer_all(models, answer_items(sets, cfg), recipe, run_dir)

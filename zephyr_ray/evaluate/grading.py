@@ -90,6 +90,7 @@ def grading_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[st
     """(judge requests, judgments already settled): one per (model, question, turn); a turn without an answer is
     settled at once as a counted failure."""
     questions = {q["question_id"]: q for q in sets.questions}
+    fastchat = cfg.judge.prompts.prompts if cfg.judge.prompts is not None else None
     requests, settled = [], []
     for model, rows in answers.items():
         for row in rows:
@@ -106,9 +107,9 @@ def grading_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[st
                     settled.append({**base, "judge_error": f"not judged: no answer ({row['errors'][turn - 1]})"})
                     continue
                 request = {"key": json.dumps(["grade", model, row["question_id"], turn]), "kind": "grade"}
-                if cfg.judge.prompts is not None:  # FastChat's prompts, where FastChat uses each
+                if fastchat is not None:  # FastChat's prompts, where FastChat uses each
                     request["prompt_name"], request["system"], prompt = grading_prompt(
-                        cfg.judge.prompts.prompts, question, row["answers"], turn,
+                        fastchat, question, row["answers"], turn,
                         turn_references(question, turn) if use_reference else None)
                     # a file with no math prompt grades with the general one, which shows no reference
                     base["reference_used"] = use_reference and request["prompt_name"].startswith("single-math")
@@ -124,6 +125,7 @@ def pairwise_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[s
     """(judge requests, settled judgments): each instruction twice, the model's answer first and then second."""
     model = cfg.model.name
     baseline = cfg.pairwise.baseline.name if cfg.pairwise.baseline else None
+    fastchat = cfg.judge.prompts.prompts if cfg.judge.prompts is not None else None
 
     def first_answers(name: str) -> dict[str, str | None]:
         found = {}
@@ -152,9 +154,9 @@ def pairwise_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[s
                 continue
             a, b = (mine, other) if order == "model_first" else (other, mine)
             request = {"key": json.dumps(["pair", key, order]), "kind": "pair"}
-            if cfg.judge.prompts is not None:
+            if fastchat is not None:
                 request["prompt_name"], request["system"], prompt = pairwise_prompt(
-                    cfg.judge.prompts.prompts, row["instruction"], a, b)
+                    fastchat, row["instruction"], a, b)
             else:
                 prompt = PAIRWISE_PROMPT.format(question=row["instruction"], answer_a=a, answer_b=b)
             requests.append({**request, "prompt": prompt, "judgment": {**base, "judge_prompt": prompt}})
