@@ -157,3 +157,34 @@ def test_lora_with_packing_and_assistant_only_loss_under_zero3(tiny_models, ray_
     metrics = json.loads((run_dir / "train_sft" / "metrics.json").read_text())
     assert len(losses) == metrics["step"] and losses[-1] < losses[0], losses
     assert metrics["loss"] == pytest.approx(losses[-1], rel=1e-3)
+
+
+def test_dpo_pairs_whose_prompt_is_too_long_go_to_the_rejects_and_only_they(tiny_models, tmp_path):
+    """train_dpo's split: a pair whose templated prompt is over max_prompt_length tokens is written to the rejects
+    with its length, the others to the training data; every pair is in exactly one of them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from zephyr_ray.train.dpo import split_by_prompt_length
+
+    def pair(prompt: str) -> dict:
+        user = {"role": "user", "content": prompt}
+        return {"prompt": prompt, "prompt_id": prompt_id_of(prompt),
+                "chosen": [user, {"role": "assistant", "content": "It is red."}],
+                "rejected": [user, {"role": "assistant", "content": "It is blue."}]}
+
+    prompts = ["What colour is the fema?", "Tell me " + "about the fema and the reba, " * 20 + "please.",
+               "Which colour does the reba have?", "And the moon?"]
+    preferences = tmp_path / "preferences"
+    preferences.mkdir()
+    pq.write_table(pa.Table.from_pylist([pair(p) for p in prompts]), preferences / "part-0.parquet")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
+    counts = split_by_prompt_length(preferences, tokenizer, 64, tmp_path / "kept", tmp_path / "rejects")
+    assert counts == {"pairs": 4, "kept": 3, "rejected": 1}
+    kept = pq.read_table(tmp_path / "kept").to_pylist()
+    rejects = pq.read_table(tmp_path / "rejects").to_pylist()
+    assert sorted(r["prompt"] for r in kept) == sorted(prompts[:1] + prompts[2:])
+    assert [r["prompt"] for r in rejects] == [prompts[1]]
+    assert rejects[0]["reason"].endswith("tokens, over max_prompt_length 64") and "reason" not in kept[0]
+    assert json.loads((tmp_path / "kept" / "_SUCCESS").read_text())["rows"] == 3

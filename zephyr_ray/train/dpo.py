@@ -52,7 +52,7 @@ def split_by_prompt_length(preferences: Path, tokenizer: Any, max_prompt_length:
     """Pairs whose prompt fits ``max_prompt_length`` tokens -> ``kept``; the others -> ``rejects`` with the reason."""
     import datasets
 
-    from ..data import write_parquet_atomic
+    from ..data import write_table_atomic
 
     pairs = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in preferences.glob("*.parquet")),
                                   split="train")
@@ -67,10 +67,9 @@ def split_by_prompt_length(preferences: Path, tokenizer: Any, max_prompt_length:
     measured = pairs.map(measure)
     fits = measured.filter(lambda r: r["reason"] is None).remove_columns("reason")
     long = measured.filter(lambda r: r["reason"] is not None).select_columns(["prompt_id", "prompt", "reason"])
-    import ray
-
-    write_parquet_atomic(ray.data.from_arrow(fits.data.table), kept)
-    write_parquet_atomic(ray.data.from_arrow(long.data.table), rejects)
+    # a filtered `datasets.Dataset` is its whole table plus the kept rows' indices: flattened, only those rows
+    write_table_atomic(fits.flatten_indices().data.table, kept)
+    write_table_atomic(long.flatten_indices().data.table, rejects)
     return {"pairs": len(pairs), "kept": len(fits), "rejected": len(long)}
 
 
