@@ -533,6 +533,8 @@ def test_serve_run_of_the_tiny_config_from_another_directory_answers(tiny_models
         while True:
             assert run.poll() is None, log_path.read_text()[-4000:]
             assert time.time() < deadline, "serve run did not come up in 600 s: " + log_path.read_text()[-4000:]
+            log_text = log_path.read_text()
+            assert "Deploying app 'zephyr' failed" not in log_text, log_text[-4000:]  # serve run keeps waiting
             try:
                 reply = client.chat.completions.create(model="zephyr-tiny", messages=QUESTION, max_tokens=8)
                 break

@@ -75,6 +75,8 @@ class _ProgressLines(logging.Handler):
             if total == "?" and _expected_rows is not None:
                 total = str(_expected_rows)
             seconds = time.monotonic() - self.started.get(self.dataset, time.monotonic())
+            if not done and seconds < 1:  # a dataset just started: the line would say nothing yet
+                return
             rate = done / seconds if seconds > 0 else 0.0
             line = (f"  ... {done}/{total} rows" if total != "?" else f"  ... {done} rows so far") + (
                 f", {rate:.1f} rows/s" if done else "")

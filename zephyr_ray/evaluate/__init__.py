@@ -67,9 +67,10 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
     cfg.check_judge_prompts()  # before any engine pass: the recipe may have been loaded where the file is not
     sets = evaluation_sets(cfg, run_dir)
     models = [cfg.model] + ([cfg.pairwise.baseline] if cfg.pairwise and cfg.pairwise.baseline else [])
-    answers = answer_all(models, answer_items(sets, cfg), recipe, run_dir)
-    if cfg.exact_match is not None and cfg.exact_match.models:  # scored on the exact-match questions only
-        answers.update(answer_all(cfg.exact_match.models, exact_match_items(sets, cfg), recipe, run_dir))
+    asked = [(model, answer_items(sets, cfg)) for model in models]
+    if cfg.exact_match is not None:  # its own models are scored on the exact-match questions only
+        asked += [(model, exact_match_items(sets, cfg)) for model in cfg.exact_match.models]
+    answers = answer_all(asked, recipe, run_dir)
     if not is_complete(judgments_dir):
         judge = judge_label(cfg.judge)
         requests, settled = grading_requests(cfg, sets, answers, judge) if cfg.mt_bench else ([], [])

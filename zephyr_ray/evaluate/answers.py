@@ -1,10 +1,10 @@
 """Every answering model's answers to the evaluation's items, turn by turn on ``ray.data.llm`` vLLM engines (models
-with the same engine settings share one pass per turn), written to ``answers/<model>/``."""
+with the same engine settings share an engine; engines that fit together run side by side), written to
+``answers/<model>/``."""
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -84,38 +84,47 @@ def _turn_request(item: dict[str, Any], model: EvalModel, answers: list[str | No
 
 
 
-def answer_with_engine(models: list[EvalModel], engine: Engine, items: list[dict[str, Any]], recipe: Recipe,
-                       run_dir: Path, path: str) -> None:
-    """Every item answered by each of ``models`` (which share ``engine``), one engine pass per turn; a turn is asked
-    only when the turns before it were answered. Writes ``answers/<model>/`` for each."""
+def answer_side_by_side(groups: list[tuple[list[EvalModel], Engine, list[dict[str, Any]]]], recipe: Recipe,
+                        run_dir: Path) -> None:
+    """Every item of each group answered by each of its models (which share the group's engine), one Ray Data
+    execution per turn for all the groups: their engines run side by side, as the pool models' do in ``complete``.
+    A turn is asked only when the turns before it were answered. Writes ``answers/<model>/`` for each model."""
     import ray.data
 
     from ..generate import generate
 
-    state = {(m.name, item["set"], item["question_id"]): {"item": item, "answers": [], "errors": [], "finish": [],
-                                                          "tokens": []}
-             for m in models for item in items}
-    by_name = {m.name: m for m in models}
-    for turn in range(1, max((len(i["turns"]) for i in items), default=0) + 1):
-        requests = []
+    state: dict[tuple[str, str, str], dict[str, Any]] = {}
+    by_name: dict[str, EvalModel] = {}
+    for models, _, items in groups:
+        for model in models:
+            by_name[model.name] = model
+            state.update({(model.name, item["set"], item["question_id"]): {
+                "item": item, "answers": [], "errors": [], "finish": [], "tokens": []} for item in items})
+    group_of = {model.name: index for index, (models, _, _) in enumerate(groups) for model in models}
+    turns = max((len(s["item"]["turns"]) for s in state.values()), default=0)
+    for turn in range(1, turns + 1):
+        requests: list[list[dict[str, Any]]] = [[] for _ in groups]
         for (name, _, _), s in state.items():
             item = s["item"]
             if turn <= len(item["turns"]):
                 if len(s["answers"]) == turn - 1 and all(a is not None for a in s["answers"]):
-                    requests.append(_turn_request(item, by_name[name], s["answers"], turn, top_p=1.0))
+                    requests[group_of[name]].append(_turn_request(item, by_name[name], s["answers"], turn, top_p=1.0))
                 else:
                     s["answers"].append(None)
                     s["errors"].append(f"not asked: turn {turn - 1} has no answer")
                     s["finish"].append("error")
                     s["tokens"].append(0)
-        if not requests:
+        asked = [(index, batch) for index, batch in enumerate(requests) if batch]
+        if not asked:
             continue
         timer = Timer()
-        rows = generate(ray.data.from_items(requests), engine, recipe.hardware).take_all()
+        passes = [generate(ray.data.from_items(batch), groups[index][1], recipe.hardware, sharing=len(asked))
+                  for index, batch in asked]
+        rows = passes[0].union(*passes[1:]).take_all() if len(passes) > 1 else passes[0].take_all()
         returned = {row["key"] for row in rows}
         rows += [{"key": r["key"], "generated_text": None, "generation_error": "the engine returned no row",
                   "finish_reason": "error", "num_generated_tokens": 0}
-                 for r in requests if r["key"] not in returned]
+                 for _, batch in asked for r in batch if r["key"] not in returned]
         for row in rows:
             s = state[tuple(json.loads(row["key"]))]
             failed = row["generation_error"] or (None if (row["generated_text"] or "").strip() else "empty answer")
@@ -123,31 +132,37 @@ def answer_with_engine(models: list[EvalModel], engine: Engine, items: list[dict
             s["errors"].append(failed)
             s["finish"].append(row["finish_reason"])
             s["tokens"].append(int(row["num_generated_tokens"] or 0))
-        log_rate(f"evaluate[answers {'+'.join(by_name)} turn {turn}]", len(rows), timer.seconds,
+        names = "+".join(m.name for index, _ in asked for m in groups[index][0])
+        log_rate(f"evaluate[answers {names} turn {turn}]", len(rows), timer.seconds,
                  sum(int(r["num_generated_tokens"] or 0) for r in rows))
-    for model in models:
-        out = [{"model": model.name, "model_path": path, "set": s["item"]["set"],
-                "question_id": s["item"]["question_id"], "category": s["item"]["category"],
-                "turns": s["item"]["turns"], "answers": s["answers"], "errors": s["errors"],
-                "finish_reasons": s["finish"], "generated_tokens": s["tokens"],
-                "temperature": s["item"]["temperature"]}
-               for (name, _, _), s in state.items() if name == model.name]
-        write_rows_atomic(out, answers_dir(run_dir, model.name), schema=ANSWER_SCHEMA)
+    for models, engine, _ in groups:
+        for model in models:
+            out = [{"model": model.name, "model_path": engine.model, "set": s["item"]["set"],
+                    "question_id": s["item"]["question_id"], "category": s["item"]["category"],
+                    "turns": s["item"]["turns"], "answers": s["answers"], "errors": s["errors"],
+                    "finish_reasons": s["finish"], "generated_tokens": s["tokens"],
+                    "temperature": s["item"]["temperature"]}
+                   for (name, _, _), s in state.items() if name == model.name]
+            write_rows_atomic(out, answers_dir(run_dir, model.name), schema=ANSWER_SCHEMA)
 
 
-
-def answer_all(models: list[EvalModel], items: list[dict[str, Any]], recipe: Recipe,
+def answer_all(asked: list[tuple[EvalModel, list[dict[str, Any]]]], recipe: Recipe,
                run_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Each model's answers, generated where ``answers/<model>/`` is not complete yet; models with the same engine
-    settings and weights share the engine's passes."""
-    groups: dict[str, list[EvalModel]] = defaultdict(list)
-    paths = {m.name: model_path(m, run_dir) for m in models}
-    for model in models:
-        settings = model.model_dump(exclude={"name"}) | {"model": paths[model.name]}
-        groups[json.dumps(settings, sort_keys=True)].append(model)
-    for settings, group in groups.items():
-        todo = [m for m in group if not is_complete(answers_dir(run_dir, m.name))]
-        if todo:
-            engine = Engine.model_validate(json.loads(settings))
-            answer_with_engine(todo, engine, items, recipe, run_dir, engine.model)
-    return {m.name: read_rows(answers_dir(run_dir, m.name)) for m in models}
+    """Each (model, its items)'s answers, generated where ``answers/<model>/`` is not complete yet. Models with the
+    same engine settings, weights and items share an engine; engines that fit on the cluster together answer side by
+    side (``engines.side_by_side``), each turn in one Ray Data execution."""
+    from ..engines import cluster_capacity, side_by_side
+
+    groups: dict[str, tuple[list[EvalModel], Engine, list[dict[str, Any]]]] = {}
+    for model, items in asked:
+        if is_complete(answers_dir(run_dir, model.name)):
+            continue
+        settings = model.model_dump(exclude={"name"}) | {"model": model_path(model, run_dir)}
+        key = json.dumps([settings, [(i["set"], i["question_id"]) for i in items]], sort_keys=True)
+        if key not in groups:
+            groups[key] = ([], Engine.model_validate(settings), items)
+        groups[key][0].append(model)
+    todo = list(groups.values())
+    for wave in side_by_side([engine for _, engine, _ in todo], recipe.hardware, cluster_capacity(recipe.hardware)):
+        answer_side_by_side([todo[i] for i in wave], recipe, run_dir)
+    return {model.name: read_rows(answers_dir(run_dir, model.name)) for model, _ in asked}
