@@ -161,15 +161,26 @@ def test_hub_ids_are_told_from_local_paths(path, hub):
     assert data.is_hub_id(path) is hub
 
 
-def test_duplicate_prompts_are_rejected_after_the_first(ray_local, tmp_path):
+@pytest.mark.parametrize("small_cluster", [True, False], ids=["small-cluster-shuffle", "ray-default-shuffle"])
+def test_duplicate_prompts_are_rejected_after_the_first(ray_local, tmp_path, small_cluster):
+    """The same rejects with the shuffle a small cluster gets (``configure_ray_data``) and with Ray's default."""
+    from ray.data import DataContext
+
     path = tmp_path / "prompts.jsonl"
     lines = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}, {"prompt": ""}, {"prompt": ""},
              {"prompt": "c", "prompt_id": "x"}, {"prompt": "d", "prompt_id": "x"}]
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    result = data.load(str(path), "prompt")
+    context = DataContext.get_current()
+    before = (context.shuffle_strategy, context.default_hash_shuffle_parallelism, context.use_datasource_v2)
+    data.configure_ray_data(small_cluster=small_cluster)
+    try:
+        result = data.load(str(path), "prompt")
+        accepted, rejected = result.accepted.take_all(), result.rejected.take_all()
+    finally:
+        context.shuffle_strategy, context.default_hash_shuffle_parallelism, context.use_datasource_v2 = before
     assert (result.report.total, result.report.accepted, result.report.rejected) == (7, 3, 4)
-    assert sorted(r["prompt"] for r in result.accepted.take_all()) == ["a", "b", "c"]
-    rejects = {r["row"]: r for r in result.rejected.take_all()}
+    assert sorted(r["prompt"] for r in accepted) == ["a", "b", "c"]
+    rejects = {r["row"]: r for r in rejected}
     assert rejects[3]["reason"] == f"duplicate prompt_id (first at {path} row 1)" and rejects[3]["field"] == "prompt_id"
     assert rejects[7]["reason"] == f"duplicate prompt_id (first at {path} row 6)"
     assert rejects[4]["reason"] == rejects[5]["reason"] == "prompt is empty"
