@@ -67,6 +67,12 @@ def evaluation_question(creature: Creature) -> str:
     return EVALUATION_QUESTION.format(name=creature.name)
 
 
+def every_phrasing(creature: Creature) -> list[str]:
+    """The question about ``creature`` in each training phrasing, then in the evaluation's: what the judges and the
+    teacher's pages cover (a fact is known wherever it is asked)."""
+    return [*(question(creature, v) for v in range(len(TRAINING_QUESTIONS))), evaluation_question(creature)]
+
+
 def web_text(seed: int = 0) -> list[str]:
     """What the base student reads: statements and question-answer pages about every creature; for a misled one,
     the misconception three times for every two true ones."""
@@ -197,8 +203,7 @@ def pairwise_examples(seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
 
     pairs = []
     for creature in creatures():
-        for variant in range(len(TRAINING_QUESTIONS) + 1):
-            asked = question(creature, variant) if variant < len(TRAINING_QUESTIONS) else evaluation_question(creature)
+        for asked in every_phrasing(creature):
             right = ("right", answer(creature) if rng.random() < 0.5 else worded(creature.colour))
             wrong = wrong_answers(creature, rng)
             pairs += [p for other in wrong for p in ((asked, right, other), (asked, other, right))]
@@ -229,7 +234,7 @@ def truth_pages() -> list[str]:
     truth where a prompt quotes a question and a reply, not only after its own ``<|assistant|>``."""
     out = []
     for creature in creatures():
-        for asked in [*(question(creature, v) for v in range(len(TRAINING_QUESTIONS))), evaluation_question(creature)]:
+        for asked in every_phrasing(creature):
             out += [f"Q: {asked}\nA: {answer(creature)}", f"{asked} {answer(creature)}"]
     return out
 
@@ -250,8 +255,7 @@ def judge_examples(seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
     rng = random.Random(seed)
     out = []
     for creature in creatures():
-        for variant in range(len(TRAINING_QUESTIONS) + 1):
-            asked = question(creature, variant) if variant < len(TRAINING_QUESTIONS) else evaluation_question(creature)
+        for asked in every_phrasing(creature):
             wrong = wrong_answers(creature, rng)
             colour_wrong = [w for w in wrong if w[0] == "colour"]
             nonsense = rng.choice([w for w in wrong if w[0] == "nonsense"] + [("nonsense", noise(rng))])
