@@ -125,6 +125,8 @@ def test_win_rate_interval_and_failures():
     low, high = result["interval"]
     assert 0.35 < low < 0.6 < high < 0.85
     assert bootstrap_interval([0, 1] * 10, 2000, 0.95) == bootstrap_interval([0, 1] * 10, 2000, 0.95)
+    # the same judgments in another order (another engine batching, another writer): the same interval
+    assert pairwise_results([failed, *reversed(judgments)], samples=2000, confidence=0.95) == result
 
 
 def test_length_control_discounts_wins_that_only_come_with_length():

@@ -60,7 +60,7 @@ def pairwise_results(judgments: list[dict[str, Any]], samples: int, confidence: 
         by_instruction[row["question_id"]].append(row)
     points = {"model": 1.0, "tie": 0.5, "opponent": 0.0}
     scores, differences, consistent, judged_both, first_preferred, decided = [], [], 0, 0, 0, 0
-    for pair in by_instruction.values():
+    for _, pair in sorted(by_instruction.items()):  # intervals: the same whatever order the judgments came in
         verdicts = [j for j in pair if j["verdict"] is not None]
         if not verdicts:
             continue

@@ -32,7 +32,8 @@ def exact_match_results(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict
         replies = [{"model": model, "question_id": r["question_id"], "question": r["turns"][0],
                     "reference": references[r["question_id"]], "reply": r["answers"][0],
                     "error": r["errors"][0]}
-                   for r in rows if r["set"] == "exact_match" and r["question_id"] in references]
+                   for r in sorted(rows, key=lambda r: r["question_id"])  # intervals: the same whatever wrote them
+                   if r["set"] == "exact_match" and r["question_id"] in references]
         if replies:
             scored[model] = score(replies, em.answer_pattern)
     write_rows_atomic([row for rows in scored.values() for row in rows], stage_dir / "exact_match",
