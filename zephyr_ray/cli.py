@@ -376,7 +376,7 @@ def demo(
     path = run_dir / "recipe.yaml"  # the recipe with this checkout's paths
     path.write_text(text.replace("./artifacts/tiny-models", str(models.resolve())).replace(
         "./jobs/data/", f"{jobs / 'data'}/"))
-    echo(f"\n== the tiny recipe, end to end, into {run_dir} (about 9 minutes on 2 cores; run again, it skips "
+    echo(f"\n== the tiny recipe, end to end, into {run_dir} (about 7 minutes on 2 cores; run again, it skips "
                "what is finished)")
     manifest = run_recipe(path, run_dir)
     echo("\n" + _stage_table(manifest))
