@@ -28,11 +28,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-from ..config import EvaluateConfig, Recipe
+from ..config import Recipe
 from ..data import is_complete, read_rows, write_rows_atomic, write_text_atomic
 from ..stage import StageResult, Timer, log_rate, stage_section
 from .answers import answer_all, answer_items, exact_match_items
@@ -47,7 +45,7 @@ from .grading import (
 )
 from .pairwise import pairwise_results
 from .results import evaluation_summary, exact_match_results, headline_metrics, judge_agreement, plot_results
-from .sets import EvaluationSets, evaluation_sets
+from .sets import evaluation_sets
 
 __all__ = ["evaluation_summary", "run_evaluate"]
 
@@ -73,21 +71,24 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
     if cfg.exact_match is not None:  # its own models are scored on the exact-match questions only
         asked += [(model, exact_match_items(sets, cfg)) for model in cfg.exact_match.models]
     answers = answer_all(asked, recipe, run_dir)
-    exact_match = exact_match_results(cfg, sets, answers, stage_dir) if cfg.exact_match is not None else None
-    with ThreadPoolExecutor(max_workers=1) as side:
-        # the feedback judge scores the exact-match replies beside the evaluation's judge where both engines fit
-        agreement = (side.submit(judge_agreement, recipe, stage_dir)
-                     if exact_match is not None and _judges_fit_together(cfg, recipe) else None)
-        judge_judgments(cfg, recipe, sets, answers, judgments_dir)
-        agreement = agreement.result() if agreement is not None else (
-            judge_agreement(recipe, stage_dir) if exact_match is not None else None)
+    if not is_complete(judgments_dir):
+        judge = judge_label(cfg.judge)
+        requests, settled = grading_requests(cfg, sets, answers, judge) if cfg.mt_bench else ([], [])
+        if cfg.pairwise:
+            more_requests, more_settled = pairwise_requests(cfg, sets, answers, judge)
+            requests, settled = requests + more_requests, settled + more_settled
+        judge_timer = Timer()
+        by_key = {r["key"]: r for r in requests}
+        judged = [to_judgment(by_key[a["key"]], a) for a in judge_all(requests, cfg.judge, recipe)]
+        log_rate("evaluate[judge]", len(judged), judge_timer.seconds)
+        write_rows_atomic(judged + settled, judgments_dir, schema=JUDGMENT_SCHEMA)
     judgments = read_rows(judgments_dir)
     results = {"judge": judge_label(cfg.judge), "mt_bench": grading_results(judgments),
                "pairwise": (pairwise_results(judgments, cfg.pairwise.bootstrap_samples, cfg.pairwise.confidence)
                             if cfg.pairwise else None)}
-    if exact_match is not None:
-        results["exact_match"], results["exact_match_paired"] = exact_match
-        results["judge_agreement"] = agreement
+    if cfg.exact_match is not None:
+        results["exact_match"], results["exact_match_paired"] = exact_match_results(cfg, sets, answers, stage_dir)
+        results["judge_agreement"] = judge_agreement(recipe, stage_dir)
     plot_results(results, stage_dir / "evaluate.png")
     write_text_atomic(stage_dir / "metrics.json", json.dumps(headline_metrics(results), indent=2) + "\n")
     write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
@@ -101,32 +102,3 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
     }, seconds=timer.seconds, outputs=outputs)
     result.save(run_dir)
     return result
-
-
-def _judges_fit_together(cfg: EvaluateConfig, recipe: Recipe) -> bool:
-    """Whether the evaluation's judge and the recipe's feedback judge can run at once: two fixed-size engine pools
-    that fit on the cluster side by side, or an endpoint on either side (no engine to wait for)."""
-    from ..engines import cluster_capacity, side_by_side
-
-    engines = [e for e in (cfg.judge.engine, recipe.judge.engine if recipe.judge else None) if e is not None]
-    if len(engines) < 2:
-        return True
-    if recipe.hardware.accelerator != "cpu" and any(e.concurrency == "auto" for e in engines):
-        return False  # each would size itself to the whole cluster
-    return len(side_by_side(engines, recipe.hardware, cluster_capacity(recipe.hardware))) == 1
-
-
-def judge_judgments(cfg: EvaluateConfig, recipe: Recipe, sets: EvaluationSets,
-                    answers: dict[str, list[dict[str, Any]]], judgments_dir: Path) -> None:
-    """The evaluation judge's judgments of every answer into ``judgments/``, unless a run already wrote them."""
-    if not is_complete(judgments_dir):
-        judge = judge_label(cfg.judge)
-        requests, settled = grading_requests(cfg, sets, answers, judge) if cfg.mt_bench else ([], [])
-        if cfg.pairwise:
-            more_requests, more_settled = pairwise_requests(cfg, sets, answers, judge)
-            requests, settled = requests + more_requests, settled + more_settled
-        judge_timer = Timer()
-        by_key = {r["key"]: r for r in requests}
-        judged = [to_judgment(by_key[a["key"]], a) for a in judge_all(requests, cfg.judge, recipe)]
-        log_rate("evaluate[judge]", len(judged), judge_timer.seconds)
-        write_rows_atomic(judged + settled, judgments_dir, schema=JUDGMENT_SCHEMA)
