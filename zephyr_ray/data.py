@@ -772,8 +772,6 @@ def conform(table: pa.Table, schema: pa.Schema | None = None, repairs_dir: str |
     string: Ray Data keeps such a column as pickled Python objects. Here those values are repaired (``untrusted.
     clean_value``: U+FFFD for each lone surrogate) and typed; with ``repairs_dir``, a batch that needed repairs
     leaves a note there (rows, characters, columns) that ``write_parquet_atomic`` adds up."""
-    from .untrusted import clean_value
-
     if schema is None and not any(_holds_objects(column) for column in table.columns):
         return table
     names = schema.names if schema is not None else table.column_names
@@ -784,12 +782,7 @@ def conform(table: pa.Table, schema: pa.Schema | None = None, repairs_dir: str |
         if name not in table.column_names:
             column = pa.nulls(len(table), target)
         elif _holds_objects(table[name]):
-            values, replaced = [], 0
-            for i, value in enumerate(table[name].to_pylist()):
-                value, n = clean_value(value)
-                values.append(value)
-                if n:
-                    repaired_rows[i], replaced = True, replaced + n
+            values, replaced = _clean_values(table[name].to_pylist(), repaired_rows)
             if replaced:
                 characters += replaced
                 repaired_columns.append(name)
@@ -802,6 +795,20 @@ def conform(table: pa.Table, schema: pa.Schema | None = None, repairs_dir: str |
     if characters and repairs_dir is not None:
         _note_repairs(out, Path(repairs_dir), sum(repaired_rows), characters, repaired_columns)
     return out
+
+
+def _clean_values(values: list[Any], repaired_rows: list[bool]) -> tuple[list[Any], int]:
+    """One column's values with every string valid UTF-8 (``untrusted.clean_value``), and the characters replaced;
+    marks the rows it repaired in ``repaired_rows``."""
+    from .untrusted import clean_value
+
+    cleaned, replaced = [], 0
+    for i, value in enumerate(values):
+        value, n = clean_value(value)
+        cleaned.append(value)
+        if n:
+            repaired_rows[i], replaced = True, replaced + n
+    return cleaned, replaced
 
 
 def _note_repairs(table: pa.Table, repairs_dir: Path, rows: int, characters: int, columns: list[str]) -> None:
@@ -930,22 +937,16 @@ def write_rows_atomic(rows: list[dict[str, Any]], out_dir: str | Path, schema: p
     """Rows held on the driver (evaluation answers, judgments), written as ``write_parquet_atomic`` writes a dataset:
     ``schema``'s columns, text repaired and counted, published whole. Arrow writes them here: a Ray Data write of a
     few hundred rows costs 2-5 s of task starts on 2 cores."""
-    from .untrusted import clean_value
-
-    out = Path(out_dir)
-    cleaned, repaired_rows, characters, columns = [], 0, 0, set()
-    for row in rows:
-        clean_row, replaced_here = {}, 0
-        for name in schema.names:
-            clean_row[name], replaced = clean_value(row.get(name))
-            if replaced:
-                replaced_here += replaced
-                columns.add(name)
-        characters += replaced_here
-        repaired_rows += replaced_here > 0
-        cleaned.append(clean_row)
-    repaired = {"rows": repaired_rows, "characters": characters, "columns": sorted(columns)} if characters else None
-    return write_table_atomic(pa.Table.from_pylist(cleaned, schema=schema), out, repaired)
+    repaired_rows, characters, columns, arrays = [False] * len(rows), 0, [], []
+    for column in schema:
+        values, replaced = _clean_values([row.get(column.name) for row in rows], repaired_rows)
+        if replaced:
+            characters += replaced
+            columns.append(column.name)
+        arrays.append(pa.array(values, type=column.type))
+    repaired = ({"rows": sum(repaired_rows), "characters": characters, "columns": sorted(columns)}
+                if characters else None)
+    return write_table_atomic(pa.Table.from_arrays(arrays, schema=schema), out_dir, repaired)
 
 
 def write_table_atomic(table: pa.Table, out_dir: str | Path, repaired: dict[str, Any] | None = None) -> int:
