@@ -6,6 +6,7 @@ so a user fixes every mistake in one pass. Defaults are the Zephyr paper's setti
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -346,7 +347,7 @@ class EvalModel(Engine):
 class JudgePromptsFile(_Section):
     """FastChat's ``judge_prompts.jsonl``, read unchanged (``zephyr_ray/evaluate/fastchat_prompts.py``): its prompts replace the
     project's for grading and pairwise, each where FastChat uses it. Checked when the recipe loads where the file is
-    found from there; read again when the evaluation runs (Serve loads the recipe from another directory)."""
+    found from there, else when the evaluation runs (Serve loads the recipe from another directory)."""
 
     path: str
 
@@ -356,8 +357,9 @@ class JudgePromptsFile(_Section):
             self.prompts  # noqa: B018 - reads and checks the file now, for the error at load time
         return self
 
-    @property
+    @functools.cached_property
     def prompts(self) -> dict[str, dict[str, str]]:
+        """The file's prompts, read once (at load where the file is found, else when first used)."""
         from .evaluate.fastchat_prompts import read_judge_prompts
 
         return read_judge_prompts(self.path)
