@@ -102,7 +102,23 @@ def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = 
     return keep_engines_off_cpu_nodes(processor, hardware)(ds)
 
 
-def classify(ds: Any, engine: Engine, hardware: Hardware) -> Any:
+def take_side_by_side(passes: list[Any]) -> list[list[dict[str, Any]]]:
+    """The rows of each lazy pass (``generate``/``classify`` datasets built with ``sharing=len(passes)``), run as one
+    Ray Data execution: their engines start and work side by side instead of one pass after the other."""
+    if len(passes) == 1:
+        return [passes[0].take_all()]
+    tagged = [ds.map(functools.partial(_tag_pass, index=index)) for index, ds in enumerate(passes)]
+    rows: list[list[dict[str, Any]]] = [[] for _ in passes]
+    for row in tagged[0].union(*tagged[1:]).take_all():
+        rows[row.pop("_pass")].append(row)
+    return rows
+
+
+def _tag_pass(row: dict[str, Any], index: int) -> dict[str, Any]:
+    return {**row, "_pass": index}
+
+
+def classify(ds: Any, engine: Engine, hardware: Hardware, sharing: int = 1) -> Any:
     """Apply a sequence-classification model (vLLM's ``classify`` runner) to the chats in ``ds``.
 
     Each row's ``messages`` ends on the assistant turn to score; vLLM's chat step renders it without a closing
@@ -110,7 +126,7 @@ def classify(ds: Any, engine: Engine, hardware: Hardware) -> Any:
     """
     from ray.data.llm import build_processor
 
-    config = vllm_processor_config(engine, hardware, task_type="classify", detokenize_stage=False)
+    config = vllm_processor_config(engine, hardware, sharing=sharing, task_type="classify", detokenize_stage=False)
     processor = build_processor(config, preprocess=prompt_tokens_of(engine),
                                 postprocess=functools.partial(_unpark, classify=True))
     return keep_engines_off_cpu_nodes(processor, hardware)(ds)

@@ -30,21 +30,30 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from ..config import Recipe
+from ..config import EvaluateConfig, Recipe
 from ..data import is_complete, read_rows, write_rows_atomic, write_text_atomic
+from ..generate import take_side_by_side
 from ..stage import StageResult, Timer, log_rate, stage_section
 from .answers import answer_all, answer_items, exact_match_items
 from .grading import (
     JUDGMENT_SCHEMA,
     grading_requests,
     grading_results,
-    judge_all,
     judge_label,
+    judge_pass,
     pairwise_requests,
     to_judgment,
 )
 from .pairwise import pairwise_results
-from .results import evaluation_summary, exact_match_results, headline_metrics, judge_agreement, plot_results
+from .results import (
+    agreement_of,
+    agreement_pass,
+    evaluation_summary,
+    exact_match_results,
+    headline_metrics,
+    judge_agreement,
+    plot_results,
+)
 from .sets import evaluation_sets
 
 __all__ = ["evaluation_summary", "run_evaluate"]
@@ -71,6 +80,8 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
     if cfg.exact_match is not None:  # its own models are scored on the exact-match questions only
         asked += [(model, exact_match_items(sets, cfg)) for model in cfg.exact_match.models]
     answers = answer_all(asked, recipe, run_dir)
+    exact_match = exact_match_results(cfg, sets, answers, stage_dir) if cfg.exact_match is not None else None
+    agreement = None
     if not is_complete(judgments_dir):
         judge = judge_label(cfg.judge)
         requests, settled = grading_requests(cfg, sets, answers, judge) if cfg.mt_bench else ([], [])
@@ -78,17 +89,26 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
             more_requests, more_settled = pairwise_requests(cfg, sets, answers, judge)
             requests, settled = requests + more_requests, settled + more_settled
         judge_timer = Timer()
+        # the feedback judge scores the exact-match replies in the same execution when both engines fit
+        beside = (exact_match is not None and recipe.judge is not None and bool(requests)
+                  and _judges_fit_together(cfg, recipe))
+        scoring = agreement_pass(recipe, stage_dir, sharing=2) if beside else None
+        sharing = 1 if scoring is None else 2
+        passes = [judge_pass(requests, cfg.judge, recipe, sharing=sharing)] if requests else []
+        rows = take_side_by_side(passes + ([scoring] if scoring is not None else [])) if passes else [[]]
         by_key = {r["key"]: r for r in requests}
-        judged = [to_judgment(by_key[a["key"]], a) for a in judge_all(requests, cfg.judge, recipe)]
-        log_rate("evaluate[judge]", len(judged), judge_timer.seconds)
+        judged = [to_judgment(by_key[a["key"]], a) for a in rows[0]]
+        log_rate("evaluate[judge]", sum(len(r) for r in rows), judge_timer.seconds)
         write_rows_atomic(judged + settled, judgments_dir, schema=JUDGMENT_SCHEMA)
+        if scoring is not None:
+            agreement = agreement_of(rows[1], recipe, stage_dir)
     judgments = read_rows(judgments_dir)
     results = {"judge": judge_label(cfg.judge), "mt_bench": grading_results(judgments),
                "pairwise": (pairwise_results(judgments, cfg.pairwise.bootstrap_samples, cfg.pairwise.confidence)
                             if cfg.pairwise else None)}
-    if cfg.exact_match is not None:
-        results["exact_match"], results["exact_match_paired"] = exact_match_results(cfg, sets, answers, stage_dir)
-        results["judge_agreement"] = judge_agreement(recipe, stage_dir)
+    if exact_match is not None:
+        results["exact_match"], results["exact_match_paired"] = exact_match
+        results["judge_agreement"] = agreement or judge_agreement(recipe, stage_dir)
     plot_results(results, stage_dir / "evaluate.png")
     write_text_atomic(stage_dir / "metrics.json", json.dumps(headline_metrics(results), indent=2) + "\n")
     write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
@@ -102,3 +122,14 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
     }, seconds=timer.seconds, outputs=outputs)
     result.save(run_dir)
     return result
+
+
+def _judges_fit_together(cfg: EvaluateConfig, recipe: Recipe) -> bool:
+    """Whether the evaluation's judge and the recipe's feedback judge can run in one execution: engine pools that fit
+    on the cluster side by side (``engines.side_by_side``), or an endpoint on either side (no engine to wait for)."""
+    from ..engines import cluster_capacity, side_by_side
+
+    engines = [e for e in (cfg.judge.engine, recipe.judge.engine if recipe.judge else None) if e is not None]
+    if len(engines) < 2:
+        return True
+    return len(side_by_side(engines, recipe.hardware, cluster_capacity(recipe.hardware))) == 1

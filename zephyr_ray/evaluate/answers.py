@@ -91,7 +91,7 @@ def answer_side_by_side(groups: list[tuple[list[EvalModel], Engine, list[dict[st
     A turn is asked only when the turns before it were answered. Writes ``answers/<model>/`` for each model."""
     import ray.data
 
-    from ..generate import generate
+    from ..generate import generate, take_side_by_side
 
     state: dict[tuple[str, str, str], dict[str, Any]] = {}
     by_name: dict[str, EvalModel] = {}
@@ -120,7 +120,7 @@ def answer_side_by_side(groups: list[tuple[list[EvalModel], Engine, list[dict[st
         timer = Timer()
         passes = [generate(ray.data.from_items(batch), groups[index][1], recipe.hardware, sharing=len(asked))
                   for index, batch in asked]
-        rows = passes[0].union(*passes[1:]).take_all() if len(passes) > 1 else passes[0].take_all()
+        rows = [row for pass_rows in take_side_by_side(passes) for row in pass_rows]
         returned = {row["key"] for row in rows}
         rows += [{"key": r["key"], "generated_text": None, "generation_error": "the engine returned no row",
                   "finish_reason": "error", "num_generated_tokens": 0}

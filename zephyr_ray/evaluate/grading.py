@@ -43,15 +43,14 @@ def judge_label(judge: EvalJudgeConfig) -> str:
 
 
 
-def judge_all(requests: list[dict[str, Any]], judge: EvalJudgeConfig, recipe: Recipe) -> list[dict[str, Any]]:
-    """The judge's raw answer to every request (rows keep their ``key``), by vLLM engine or endpoint."""
+def judge_pass(requests: list[dict[str, Any]], judge: EvalJudgeConfig, recipe: Recipe, sharing: int = 1) -> Any:
+    """The judge's raw answer to every request (rows keep their ``key``), by vLLM engine or endpoint, lazily (a Ray
+    Dataset): ``take_all`` it, or run it beside another engine's pass (``sharing``, ``generate.take_side_by_side``)."""
     import ray.data
 
     from ..endpoint import chat_via_endpoint, sampling_fields
     from ..generate import generate
 
-    if not requests:
-        return []
     sampling = judge.sampling.model_dump()
     rows = []
     for request in requests:
@@ -75,8 +74,8 @@ def judge_all(requests: list[dict[str, Any]], judge: EvalJudgeConfig, recipe: Re
         rows.append(row)
     ds = ray.data.from_items(rows)
     if judge.endpoint is not None:
-        return chat_via_endpoint(ds, judge.endpoint).take_all()
-    return generate(ds, judge.engine, recipe.hardware).take_all()
+        return chat_via_endpoint(ds, judge.endpoint)
+    return generate(ds, judge.engine, recipe.hardware, sharing=sharing)
 
 
 

@@ -51,28 +51,43 @@ def judge_agreement(recipe: Recipe, stage_dir: Path) -> dict[str, Any] | None:
     scores every exact-match reply (as it scored completions, by ``binarize.score``), and the Spearman rank
     correlation of its scores with correctness says how much of the truth its preferences carried. None when the
     recipe has no judge (a preference dataset instead)."""
+    scoring = agreement_pass(recipe, stage_dir)
+    return None if recipe.judge is None else agreement_of(scoring.take_all() if scoring else [], recipe, stage_dir)
+
+
+def agreement_pass(recipe: Recipe, stage_dir: Path, sharing: int = 1) -> Any:
+    """The feedback judge's judgments of the exact-match replies, lazily (a Ray Dataset; None when there is no
+    judge or no reply), to run beside another engine's (``sharing``)."""
     if recipe.judge is None:
         return None
     import ray
 
-    from ..feedback.binarize import score_of
     from ..feedback.judge import judge_name, score, to_judgment
+
+    cfg = recipe.judge
+    rows = [{"prompt_id": r["question_id"], "model": r["model"], "completion": r["reply"],
+             "messages": [{"role": "user", "content": r["question"]}]}
+            for r in read_rows(stage_dir / "exact_match") if r["reply"]]
+    if not rows:
+        return None
+    return score(ray.data.from_items(rows), cfg, recipe, sharing=sharing).map(
+        to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge_name(cfg)})
+
+
+def agreement_of(judged: list[dict[str, Any]], recipe: Recipe, stage_dir: Path) -> dict[str, Any]:
+    """``judge_agreement``'s numbers from the feedback judge's judgments of the exact-match replies."""
+    from ..feedback.binarize import score_of
+    from ..feedback.judge import judge_name
     from ..statistics import rank_correlation
 
     cfg = recipe.judge
-    replies = [r for r in read_rows(stage_dir / "exact_match") if r["reply"]]
-    correct = {(r["model"], r["question_id"]): r["correct"] for r in replies}
-    rows = [{"prompt_id": r["question_id"], "model": r["model"],
-             "messages": [{"role": "user", "content": r["question"]}],
-             "completion": r["reply"]} for r in replies]
-    judged = score(ray.data.from_items(rows), cfg, recipe).map(
-        to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge_name(cfg)}).take_all() if rows else []
+    correct = {(r["model"], r["question_id"]): r["correct"] for r in read_rows(stage_dir / "exact_match")
+               if r["reply"]}
     way = recipe.binarize.score if recipe.binarize and cfg.kind in ("rubric", "openai") else "overall"
     pairs = [(value, float(correct[(j["model"], j["prompt_id"])])) for j in judged
              if (value := score_of(j, way)) is not None]
     return {"judge": judge_name(cfg), "score": way, "n": len(pairs), "judge_failures": len(judged) - len(pairs),
             "rank_correlation": rank_correlation([v for v, _ in pairs], [c for _, c in pairs]) if pairs else None}
-
 
 
 def headline_metrics(results: dict[str, Any]) -> dict[str, float]:

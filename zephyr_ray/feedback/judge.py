@@ -216,11 +216,12 @@ def judge_name(cfg: Any) -> str:
     return f"{cfg.engine.model} ({cfg.kind}, {prompt_version(cfg)})"
 
 
-def score(judgeable: Any, cfg: Any, recipe: Recipe) -> Any:
-    """The judge's raw output for every judgeable completion, lazily, by the recipe's scorer kind."""
+def score(judgeable: Any, cfg: Any, recipe: Recipe, sharing: int = 1) -> Any:
+    """The judge's raw output for every judgeable completion, lazily, by the recipe's scorer kind; ``sharing``: the
+    engine pools running beside its engine (``generate``)."""
     sampling = cfg.sampling.model_dump()
     if cfg.kind == "reward_model":
-        return classify(judgeable.map(reward_request), cfg.engine, recipe.hardware)
+        return classify(judgeable.map(reward_request), cfg.engine, recipe.hardware, sharing=sharing)
     if cfg.kind == "openai":
         requests = judgeable.map(endpoint_request, fn_kwargs={
             "sampling": sampling, "structured_output": cfg.endpoint.structured_output, "prompt": cfg.prompt,
@@ -228,7 +229,7 @@ def score(judgeable: Any, cfg: Any, recipe: Recipe) -> Any:
         return chat_via_endpoint(requests, cfg.endpoint)
     requests = judgeable.map(judge_requests, fn_kwargs={"kind": cfg.kind, "sampling": sampling, "prompt": cfg.prompt,
                                                         "system": cfg.system_prompt})
-    return generate(requests, cfg.engine, recipe.hardware, keep_logprobs=cfg.kind == "logprob")
+    return generate(requests, cfg.engine, recipe.hardware, keep_logprobs=cfg.kind == "logprob", sharing=sharing)
 
 
 def completion_problem(row: dict[str, Any]) -> str | None:
