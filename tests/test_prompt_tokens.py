@@ -32,8 +32,8 @@ def test_a_conversation_has_the_same_prompt_ids_in_training_generation_evaluatio
                                                                                             tmp_path):
     """Training: TRL's DPOTrainer with the training stages' tokenizer. Generation: the ids vLLM ran on in a Ray Data
     pass of the base model with the recipe's template (as synthesize and complete run it). Evaluation: the ids the
-    same preprocess gives a trained model's engine (rendered with the template training saved with it). Serve: the ids vLLM reports through the
-    OpenAI client, for the trained student and for the teacher with its own template."""
+    same preprocess gives a trained model's engine (rendered with the template training saved with it). Serve: the
+    ids vLLM reports through the OpenAI client, for the trained student and for the teacher with its own template."""
     import ray.data
     from openai import OpenAI
     from ray import serve
@@ -49,15 +49,17 @@ def test_a_conversation_has_the_same_prompt_ids_in_training_generation_evaluatio
     settings = {"max_model_len": 512, "kv_cache_gib": 0.5}
     ids: dict[str, dict[str, list[int]]] = {}
     trained: dict[str, str] = {}
-    for name in ("student", "teacher"):
+    names = ("student", "teacher")
+    # both base models' engines side by side in one Ray Data execution, as complete runs its pool models
+    passes = [generate(ray.data.from_items([{"name": name, "messages": CONVERSATION,
+                                             "sampling_params": {"max_tokens": 1, "temperature": 0.0}}]),
+                       Engine(model=str(tiny_models[name]), chat_template="zephyr", **settings), hardware,
+                       sharing=len(names), keep_prompt_token_ids=True) for name in names]
+    generated = {row["name"]: row["prompt_token_ids"] for row in passes[0].union(*passes[1:]).take_all()}
+    for name in names:
         base = str(tiny_models[name])
         tokenizer = load_tokenizer(base, recipe.train_dpo)
-        ids[name] = {"training": trl_prompt_ids(base, tokenizer, tmp_path / name)}
-
-        request = {"messages": CONVERSATION, "sampling_params": {"max_tokens": 1, "temperature": 0.0}}
-        engine = Engine(model=base, chat_template="zephyr", **settings)
-        (row,) = generate(ray.data.from_items([request]), engine, hardware, keep_prompt_token_ids=True).take_all()
-        ids[name]["generation"] = row["prompt_token_ids"]
+        ids[name] = {"training": trl_prompt_ids(base, tokenizer, tmp_path / name), "generation": generated[name]}
 
         trained[name] = str(tmp_path / f"{name}-trained")  # what a training stage exports: weights, its tokenizer
         shutil.copytree(base, trained[name])
@@ -66,8 +68,8 @@ def test_a_conversation_has_the_same_prompt_ids_in_training_generation_evaluatio
         ids[name]["evaluation"] = preprocess({"messages": CONVERSATION})["tokenized_prompt"]
 
     config = ServeConfig(models=[ServedModel(model_id="student", model=trained["student"], **settings),
-                                 ServedModel(model_id="teacher", model=str(tiny_models["teacher"]), chat_template="zephyr",
-                                             **settings)],
+                                 ServedModel(model_id="teacher", model=str(tiny_models["teacher"]),
+                                             chat_template="zephyr", **settings)],
                          api_key_env="ZEPHYR_RAY_NO_SUCH_KEY")
     url = serve_locally(config, hardware, port=free_port())
     try:
