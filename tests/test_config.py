@@ -4,6 +4,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from zephyr_ray.chat import ZEPHYR_CHAT_TEMPLATE, template_text
 from zephyr_ray.config import RecipeError, derive_batch, load_recipe
@@ -373,3 +374,36 @@ def test_a_served_model_without_a_chat_template_is_refused_by_validate_and_takes
     path = write(tmp_path, recipe.replace("CHOICE", ", chat_template: zephyr"))
     assert cli("validate", str(path)).returncode == 0
     assert load_recipe(path).serve.models[0].engine(str(bare)).chat_template == "zephyr"
+
+
+def test_a_recipe_with_a_base_is_its_base_with_its_own_keys_laid_over(tmp_path):
+    shipped = load_recipe(REPO / "jobs" / "configs" / "tiny-cpu-rounds.yaml")
+    base = load_recipe(REPO / "jobs" / "configs" / "tiny-cpu.yaml")
+    assert shipped.name == "tiny-cpu-rounds" and shipped.rounds.count >= 2 and base.rounds is None
+    assert shipped.train_dpo == base.train_dpo and shipped.complete == base.complete
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(f"base: {REPO / 'jobs' / 'configs' / 'tiny-cpu.yaml'}\nname: v\ntrain_dpo: {{beta: 0.5}}\n")
+    changed = load_recipe(variant)
+    assert changed.train_dpo.beta == 0.5 and changed.train_dpo.loss_type == base.train_dpo.loss_type
+    cycle = tmp_path / "cycle.yaml"
+    cycle.write_text("base: cycle.yaml\nname: c\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(cycle)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("base: nowhere.yaml\nname: m\n")
+    with pytest.raises(RecipeError, match="nowhere.yaml"):
+        load_recipe(missing)
+
+
+@pytest.mark.parametrize(("rounds", "message"), [
+    ({"count": 2, "samples": 1}, "rounds: samples: with pool: replace"),
+    ({"count": 2, "dpo": {"num_epochs": [1, 2, 3]}}, "give one value per round (2), got 3"),
+    ({"count": 0}, "rounds.count"),
+])
+def test_rounds_are_checked_when_the_recipe_loads(tmp_path, rounds, message):
+    recipe = tmp_path / "rounds.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(REPO / "jobs" / "configs" / "tiny-cpu.yaml"), "name": "r",
+                                      "rounds": rounds}))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe)
+    assert message in "\n".join(err.value.problems), err.value.problems

@@ -230,3 +230,23 @@ def test_a_principle_goes_into_the_user_turn_for_a_template_that_refuses_system_
         {"role": "system", "content": principle}, {"role": "user", "content": "Name a color."}]
     without = completion_requests(row, refusing, use_principles=False, seed=0, principle_role="user")
     assert without["messages"] == without["conversation"] == [{"role": "user", "content": "Name a color."}]
+
+
+def test_a_model_with_several_samples_answers_each_prompt_that_often_with_the_same_instruction_and_its_own_seeds():
+    from zephyr_ray.config import CompleteConfig, Engine, PoolModel
+    from zephyr_ray.feedback.complete import sampled_requests, to_completion
+
+    policy = PoolModel(name="policy", engine=Engine(model="m"), samples=3)
+    row = {"prompt": "What colour is the fema?", "prompt_id": "p1"}
+    requests = sampled_requests(row, policy, use_principles=True, seed=7)
+    assert [r["sample_name"] for r in requests] == policy.sample_names() == ["policy-1", "policy-2", "policy-3"]
+    assert len({json.dumps(r["conversation"]) for r in requests}) == 1, "one principle and prompt for every sample"
+    assert len({r["sampling_params"]["seed"] for r in requests}) == 3
+    assert requests == sampled_requests(row, policy, use_principles=True, seed=7), "seeded: the same again"
+    generated = {"generated_text": "It is red.", "num_input_tokens": 5, "num_generated_tokens": 4,
+                 "finish_reason": "stop", "generation_error": None}
+    assert to_completion({**requests[1], **generated}, "policy")["model"] == "policy-2"
+    assert PoolModel(name="one", engine=Engine(model="m")).sample_names() == ["one"]
+    CompleteConfig(models=[policy])  # one model with several samples is a pool to compare
+    with pytest.raises(ValueError, match="at least 2 completions per prompt"):
+        CompleteConfig(models=[PoolModel(name="one", engine=Engine(model="m"))])

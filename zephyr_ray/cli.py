@@ -85,8 +85,9 @@ def validate(
         echo(f"note: {note}")
     if problems:
         _fail(problems)
-    stages = [name for name in ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo", "evaluate",
-                                "serve") if getattr(loaded, name) is not None]
+    stages = [name for name in (*STAGES, "serve") if getattr(loaded, name) is not None]
+    if loaded.rounds is not None:
+        stages[stages.index("rounds")] = f"rounds ({loaded.rounds.count})"
     echo(f"{recipe}: ok ({loaded.name}; stages: {', '.join(stages)})")
 
 
@@ -145,7 +146,7 @@ def chat(
             echo(f"assistant> {reply(text)}")
 
 
-STAGES = ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo", "evaluate")
+STAGES = ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo", "evaluate", "rounds")
 
 
 @app.command()

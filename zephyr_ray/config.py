@@ -179,10 +179,16 @@ class PoolModel(_Section):
     name: str
     engine: Engine
     sampling: Sampling = Sampling()
+    samples: int = Field(default=1, ge=1, le=64, description="completions per prompt from this model, each with its "
+                         "own seed, in one engine pass; with more than one, rows are named <name>-<i> (i from 1)")
+
+    def sample_names(self) -> list[str]:
+        """The ``model`` value of this model's completions, one per sample."""
+        return [self.name] if self.samples == 1 else [f"{self.name}-{i}" for i in range(1, self.samples + 1)]
 
 
 class CompleteConfig(_Section):
-    """Every prompt gets one completion from each model of the pool."""
+    """Every prompt gets ``samples`` completions (default one) from each model of the pool."""
 
     prompts: DatasetSource | None = None
     models: list[PoolModel] = Field(default_factory=list)
@@ -195,8 +201,9 @@ class CompleteConfig(_Section):
     @field_validator("models")
     @classmethod
     def _pool(cls, models: list[PoolModel]) -> list[PoolModel]:
-        if models and len(models) < 2:
-            raise ValueError(f"the pool needs at least 2 models to compare, got {len(models)}")
+        if models and sum(m.samples for m in models) < 2:
+            raise ValueError("the pool needs at least 2 completions per prompt to compare: 2 models, or a model "
+                             f"with `samples` >= 2; got {len(models)} model(s) with one sample")
         names = [m.name for m in models]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
@@ -299,6 +306,8 @@ class TrainDPOConfig(Training):
         "likelihood along with the rejected one's")
     loss_weights: list[float] | None = Field(default=None, description="one weight per `loss_type` (default 1 each)")
     max_prompt_length: int = Field(default=1024, gt=0)
+    reference: str | None = Field(default=None, description="the frozen reference model (a directory or hub id); "
+                                  "default: the model DPO starts from (dSFT's), as in Zephyr")
 
     @property
     def loss_types(self) -> list[str]:
@@ -345,9 +354,9 @@ class EvalModel(Engine):
 
 
 class JudgePromptsFile(_Section):
-    """FastChat's ``judge_prompts.jsonl``, read unchanged (``zephyr_ray/evaluate/fastchat_prompts.py``): its prompts replace the
-    project's for grading and pairwise, each where FastChat uses it. Checked when the recipe loads where the file is
-    found from there, else when the evaluation runs (Serve loads the recipe from another directory)."""
+    """FastChat's ``judge_prompts.jsonl``, read unchanged (``zephyr_ray/evaluate/fastchat_prompts.py``): its prompts
+    replace the project's for grading and pairwise, each where FastChat uses it. Checked when the recipe loads where
+    the file is found from there, else when the evaluation runs (Serve loads the recipe from another directory)."""
 
     path: str
 
@@ -538,6 +547,65 @@ class ServeConfig(_Section):
         return self
 
 
+class PolicyEngine(Engine):
+    """The current policy's vLLM settings in a round; its model is set by the round."""
+
+    model: str = Field(default="policy", description="set by each round: the dSFT model for round 1, the previous "
+                       "round's dDPO model after")
+
+
+class RoundsDPO(_Section):
+    """What each round's DPO changes of ``train_dpo``: a number for every round, or a list with one per round."""
+
+    num_epochs: float | list[float] | None = None
+    learning_rate: float | list[float] | None = None
+
+    def for_round(self, field: str, round_number: int) -> float | None:
+        value = getattr(self, field)
+        if isinstance(value, list):
+            return value[min(round_number, len(value)) - 1]
+        return value
+
+
+class RoundsConfig(_Section):
+    """Iterative RLAIF (online / iterative DPO, as OpenRLHF's iterative DPO, RLHFlow and Self-Rewarding LMs): round
+    r's policy (dSFT for round 1, round r-1's dDPO after) completes the round's prompts ``samples`` times, the recipe's
+    judge scores them, binarize pairs them, and DPO trains from the policy. Outputs in ``rounds/<r>/<stage>/``."""
+
+    count: int = Field(ge=1, le=100, description="how many rounds")
+    samples: int = Field(default=4, ge=1, le=64, description="completions per prompt from the current policy")
+    sampling: Sampling = Field(default=Sampling(temperature=1.0, max_tokens=512), description="the policy's sampling")
+    engine: PolicyEngine = Field(default_factory=PolicyEngine, description="the policy's vLLM settings")
+    pool: Literal["replace", "join"] = Field(default="replace", description="replace: only the policy's samples are "
+                                             "judged; join: the `complete` pool models answer the round's prompts too")
+    prompts: Literal["split", "resample"] = Field(
+        default="split", description="split: the `complete` prompts cut into `count` disjoint parts, a fresh part per "
+        "round; resample: `prompts_per_round` of them drawn again every round")
+    prompts_per_round: int | None = Field(default=None, gt=0, description="resample: how many (default: all)")
+    rejected: Literal["lowest", "random"] = Field(default="lowest", description="the rejected completion: the "
+                                                  "lowest-scored (best vs worst, as iterative DPO does) or random")
+    reference: Literal["previous", "sft"] = Field(default="previous", description="DPO's frozen reference in "
+                                                  "round r: the policy it starts from, or always the dSFT model")
+    dpo: RoundsDPO = Field(default_factory=RoundsDPO)
+    evaluate: bool = Field(default=True, description="exact match and the win rate against dSFT after each round "
+                           "(the recipe's `evaluate` section, the round's model against the dSFT model)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _something_to_pair(self) -> RoundsConfig:
+        if self.pool == "replace" and self.samples < 2:
+            raise ValueError("samples: with pool: replace, the policy's samples are all there is to pair: 2 or more")
+        return self
+
+    @model_validator(mode="after")
+    def _lists_fit(self) -> RoundsConfig:
+        for field in ("num_epochs", "learning_rate"):
+            value = getattr(self.dpo, field)
+            if isinstance(value, list) and len(value) != self.count:
+                raise ValueError(f"dpo.{field}: give one value per round ({self.count}), got {len(value)}")
+        return self
+
+
 class Recipe(_Section):
     """A whole Zephyr-style run: what to train, on what, with which settings."""
 
@@ -551,6 +619,7 @@ class Recipe(_Section):
     binarize: BinarizeConfig | None = None
     train_dpo: TrainDPOConfig | None = None
     evaluate: EvaluateConfig | None = None
+    rounds: RoundsConfig | None = None
     serve: ServeConfig | None = None
 
     @model_validator(mode="after")
@@ -559,6 +628,22 @@ class Recipe(_Section):
                 and self.binarize.score != "overall"):
             raise ValueError(f"binarize.score: a '{self.judge.kind}' judge gives one overall score, not aspects; "
                              "set binarize.score: overall")
+        return self
+
+    @model_validator(mode="after")
+    def _rounds_have_their_stages(self) -> Recipe:
+        if self.rounds is not None:
+            missing = [name for name in ("train_sft", "complete", "judge", "binarize", "train_dpo")
+                       if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"rounds: the recipe needs {missing} (each round runs complete, judge, binarize and "
+                                 "train_dpo from the dSFT model)")
+            if self.complete.prompts is None:
+                raise ValueError("rounds: complete.prompts are the prompts the rounds draw from")
+            if self.rounds.pool == "join" and "policy" in {m.name for m in self.complete.models}:
+                raise ValueError("rounds.pool: a pool model is named 'policy', the name of the policy's samples")
+            if self.rounds.evaluate and self.evaluate is None:
+                raise ValueError("rounds.evaluate: the recipe has no `evaluate` section to evaluate each round with")
         return self
 
     @model_validator(mode="after")
@@ -685,6 +770,7 @@ def _load_recipe(path: str | Path) -> Recipe:
         raise RecipeError([f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}"]) from None
     if not isinstance(data, dict):
         raise RecipeError([f"{file}: a recipe is a mapping of sections, got {type(data).__name__}"])
+    data = _with_base(data, Path(path))
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -700,6 +786,48 @@ def _load_recipe(path: str | Path) -> Recipe:
                    for key, message in batch_problems(data)]
         problems = [(_line_of(e["loc"], lines), _format_error(file, e, lines)) for e in errors]
         raise RecipeError([text for _, text in sorted(problems, key=lambda p: p[0] or 0)]) from None
+
+
+def recipe_files(path: str | Path) -> list[Path]:
+    """The recipe file and the files its ``base:`` chain names, the recipe's own first."""
+    files = [Path(path)]
+    while True:
+        try:
+            data = yaml.safe_load(files[-1].read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return files
+        base = data.get("base") if isinstance(data, dict) else None
+        if not isinstance(base, str) or len(files) > 16:
+            return files
+        files.append(files[-1].parent / base)
+
+
+def _with_base(data: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe with ``base: <file>`` (relative to the recipe's directory) is that recipe with this one's keys laid
+    over it, section by section (mappings merge, other values replace): a variant names only what it changes."""
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = path.parent / str(base)
+    if not isinstance(base, str) or not base_path.is_file():
+        raise RecipeError([f"{path}: base: {base!r} is not a recipe file (paths are relative to {path.parent})"])
+    if base_path.resolve() in seen:
+        raise RecipeError([f"{path}: base: {base} names a recipe that is already its base (a cycle)"])
+    try:
+        base_data = yaml.safe_load(base_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise RecipeError([f"{base_path}: cannot read it as the base of {path}: {err}"]) from None
+    if not isinstance(base_data, dict):
+        raise RecipeError([f"{base_path}: a recipe is a mapping of sections, got {type(base_data).__name__}"])
+    return _laid_over(_with_base(base_data, base_path, (*seen, path.resolve())), data)
+
+
+def _laid_over(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = (_laid_over(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
+                       else value)
+    return merged
 
 
 def _walk(value: Any, path: tuple = ()):
@@ -728,6 +856,8 @@ def check_recipe_paths(recipe: Recipe, file: str) -> tuple[list[str], list[str]]
             target, kind = value.path, "dataset"
         elif isinstance(value, EvalModel) and value.model in RUN_MODELS:
             notes.append(f"{key}.model: {value.model} is this run's {value.model} model")
+        elif isinstance(value, PolicyEngine):
+            notes.append(f"{key}.model: each round's policy (the dSFT model, then the previous round's dDPO model)")
             continue
         elif isinstance(value, (Engine, Training, ServeConfig)) and getattr(value, "model", None):
             target, kind = value.model, "model"

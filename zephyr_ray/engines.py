@@ -107,14 +107,14 @@ def engine_problems(section: Any, key: str, hardware: Hardware, fetch: bool = Tr
     sets none (its first prompt could not be rendered). This run's models (not yet trained; training
     saves a template with each) are skipped, and hub models unless ``fetch``."""
     from .chat import shipped_chat_template
-    from .config import RUN_MODELS, ServedModel, _walk
+    from .config import RUN_MODELS, PolicyEngine, ServedModel, _walk
 
     problems = []
     for path, value in _walk(section, (key,) if key else ()):
         if isinstance(value, ServedModel) and value.model:
             value = value.engine(value.model)
-        if not isinstance(value, Engine) or value.model in RUN_MODELS:
-            continue
+        if not isinstance(value, Engine) or value.model in RUN_MODELS or isinstance(value, PolicyEngine):
+            continue  # models this run trains first (a round's policy is set by the round)
         where = ".".join(str(p) for p in path)
         try:
             context_length(value, hardware, fetch)

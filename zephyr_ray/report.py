@@ -198,6 +198,31 @@ def decontamination_note(records: dict[str, dict[str, Any]]) -> str:
                                             for name, total, bad in screened)) if screened else ""
 
 
+def rounds_html(run_dir: Path) -> str:
+    """Iterative rounds (``rounds/summary.json``): the plot of exact match and win rate per round, and a table."""
+    path = run_dir / "rounds" / "summary.json"
+    if not path.is_file():
+        return ""
+    summary = json.loads(path.read_text())
+    png = run_dir / "rounds" / "rounds.png"
+
+    def percent(value: dict | None, key: str = "accuracy") -> str:
+        if not value or value.get(key) is None:
+            return "-"
+        low, high = value.get("interval") or (None, None)
+        return f"{value[key]:.1%}" + (f" [{low:.1%}, {high:.1%}]" if low is not None else "")
+
+    rows = "".join(f"<tr><td>{row['round']}</td><td>{row.get('prompts') or '-'}</td><td>{row.get('pairs') or '-'}"
+                   f"</td><td>{percent(row.get('exact_match'))}</td>"
+                   f"<td>{percent(row.get('win_rate_vs_sft'), 'win_rate')}</td></tr>" for row in summary["rounds"])
+    table = ("<table><tr><th>round</th><th>prompts</th><th>pairs</th><th>exact match [interval]</th><th>win rate vs "
+             "dSFT [interval]</th></tr><tr><td>dSFT</td><td></td><td></td>"
+             f"<td>{percent(summary.get('sft_exact_match'))}</td><td></td></tr>{rows}</table>")
+    image = (f'<img alt="Rounds" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
+             if png.is_file() else "")
+    return f"<section><h2>Rounds</h2>{image}{table}</section>"
+
+
 def section(title: str, png: str | None, missing: str, caption: str = "", note: str = "") -> str:
     """A titled plot with its caption, or the line saying why there is none; ``note`` shows either way."""
     body = (f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
@@ -228,7 +253,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
     title = f"zephyr-ray run: {manifest.get('recipe', run_dir.name)}"
     parts = [
-        section("Data funnel", funnel_plot(records), "no stage has recorded counts yet",
+        section("Data funnel", funnel_plot({k: v for k, v in records.items() if "/" not in k}),
+                "no stage has recorded counts yet",
                 "rows in, kept and rejected (red) per stage; reasons and per-model counts as recorded"),
         section("Judge scores and preference pairs", judge_png,
                 "binarize has not run yet",
@@ -239,6 +265,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
                 "loss per optimizer step (train_sft, train_dpo); DPO's implicit reward margin and accuracy"),
         section("Evaluation", evaluation_png, "no evaluation has run yet (the evaluate stage)",
                 evaluation_caption(run_dir), decontamination_note(records)),
+        rounds_html(run_dir),
         section("Timings", timings_plot(records), "no timings recorded yet"),
         examples_html(example_pairs(run_dir)),
     ]

@@ -19,12 +19,13 @@ def stage_functions() -> dict[str, Callable[[Recipe, Path], StageResult]]:
     from .feedback.binarize import run_binarize
     from .feedback.complete import run_complete
     from .feedback.judge import run_judge
+    from .rounds import run_rounds
     from .synthesize import run_synthesize
     from .train.dpo import run_train_dpo
     from .train.sft import run_train_sft
 
     return {"synthesize": run_synthesize, "train_sft": run_train_sft, "complete": run_complete, "judge": run_judge,
-            "binarize": run_binarize, "train_dpo": run_train_dpo, "evaluate": run_evaluate}
+            "binarize": run_binarize, "train_dpo": run_train_dpo, "evaluate": run_evaluate, "rounds": run_rounds}
 
 
 def init_ray(hardware: Hardware, address: str | None = None) -> None:

@@ -72,6 +72,18 @@ def completion_requests(row: dict[str, Any], model: PoolModel, use_principles: b
             "sampling_params": sampling, "principle": principle}
 
 
+def sampled_requests(row: dict[str, Any], model: PoolModel, use_principles: bool, seed: int,
+                     principle_role: str = "system") -> list[dict[str, Any]]:
+    """``model.samples`` requests for one prompt row: the same conversation and principle (so the judge compares the
+    samples on the same instruction), a seed of its own per sample, each named by ``PoolModel.sample_names``."""
+    requests = []
+    for index, name in enumerate(model.sample_names(), start=1):
+        request = completion_requests(row, model, use_principles, seed, principle_role)
+        request["sampling_params"]["seed"] = stable_seed(request["sampling_params"]["seed"], index)
+        requests.append({**request, "sample_name": name})
+    return requests
+
+
 def principle_role(model: PoolModel, principles_as: str) -> str:
     """Where ``model``'s principle goes: the recipe's choice, or (auto) a system message unless its template
     refuses one."""
@@ -89,7 +101,7 @@ def principle_role(model: PoolModel, principles_as: str) -> str:
 
 def to_completion(row: dict[str, Any], model_name: str) -> dict[str, Any]:
     return {
-        "prompt": row["prompt"], "prompt_id": row["prompt_id"], "model": model_name,
+        "prompt": row["prompt"], "prompt_id": row["prompt_id"], "model": row.get("sample_name") or model_name,
         "messages": list(row["conversation"]), "completion": row["generated_text"] or "",
         "sampling_params": json.dumps(row["sampling_params"], sort_keys=True), "principle": row["principle"],
         "num_prompt_tokens": int(row["num_input_tokens"] or 0),
@@ -132,13 +144,14 @@ def run_complete(recipe: Recipe, run_dir: Path) -> StageResult:
             role = principle_role(model, cfg.principles_as) if cfg.principles else "system"
             if role == "user":  # models whose template refuses a system message (named in the log)
                 result.counts["principles_in_user_turn"] = result.counts.get("principles_in_user_turn", 0) + 1
-            requests = accepted.map(completion_requests, fn_kwargs={
-                "model": model, "use_principles": cfg.principles, "seed": cfg.seed, "principle_role": role})
+            options = {"model": model, "use_principles": cfg.principles, "seed": cfg.seed, "principle_role": role}
+            requests = (accepted.flat_map(sampled_requests, fn_kwargs=options) if model.samples > 1
+                        else accepted.map(completion_requests, fn_kwargs=options))
             rows = generate(requests, model.engine, recipe.hardware, sharing=len(models))
             parts.append((rows.map(to_completion, fn_kwargs={"model_name": model.name}),
                           model_dir(run_dir, model.name)))
         counts = write_parquet_atomic_many(parts, schema=CompletionRow.arrow_schema(),
-                                           expected_rows=written_rows(prompts_dir) * len(models))
+                                           expected_rows=written_rows(prompts_dir) * sum(m.samples for m in models))
         for model, written in zip(models, counts):
             out = model_dir(run_dir, model.name)
             tokens = column_sum(out, "num_generated_tokens")

@@ -1,6 +1,7 @@
 """Stage ``train_dpo``: distilled DPO of the dSFT model on the preference pairs, with TRL's ``DPOTrainer`` on
 Ray Train workers under DeepSpeed ZeRO-3. The reference is the frozen starting model: TRL loads it from the
-policy's path (``ref_model=None``) and prepares it under the same DeepSpeed config, so it is sharded too.
+policy's path (``ref_model=None``) and prepares it under the same DeepSpeed config, so it is sharded too; or
+``train_dpo.reference`` (iterative rounds that keep the dSFT model as the reference), loaded the same way.
 
 TRL 1.x truncates whole sequences but has no prompt limit of its own, so pairs whose prompt (rendered with the chat
 template) is longer than ``max_prompt_length`` tokens go to ``train_dpo/rejects`` with that reason, before training.
@@ -42,7 +43,12 @@ def dpo_worker(config: dict[str, Any]) -> None:
     cfg = recipe.train_dpo
     extra, tokenizer, train = worker_inputs(config, cfg)
     args = DPOConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra), **dpo_arguments(cfg))
-    trainer = DPOTrainer(model=config["model"], ref_model=None, args=args,
+    reference = None
+    if cfg.reference:  # loaded as TRL loads its default reference (after DPOConfig: under ZeRO-3 it is sharded)
+        from trl.trainer.utils import create_model_from_path
+
+        reference = create_model_from_path(cfg.reference, **{**(args.model_init_kwargs or {}), "device_map": None})
+    trainer = DPOTrainer(model=config["model"], ref_model=reference, args=args,
                          train_dataset=train.select_columns(["chosen", "rejected"]), processing_class=tokenizer)
     train_with_ray(trainer, latest_hf_checkpoint(), config)
 

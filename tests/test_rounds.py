@@ -1,0 +1,100 @@
+"""Iterative rounds (`rounds:`) through `zephyr-ray run`'s code on the demo's finished run: the recipe's own stages
+are skipped, two rounds run on real engines and Ray Train (round 2 sampling round 1's model, DPO against the dSFT
+reference), each round is evaluated against dSFT, the manifest lists every round and stage, and a re-run redoes
+nothing. Small on purpose (8 prompts a round, 2 samples, one DPO epoch): the shipped tiny-cpu-rounds.yaml runs the
+full size, and its numbers are in docs/tiny-world.md."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import REPO, copy_of_tiny_run, render_page
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
+ROUND_STAGES = ("complete", "judge", "binarize", "train_dpo", "evaluate")
+
+
+@pytest.fixture(scope="module")
+def rounds_run(tiny_run, ray_local, tmp_path_factory):
+    """(run dir, manifest): the demo's run with two small rounds added to its recipe (the shipped
+    tiny-cpu-rounds.yaml's settings, cut down), run as `zephyr-ray run` runs a recipe."""
+    from zephyr_ray.run import run_recipe
+
+    run_dir = copy_of_tiny_run(tiny_run, tmp_path_factory.mktemp("rounds"))
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    shipped = yaml.safe_load((REPO / "jobs" / "configs" / "tiny-cpu-rounds.yaml").read_text())["rounds"]
+    recipe["rounds"] = {**shipped, "samples": 2, "prompts": "resample", "prompts_per_round": 8, "reference": "sft",
+                        "dpo": {"num_epochs": 1}, "sampling": {"temperature": 1.0, "max_tokens": 32}}
+    recipe["evaluate"]["exact_match"]["questions"]["limit"] = 16
+    recipe["evaluate"]["pairwise"]["prompts"]["limit"] = 8
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return run_dir, run_recipe(run_dir / "recipe.yaml", run_dir)
+
+
+def rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def test_the_manifest_lists_every_round_and_stage_after_the_recipes_own(rounds_run):
+    run_dir, manifest = rounds_run
+    statuses = {stage: record["status"] for stage, record in manifest["stages"].items()}
+    assert all(statuses[stage] == "skipped" for stage in ("synthesize", "train_sft", "train_dpo", "evaluate"))
+    expected = [f"rounds/{r}/{stage}" for r in (1, 2) for stage in ROUND_STAGES]
+    assert [key for key in statuses if key.startswith("rounds/")] == expected
+    assert all(statuses[key] == "done" for key in expected), statuses
+    assert [row["round"] for row in manifest["rounds"]] == [1, 2]
+
+
+def test_each_round_samples_the_policy_of_the_round_before_and_pairs_best_with_worst(rounds_run):
+    run_dir, _ = rounds_run
+    policies = [yaml.safe_load((run_dir / "rounds" / str(r) / "recipe.yaml").read_text())["complete"]["models"]
+                for r in (1, 2)]
+    sft, round_1 = run_dir.resolve() / "train_sft" / "model", run_dir.resolve() / "rounds" / "1" / "train_dpo" / "model"
+    assert [[m["engine"]["model"] for m in models] for models in policies] == [[str(sft)], [str(round_1)]]
+    for r in (1, 2):
+        folder = run_dir / "rounds" / str(r)
+        prompts = [json.loads(line)["prompt_id"] for line in (folder / "prompts.jsonl").read_text().splitlines()]
+        completions = rows(folder / "complete" / "models" / "policy")
+        assert len(prompts) == 8 and sorted((c["prompt_id"], c["model"]) for c in completions) == sorted(
+            (p, f"policy-{i}") for p in prompts for i in (1, 2))
+        judged = {(j["prompt_id"], j["model"]): j for j in rows(folder / "judge" / "judgments")}
+        assert len(judged) == len(completions)
+        for pair in rows(folder / "binarize" / "preferences"):
+            assert pair["score_chosen"] >= pair["score_rejected"] and pair["chosen_model"] != pair["rejected_model"]
+        # round 2's DPO: from round 1's model, against the dSFT reference
+        dpo = yaml.safe_load((folder / "recipe.yaml").read_text())["train_dpo"]
+        assert dpo["model"] == policies[r - 1][0]["engine"]["model"] and dpo["num_epochs"] == 1
+        assert dpo.get("reference") == (str(run_dir.resolve() / "train_sft" / "model") if r == 2 else None)
+        assert (folder / "train_dpo" / "model" / "model.safetensors").is_file()
+    assert (run_dir / "rounds" / "1" / "prompts.jsonl").read_text() != (
+        run_dir / "rounds" / "2" / "prompts.jsonl").read_text(), "resampled: each round draws again"
+
+
+def test_every_round_is_evaluated_against_dsft_and_the_report_plots_them(rounds_run, tmp_path):
+    from zephyr_ray.report import write_report
+
+    run_dir, _ = rounds_run
+    summary = json.loads((run_dir / "rounds" / "summary.json").read_text())
+    assert [row["round"] for row in summary["rounds"]] == [1, 2]
+    for row in summary["rounds"]:
+        exact, win = row["exact_match"], row["win_rate_vs_sft"]
+        assert exact["n"] == 16 and 0.0 <= exact["accuracy"] <= 1.0 and exact["interval"][0] <= exact["accuracy"]
+        assert 0.0 <= win["win_rate"] <= 1.0 and win["interval"][0] <= win["win_rate"] <= win["interval"][1]
+        assert row["exact_match_vs_sft"]["over"] == "sft" and row["pairs"] > 0
+    assert summary["sft_exact_match"]["n"] == 16
+    assert (run_dir / "rounds" / "rounds.png").stat().st_size > 10_000
+    report = write_report(run_dir, tmp_path / "report.html")
+    images = render_page(report.as_uri(), tmp_path / "report.png")
+    assert "Rounds" in [alt for alt, _ in images], images
+
+
+def test_a_rerun_redoes_nothing(rounds_run):
+    from zephyr_ray.run import run_recipe
+
+    run_dir, _ = rounds_run
+    before = (run_dir / "rounds" / "2" / "train_dpo" / "model" / "_SUCCESS").stat().st_mtime_ns
+    manifest = run_recipe(run_dir / "recipe.yaml", run_dir)
+    assert all(record["status"] == "skipped" for record in manifest["stages"].values()), manifest["stages"]
+    assert (run_dir / "rounds" / "2" / "train_dpo" / "model" / "_SUCCESS").stat().st_mtime_ns == before
