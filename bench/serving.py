@@ -1,105 +1,225 @@
-"""Serving benchmark: the Serve app (HTTP, proxy, ingress, router, LLMServer replica) vs the same vLLM engine
-called directly in this process, under the same closed-loop load.
+"""Serving benchmark: `zephyr-ray serve` (Ray Serve LLM) against vLLM's own OpenAI server, the tool a user would run
+instead, on the same model with the same engine settings, the same HTTP client and the same load.
 
     python bench/serving.py [--model artifacts/tiny-models/teacher] [--requests 200] [--concurrency 16]
+                            [--sides vllm,serve] [--json runs/bench-serving.json]
 
-Both sides get the same engine settings (``engines.vllm_engine_kwargs`` of one served model), the same chat
-prompts (distinct, seeded sampling) and the same number of requests in flight. Prints requests/s, output
-tokens/s, p50 and p99 latency of each, and the ratios Serve/direct (throughput below 1 and latency above 1 are
-Serve's overhead). On a 2-core CPU machine the HTTP client, proxy and ingress share the cores with the engine.
+Each side is started as a user starts it, in its own processes: `python -m vllm.entrypoints.openai.api_server` with
+the flags that give the engine of `zephyr-ray serve` (``engines.vllm_engine_kwargs``: dtype, eager, KV cache, chat
+template, ...), and `zephyr-ray serve` on a Ray of its own (``serve+NAME=VALUE``: with Ray settings in its
+environment, to compare Ray Serve's own knobs). One side runs at a time. The load, per side:
+
+- closed loop, not streamed: ``--requests`` chat requests with ``--concurrency`` in flight: requests/s, p50 and p99;
+- closed loop, streamed: the same, with time to first token (TTFT) and time per output token (TPOT) per request;
+- one at a time: ``--single`` requests in sequence: p50 latency (the per-request overhead).
+
+Every request asks for ``MAX_TOKENS`` tokens with ``ignore_eos``, so both sides generate the same number of tokens.
+For Ray Serve the script then reads where the time went from Ray's own metrics (the proxy's request latency, and each
+deployment's processing latency: the ingress and the LLMServer). Prints one row per side and load, the ratios
+Serve/vLLM, and writes everything to ``--json``. On a 2-core machine the client, Ray's processes and the engine
+share the cores, so a hop's CPU shows as lost throughput; on a GPU node the engine's step time dominates and the hops
+run beside it (see the README).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 32
+SETTINGS = {"max_model_len": 512, "kv_cache_gib": 0.5}
 
 
-def prompts(n: int) -> list[list[dict]]:
-    return [[{"role": "user", "content": f"Question {i}: how do bees make honey, and why?"}] for i in range(n)]
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
-def summary(name: str, latencies: list[float], tokens: int, seconds: float) -> dict:
-    ordered = sorted(latencies)
-    return {"name": name, "requests_per_s": len(ordered) / seconds, "tokens_per_s": tokens / seconds,
-            "p50_s": statistics.median(ordered), "p99_s": ordered[max(0, int(0.99 * len(ordered)) - 1)]}
-
-
-def through_serve(model: str, n: int, concurrency: int) -> dict:
-    import ray
-    import requests
-    from ray import serve
-
-    from zephyr_ray.config import Hardware, ServeConfig, ServedModel
-    from zephyr_ray.serving import serve_locally
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    served = ServedModel(model_id="bench", model=model, max_model_len=512, kv_cache_gib=0.5, min_replicas=1,
-                         max_replicas=1, max_ongoing_requests=max(64, concurrency))
-    url = serve_locally(ServeConfig(models=[served], api_key_env="ZEPHYR_RAY_BENCH_NO_KEY"),
-                        Hardware(accelerator="cpu", num_workers=1), port=8799)
-
-    def one(i_messages: tuple[int, list[dict]]) -> tuple[float, int]:
-        i, messages = i_messages
-        started = time.perf_counter()
-        response = requests.post(f"{url}/v1/chat/completions", timeout=600, json={
-            "model": "bench", "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.8, "seed": i})
-        response.raise_for_status()
-        return time.perf_counter() - started, response.json()["usage"]["completion_tokens"]
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, enumerate(prompts(concurrency))))  # warm-up
-        started = time.perf_counter()
-        results = list(pool.map(one, enumerate(prompts(n))))
-        seconds = time.perf_counter() - started
-    serve.shutdown()
-    ray.shutdown()
-    return summary("Ray Serve app (HTTP)", [r[0] for r in results], sum(r[1] for r in results), seconds)
-
-
-def direct(model: str, n: int, concurrency: int) -> dict:
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
-
+def vllm_server_args(model: str, port: int, template_file: Path) -> list[str]:
+    """`vllm serve`'s command line for the engine `zephyr-ray serve` runs (same kwargs, as flags)."""
     from zephyr_ray.config import Hardware, ServedModel
     from zephyr_ray.engines import vllm_engine_kwargs
 
-    served = ServedModel(model_id="bench", max_model_len=512, kv_cache_gib=0.5)
-    kwargs = vllm_engine_kwargs(served.engine(model), Hardware(accelerator="cpu", num_workers=1))
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **kwargs))
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    engine = ServedModel(model_id="bench", **SETTINGS).engine(model)
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
+            "bench", "--port", str(port), "--host", "127.0.0.1", "--chat-template", str(template_file),
+            "--disable-uvicorn-access-log"]
+    for key, value in vllm_engine_kwargs(engine, Hardware(accelerator="cpu", num_workers=1)).items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False:
+            if key == "enable_chunked_prefill":
+                args.append("--no-enable-chunked-prefill")
+        else:
+            args += [flag, str(value)]
+    return args
 
-    async def one(i: int, messages: list[dict], gate: asyncio.Semaphore) -> tuple[float, int]:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, seed=i)
-        async with gate:
-            started = time.perf_counter()
-            async for output in engine.generate(prompt, params, request_id=f"bench-{i}-{time.time_ns()}"):
-                final = output
-            return time.perf_counter() - started, len(final.outputs[0].token_ids)
 
-    async def run(items: list[list[dict]]) -> list[tuple[float, int]]:
-        gate = asyncio.Semaphore(concurrency)
-        return await asyncio.gather(*(one(i, m, gate) for i, m in enumerate(items)))
+def wait_until(probe, seconds: float, what: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + seconds
+    while not probe():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited ({process.returncode}): {log.read_text()[-3000:]}")
+        if time.time() > deadline:
+            raise TimeoutError(f"{what} not up in {seconds:.0f} s: {log.read_text()[-3000:]}")
+        time.sleep(1)
 
-    async def main() -> tuple[list, float]:
-        await run(prompts(concurrency))  # warm-up
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_side(side: str, model: str, workdir: Path) -> tuple[subprocess.Popen, str, Path]:
+    """(process, base URL, log) of one side, up and answering. ``side``: ``vllm``, or ``serve`` with optional
+    environment settings for its Ray (``serve+NAME=VALUE+...``: Ray Serve's own knobs, to compare them)."""
+    port = free_port()
+    name, *settings = side.split("+")
+    log = workdir / f"{len(list(workdir.glob('*.log')))}-{name}.log"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a Ray of its own
+    env.update(setting.split("=", 1) for setting in settings)
+    if name == "vllm":
+        from zephyr_ray.chat import template_for
+
+        template = workdir / "template.jinja"
+        template.write_text(template_for(model, "zephyr", False))
+        command = vllm_server_args(model, port, template)
+    elif name == "serve":
+        recipe = workdir / "serve.yaml"
+        recipe.write_text(json.dumps({"name": "bench", "hardware": {"accelerator": "cpu", "num_workers": 1},
+                                      "serve": {"models": [{"model_id": "bench", **SETTINGS, "min_replicas": 1,
+                                                            "max_replicas": 1, "max_ongoing_requests": 256}]}}))
+        command = [sys.executable, "-m", "zephyr_ray.cli", "serve", model, "--recipe", str(recipe), "--port", str(port)]
+    else:
+        raise SystemExit(f"--sides: unknown side {name!r} (vllm, serve, serve+NAME=VALUE...)")
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: healthy(url), 600, side, process, log)
+    return process, url, log
+
+
+def stop_side(process: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops either server (`zephyr-ray serve` shuts Serve and its own Ray down)."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+
+
+def body(i: int, stream: bool) -> dict:
+    return {"model": "bench", "messages": [{"role": "user", "content": f"Question {i}: how do bees make honey?"}],
+            "max_tokens": MAX_TOKENS, "temperature": 0.8, "seed": i, "ignore_eos": True, "stream": stream}
+
+
+async def one_request(client, url: str, i: int, stream: bool) -> dict:
+    started = time.perf_counter()
+    if not stream:
+        response = await client.post(f"{url}/v1/chat/completions", json=body(i, False))
+        response.raise_for_status()
+        tokens = response.json()["usage"]["completion_tokens"]
+        return {"latency": time.perf_counter() - started, "tokens": tokens}
+    first, chunks = None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body(i, True)) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+            if delta:
+                first = first or time.perf_counter()
+                chunks += 1
+    ended = time.perf_counter()
+    return {"latency": ended - started, "ttft": (first or ended) - started, "tokens": MAX_TOKENS,
+            "tpot": (ended - first) / (MAX_TOKENS - 1) if first else None, "chunks": chunks}
+
+
+async def closed_loop(url: str, n: int, concurrency: int, stream: bool, offset: int) -> tuple[list[dict], float]:
+    import httpx
+
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def gated(i: int) -> dict:
+            async with gate:
+                return await one_request(client, url, offset + i, stream)
+
+        await asyncio.gather(*(gated(i) for i in range(concurrency)))  # warm-up, not counted
         started = time.perf_counter()
-        results = await run(prompts(n))
+        results = await asyncio.gather(*(gated(concurrency + i) for i in range(n)))
         return results, time.perf_counter() - started
 
-    results, seconds = asyncio.run(main())
-    engine.shutdown()
-    return summary("vLLM AsyncLLM, direct", [r[0] for r in results], sum(r[1] for r in results), seconds)
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def measure(url: str, n: int, concurrency: int, single: int) -> dict:
+    plain, plain_s = asyncio.run(closed_loop(url, n, concurrency, stream=False, offset=0))
+    streamed, streamed_s = asyncio.run(closed_loop(url, n, concurrency, stream=True, offset=10_000))
+    alone, _ = asyncio.run(closed_loop(url, single, 1, stream=False, offset=20_000))
+    return {
+        "requests_per_s": n / plain_s, "tokens_per_s": sum(r["tokens"] for r in plain) / plain_s,
+        "p50_s": percentile([r["latency"] for r in plain], 0.5),
+        "p99_s": percentile([r["latency"] for r in plain], 0.99),
+        "stream_requests_per_s": n / streamed_s,
+        "ttft_p50_s": percentile([r["ttft"] for r in streamed], 0.5),
+        "ttft_p99_s": percentile([r["ttft"] for r in streamed], 0.99),
+        "tpot_p50_s": statistics.median(r["tpot"] for r in streamed if r["tpot"] is not None),
+        "stream_chunks_p50": statistics.median(r["chunks"] for r in streamed),
+        "single_p50_s": percentile([r["latency"] for r in alone], 0.5),
+    }
+
+
+def serve_breakdown(urls: list[str]) -> dict[str, float]:
+    """Mean milliseconds per request in each hop, from Ray Serve's own histograms on Ray's metrics endpoints: the
+    proxy's whole request, and each deployment's processing (ingress, LLMServer)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for url in urls:
+        text = urllib.request.urlopen(url, timeout=30).read().decode()
+        for line in text.splitlines():
+            for metric, label in (("ray_serve_http_request_latency_ms", None),
+                                  ("ray_serve_deployment_processing_latency_ms", "deployment")):
+                for suffix, table in (("_sum{", sums), ("_count{", counts)):
+                    if line.startswith(metric + suffix):
+                        labels = line[line.index("{") + 1:line.index("}")]
+                        name = "proxy (whole request)" if label is None else next(
+                            (part.split("=", 1)[1].strip('"') for part in labels.split(",")
+                             if part.startswith(label + "=")), "?")
+                        table[name] = table.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return {name: sums[name] / counts[name] for name in sums if counts.get(name)}
+
+
+def metrics_urls() -> list[str]:
+    """Ray's Prometheus endpoints on this machine, from the service-discovery file Ray's dashboard writes for
+    Prometheus (the side's own Ray is the only one running during the benchmark)."""
+    path = Path("/tmp/ray/prom_metrics_service_discovery.json")
+    if not path.is_file():
+        return []
+    return [f"http://{target}/metrics" for group in json.loads(path.read_text()) for target in group["targets"]]
 
 
 def main() -> None:
@@ -107,15 +227,46 @@ def main() -> None:
     parser.add_argument("--model", default=str(REPO / "artifacts" / "tiny-models" / "teacher"))
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--single", type=int, default=50, help="requests sent one at a time")
+    parser.add_argument("--sides", default="vllm,serve", help="vllm, serve, serve+NAME=VALUE (Ray env settings)")
+    parser.add_argument("--json", type=Path, default=REPO / "runs" / "bench-serving.json")
     args = parser.parse_args()
-    base = direct(args.model, args.requests, args.concurrency)
-    served = through_serve(args.model, args.requests, args.concurrency)
-    print(f"\n{args.requests} chat requests, {args.concurrency} in flight, {MAX_TOKENS} tokens max, {args.model}")
-    for row in (base, served):
-        print(f"  {row['name']:<24} {row['requests_per_s']:7.2f} req/s {row['tokens_per_s']:8.1f} tokens/s "
-              f"p50 {row['p50_s']:.3f}s p99 {row['p99_s']:.3f}s")
-    print(f"ratio Serve/direct: throughput {served['requests_per_s'] / base['requests_per_s']:.2f}, "
-          f"p50 latency {served['p50_s'] / base['p50_s']:.2f}, p99 latency {served['p99_s'] / base['p99_s']:.2f}")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="zr-bench-") as tmp:
+        for side in args.sides.split(","):
+            process, url, log = start_side(side, args.model, Path(tmp))
+            try:
+                results[side] = measure(url, args.requests, args.concurrency, args.single)
+                if side != "vllm" and (urls := metrics_urls()):
+                    results[side]["hops_ms"] = serve_breakdown(urls)
+            finally:
+                stop_side(process)
+            print(f"{side}: {json.dumps(results[side])}", flush=True)
+    print(f"\n{args.requests} chat requests, {args.concurrency} in flight, {MAX_TOKENS} tokens each (ignore_eos); "
+          f"{args.single} one at a time; {args.model}")
+    print(f"  {'side':<12} {'req/s':>7} {'p50':>7} {'p99':>7} | {'stream':>6} {'TTFT50':>7} {'TTFT99':>7} "
+          f"{'TPOT50':>7} | {'single p50':>10}")
+    for side, r in results.items():
+        print(f"  {side:<12} {r['requests_per_s']:7.1f} {r['p50_s'] * 1e3:6.0f}ms {r['p99_s'] * 1e3:6.0f}ms | "
+              f"{r['stream_requests_per_s']:6.1f} {r['ttft_p50_s'] * 1e3:6.0f}ms {r['ttft_p99_s'] * 1e3:6.0f}ms "
+              f"{r['tpot_p50_s'] * 1e3:6.1f}ms | {r['single_p50_s'] * 1e3:8.1f}ms")
+    base = results.get("vllm")
+    for side, r in results.items():
+        if side == "vllm" or base is None:
+            continue
+        ratio = {key: r[key] / base[key] for key in ("requests_per_s", "stream_requests_per_s", "p50_s", "ttft_p50_s",
+                                                      "tpot_p50_s")}
+        print(f"ratio {side}/vllm: throughput {ratio['requests_per_s']:.2f} (streamed "
+              f"{ratio['stream_requests_per_s']:.2f}), p50 {ratio['p50_s']:.2f}, TTFT p50 {ratio['ttft_p50_s']:.2f}, "
+              f"TPOT p50 {ratio['tpot_p50_s']:.2f}, one at a time p50 "
+              f"{(r['single_p50_s'] - base['single_p50_s']) * 1e3:+.1f} ms")
+        if r.get("hops_ms"):
+            print("  where Serve's time went (mean ms per request, Ray Serve's metrics): " + ", ".join(
+                f"{name} {ms:.1f}" for name, ms in r["hops_ms"].items()))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"requests": args.requests, "concurrency": args.concurrency,
+                                     "max_tokens": MAX_TOKENS, "model": args.model, "results": results}, indent=2))
+    print(f"\nwritten: {args.json}")
 
 
 if __name__ == "__main__":
