@@ -1,7 +1,7 @@
 """Iterative rounds (`rounds:`) through `zephyr-ray run`'s code on the demo's finished run: the recipe's own stages
 are skipped, two rounds run on real engines and Ray Train (round 2 sampling round 1's model, DPO against the dSFT
 reference), each round is evaluated against dSFT, the manifest lists every round and stage, and a re-run redoes
-nothing. Small on purpose (8 prompts a round, 2 samples, one DPO epoch): the shipped tiny-cpu-rounds.yaml runs the
+nothing. Small on purpose (8 prompts a round, 3 samples, one DPO epoch): the shipped tiny-cpu-rounds.yaml runs the
 full size, and its numbers are in docs/tiny-world.md."""
 
 import json
@@ -25,7 +25,7 @@ def rounds_run(tiny_run, ray_local, tmp_path_factory):
     run_dir = copy_of_tiny_run(tiny_run, tmp_path_factory.mktemp("rounds"))
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     shipped = yaml.safe_load((REPO / "jobs" / "configs" / "tiny-cpu-rounds.yaml").read_text())["rounds"]
-    recipe["rounds"] = {**shipped, "samples": 2, "prompts": "resample", "prompts_per_round": 8, "reference": "sft",
+    recipe["rounds"] = {**shipped, "samples": 3, "prompts": "resample", "prompts_per_round": 8, "reference": "sft",
                         "dpo": {"num_epochs": 1}, "sampling": {"temperature": 1.0, "max_tokens": 32}}
     recipe["evaluate"]["exact_match"]["questions"]["limit"] = 16
     recipe["evaluate"]["pairwise"]["prompts"]["limit"] = 8
@@ -58,7 +58,7 @@ def test_each_round_samples_the_policy_of_the_round_before_and_pairs_best_with_w
         prompts = [json.loads(line)["prompt_id"] for line in (folder / "prompts.jsonl").read_text().splitlines()]
         completions = rows(folder / "complete" / "models" / "policy")
         assert len(prompts) == 8 and sorted((c["prompt_id"], c["model"]) for c in completions) == sorted(
-            (p, f"policy-{i}") for p in prompts for i in (1, 2))
+            (p, f"policy-{i}") for p in prompts for i in (1, 2, 3))
         judged = {(j["prompt_id"], j["model"]): j for j in rows(folder / "judge" / "judgments")}
         assert len(judged) == len(completions)
         for pair in rows(folder / "binarize" / "preferences"):

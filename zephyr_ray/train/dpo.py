@@ -96,6 +96,10 @@ def run_train_dpo(recipe: Recipe, run_dir: Path) -> StageResult:
     counts = split_by_prompt_length(preferences, load_tokenizer(base, cfg), cfg.max_prompt_length, kept, rejects)
     logger.info("train_dpo: %d pairs, %d train, %d rejected (prompt too long)", counts["pairs"], counts["kept"],
                 counts["rejected"])
+    if not counts["kept"]:
+        raise ValueError(f"train_dpo: no preference pair to train on ({counts['pairs']} in {preferences}, "
+                         f"{counts['rejected']} of them over max_prompt_length): binarize pairs a prompt only when its "
+                         "completions' scores differ; more completions per prompt (or a rounds' `samples`) give more")
     files = sorted(str(p) for p in kept.glob("*.parquet"))
     result = run_torch_trainer("train_dpo", dpo_worker, loop_config("train_dpo", recipe, base, files, run_dir),
                                recipe, cfg, run_dir)
