@@ -61,18 +61,19 @@ def test_the_demo_again_is_quiet_and_every_next_step_it_prints_works(demo_run, u
     aligned = demo_run / "train_dpo" / "model"
     assert serve_command == f"zephyr-ray serve {aligned}" and chat_command == f"zephyr-ray chat {aligned}"
 
-    chatted = run(chat_command, user_env, stdin="How do bees make honey?\n/exit\n")
-    reply = next(line for line in chatted.splitlines() if line.startswith("assistant> "))
-    assert len(reply) > len("assistant> "), chatted
-
-    assert run(f"zephyr-ray report {demo_run}", user_env).strip() == f"report: {demo_run / 'report.html'}"
-    assert (demo_run / "report.html").stat().st_size > 10_000
-
+    # serve in one terminal; chat and the report in another while it comes up
     log_path = demo_run / "serve-terminal.txt"
     with open(log_path, "w") as terminal:
         server = subprocess.Popen(["bash", "-c", serve_command], env=user_env, cwd=REPO, stdout=terminal,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        chatted = run(chat_command, user_env, stdin="How do bees make honey?\n/exit\n")
+        reply = next(line for line in chatted.splitlines() if line.startswith("assistant> "))
+        assert len(reply) > len("assistant> "), chatted
+
+        assert run(f"zephyr-ray report {demo_run}", user_env).strip() == f"report: {demo_run / 'report.html'}"
+        assert (demo_run / "report.html").stat().st_size > 10_000
+
         deadline = time.time() + 600
         while "Ctrl-C stops it." not in log_path.read_text():
             assert server.poll() is None, log_path.read_text()[-4000:]
