@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zephyr_ray.run import RECIPE_STAGES
 from zephyr_ray.metrics import GAUGES
+from zephyr_ray.run import RECIPE_STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
