@@ -1,10 +1,11 @@
 """Iterative rounds (`rounds:`) through `zephyr-ray run`'s code on the demo's finished run: the recipe's own stages
 are skipped, two rounds run on real engines and Ray Train (round 2 sampling round 1's model, DPO against the dSFT
 reference), each round is evaluated against dSFT, the manifest lists every round and stage, and a re-run redoes
-nothing. Small on purpose (8 prompts a round, 3 samples, one DPO epoch): the shipped tiny-cpu-rounds.yaml runs the
-full size, and its numbers are in docs/tiny-world.md."""
+nothing. Small on purpose (8 prompts a round, only the policy's 3 samples, one DPO epoch): the shipped
+tiny-cpu-rounds.yaml runs the full size, and its numbers are in docs/tiny-world.md."""
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -25,12 +26,21 @@ def rounds_run(tiny_run, ray_local, tmp_path_factory):
     run_dir = copy_of_tiny_run(tiny_run, tmp_path_factory.mktemp("rounds"))
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     shipped = yaml.safe_load((REPO / "jobs" / "configs" / "tiny-cpu-rounds.yaml").read_text())["rounds"]
-    recipe["rounds"] = {**shipped, "samples": 3, "prompts": "resample", "prompts_per_round": 8, "reference": "sft",
-                        "dpo": {"num_epochs": 1}, "sampling": {"temperature": 1.0, "max_tokens": 32}}
+    recipe["rounds"] = {**shipped, "pool": "replace", "samples": 3, "prompts": "resample", "prompts_per_round": 8,
+                        "reference": "sft", "dpo": {"num_epochs": 1},
+                        "sampling": {"temperature": 1.0, "max_tokens": 32}}
     recipe["evaluate"]["exact_match"]["questions"]["limit"] = 16
     recipe["evaluate"]["pairwise"]["prompts"]["limit"] = 8
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return run_dir, run_recipe(run_dir / "recipe.yaml", run_dir)
+    said = logging.getLogger("zephyr_ray.rounds")
+    level, handler = said.level, logging.FileHandler(run_dir / "rounds-said.log")
+    said.setLevel(logging.INFO)
+    said.addHandler(handler)
+    try:
+        return run_dir, run_recipe(run_dir / "recipe.yaml", run_dir)
+    finally:
+        said.removeHandler(handler)
+        said.setLevel(level)
 
 
 def rows(path: Path) -> list[dict]:
@@ -84,6 +94,13 @@ def test_every_round_is_evaluated_against_dsft_and_the_report_plots_them(rounds_
         assert 0.0 <= win["win_rate"] <= 1.0 and win["interval"][0] <= win["win_rate"] <= win["interval"][1]
         assert row["exact_match_vs_sft"]["over"] == "sft" and row["pairs"] > 0
     assert summary["sft_exact_match"]["n"] == 16
+    # the dSFT model answers the same questions with the same seeds every time: each round takes its answers from
+    # the recipe's own evaluation (which asked all 48 + 48; the rounds ask 8 + 16 of them) instead of an engine pass
+    said = (run_dir / "rounds-said.log").read_text()
+    for r in (1, 2):
+        answers = rows(run_dir / "rounds" / str(r) / "evaluate" / "answers" / "sft")
+        assert sorted(a["set"] for a in answers) == ["exact_match"] * 16 + ["pairwise"] * 8
+        assert f"round {r}: the dSFT model's 24 answers are those of evaluate/answers/sft" in said, said
     assert (run_dir / "rounds" / "rounds.png").stat().st_size > 10_000
     report = write_report(run_dir, tmp_path / "report.html")
     images = render_page(report.as_uri(), tmp_path / "report.png")

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .config import DatasetSource, Engine, EvalModel, PairwiseConfig, PoolModel, Recipe
-from .data import PromptRow, is_complete, read_rows, validated_once, write_text_atomic
+from .data import PromptRow, is_complete, read_rows, validated_once, write_rows_atomic, write_text_atomic
 from .stage import StageResult, Timer
 
 logger = logging.getLogger(__name__)
@@ -82,42 +82,51 @@ def round_prompts(recipe: Recipe, run_dir: Path, round_number: int) -> Path:
 
 
 def round_recipe(recipe: Recipe, run_dir: Path, round_number: int) -> Recipe:
-    """The recipe round r runs its stages with: the policy's samples in ``complete``, the round's pairing in
-    ``binarize``, DPO from the policy (and its reference, epochs, learning rate) in ``train_dpo``, and an evaluation
-    of the round's model against the dSFT model. Paths are absolute: the stages run in the round's directory."""
-    cfg = recipe.rounds
+    """The recipe round r runs its stages with (``recipe_for_round``) in ``run_dir``: its prompts drawn, its policy
+    the dSFT model or round r-1's, its model ``rounds/<r>/train_dpo/model``. Paths are absolute: the stages run in
+    the round's directory."""
     run_dir = run_dir.resolve()
-    policy, sft = policy_of(run_dir, round_number), sft_model(run_dir)
-    engine = Engine.model_validate({**cfg.engine.model_dump(), "model": str(policy)})
+    prompts = DatasetSource(path=str(round_prompts(recipe, run_dir, round_number)))
+    return recipe_for_round(recipe, round_number, prompts, policy=str(policy_of(run_dir, round_number)),
+                            sft=str(sft_model(run_dir)),
+                            trained=str(round_dir(run_dir, round_number) / "train_dpo" / "model"))
+
+
+def recipe_for_round(recipe: Recipe, round_number: int, prompts: DatasetSource, policy: str, sft: str,
+                     trained: str) -> Recipe:
+    """Round r's recipe from its prompts and models (``zephyr-ray plan`` prices a round from the same): the
+    policy's samples in ``complete`` (beside the pool's with ``pool: join``), the round's pairing in ``binarize``,
+    DPO from the policy (its reference, epochs, learning rate) in ``train_dpo``, and an evaluation of the round's
+    model against the dSFT model."""
+    cfg = recipe.rounds
+    engine = Engine.model_validate({**cfg.engine.model_dump(), "model": policy})
     policy_model = PoolModel(name=POLICY, engine=engine, sampling=cfg.sampling, samples=cfg.samples)
     pool = list(recipe.complete.models) if cfg.pool == "join" else []
-    prompts = DatasetSource(path=str(round_prompts(recipe, run_dir, round_number)))
     complete = recipe.complete.model_copy(update={"prompts": prompts, "models": [*pool, policy_model]})
     binarize = recipe.binarize.model_copy(update={"rejected": cfg.rejected, "dataset": None})
-    dpo_changes: dict[str, Any] = {"model": str(policy),
-                                   "reference": str(sft) if cfg.reference == "sft" and round_number > 1 else None}
+    dpo_changes: dict[str, Any] = {"model": policy,
+                                   "reference": sft if cfg.reference == "sft" and round_number > 1 else None}
     for field in ("num_epochs", "learning_rate"):
         if (value := cfg.dpo.for_round(field, round_number)) is not None:
             dpo_changes[field] = value
     train_dpo = recipe.train_dpo.model_copy(update=dpo_changes)
     changes: dict[str, Any] = {"synthesize": None, "train_sft": None, "complete": complete, "judge": recipe.judge,
                                "binarize": binarize, "train_dpo": train_dpo, "rounds": None}
-    changes["evaluate"] = round_evaluation(recipe, run_dir, round_number) if cfg.evaluate else None
+    changes["evaluate"] = round_evaluation(recipe, round_number, trained, sft) if cfg.evaluate else None
     return recipe.model_copy(update=changes)
 
 
-def round_evaluation(recipe: Recipe, run_dir: Path, round_number: int) -> Any:
-    """The recipe's evaluation with round r's dDPO model as the evaluated model and the dSFT model as the pairwise
-    baseline: exact match (of those two) and the win rate against dSFT; MT-Bench grading only where the pairwise
-    instructions are the MT-Bench questions; no decontamination (the round's prompts were screened when drawn)."""
+def round_evaluation(recipe: Recipe, round_number: int, trained: str, sft: str) -> Any:
+    """The recipe's evaluation with round r's dDPO model (``trained``) as the evaluated model and the dSFT model as
+    the pairwise baseline: exact match (of those two) and the win rate against dSFT; MT-Bench grading only where the
+    pairwise instructions are the MT-Bench questions; no decontamination (the round's prompts were screened when
+    drawn)."""
     evaluate = recipe.evaluate
     settings = evaluate.model.model_dump(exclude={"name", "model"})
-    model = EvalModel(name=f"round-{round_number}", model=str(round_dir(run_dir, round_number) / "train_dpo" / "model"),
-                      **settings)
+    model = EvalModel(name=f"round-{round_number}", model=trained, **settings)
     pairwise = evaluate.pairwise or PairwiseConfig()
     baseline_settings = (pairwise.baseline or evaluate.model).model_dump(exclude={"name", "model"})
-    pairwise = pairwise.model_copy(update={"baseline": EvalModel(name="sft", model=str(sft_model(run_dir)),
-                                                                 **baseline_settings)})
+    pairwise = pairwise.model_copy(update={"baseline": EvalModel(name="sft", model=sft, **baseline_settings)})
     exact_match = evaluate.exact_match.model_copy(update={"models": []}) if evaluate.exact_match else None
     return evaluate.model_copy(update={"model": model, "pairwise": pairwise, "exact_match": exact_match,
                                        "mt_bench": evaluate.mt_bench if pairwise.prompts is None else None,
@@ -137,7 +146,50 @@ def run_round_stage(recipe: Recipe, run_dir: Path, round_number: int, stage: str
     # what the round ran with, beside its outputs (the policy it sampled, its prompts, its DPO settings)
     write_text_atomic(round_dir(run_dir, round_number) / "recipe.yaml",
                       yaml.safe_dump(recipe_of_round.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    if stage == "evaluate" and recipe_of_round.evaluate is not None:
+        reuse_sft_answers(recipe, recipe_of_round, run_dir, round_number)
     return run_stage(stage, recipe_of_round, round_dir(run_dir, round_number), address=address)
+
+
+def reuse_sft_answers(recipe: Recipe, recipe_of_round: Recipe, run_dir: Path, round_number: int) -> int:
+    """Round r's evaluation takes the dSFT model's answers from an earlier evaluation of the run (the recipe's own,
+    then each earlier round's) when that one asked the dSFT model, with the same engine settings and name (so the
+    same seeds), every item the round asks in the same form: the answers would come out the same, and one engine
+    pass a round is saved. How many answers were taken (0: none)."""
+    from .config import EvaluateConfig
+    from .evaluate.answers import ANSWER_SCHEMA, answer_items, answers_dir, model_path
+    from .evaluate.sets import evaluation_sets
+
+    here, cfg = round_dir(run_dir, round_number), recipe_of_round.evaluate
+    target = answers_dir(here, "sft")
+    if cfg is None or cfg.pairwise is None or cfg.pairwise.baseline is None or is_complete(target):
+        return 0
+    baseline = cfg.pairwise.baseline
+    wanted = answer_items(evaluation_sets(cfg, here), cfg)
+    earlier = [(run_dir, recipe.evaluate)]
+    for r in range(1, round_number):
+        saved = yaml.safe_load((round_dir(run_dir, r) / "recipe.yaml").read_text()).get("evaluate")
+        earlier.append((round_dir(run_dir, r), EvaluateConfig.model_validate(saved) if saved else None))
+    for source_run, source_cfg in earlier:
+        source = answers_dir(source_run, "sft")
+        then = source_cfg.pairwise.baseline if source_cfg and source_cfg.pairwise else None
+        if then is None or then.name != "sft" or not is_complete(source) or (
+                Path(model_path(then, source_run)).resolve() != Path(baseline.model).resolve()
+                or then.model_dump(exclude={"model"}) != baseline.model_dump(exclude={"model"})):
+            continue
+        asked = {(item["set"], item["question_id"]): item for item in answer_items(
+            evaluation_sets(source_cfg, source_run), source_cfg)}
+        if any(asked.get((item["set"], item["question_id"])) != item for item in wanted):
+            continue
+        keys = {(item["set"], item["question_id"]) for item in wanted}
+        rows = [row for row in read_rows(source) if (row["set"], row["question_id"]) in keys]
+        if len(rows) != len(keys):
+            continue
+        write_rows_atomic(rows, target, schema=ANSWER_SCHEMA)
+        logger.info("rounds: round %d: the dSFT model's %d answers are those of %s (same questions, seeds and "
+                    "engine)", round_number, len(rows), source.relative_to(run_dir))
+        return len(rows)
+    return 0
 
 
 def run_rounds(recipe: Recipe, run_dir: Path) -> StageResult:
