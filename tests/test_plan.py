@@ -142,3 +142,29 @@ def test_a_cluster_file_without_gpus_is_one_clear_error(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "plan", str(SEVEN_B), "--cluster",
                             str(tmp_path / "cluster.yaml")], capture_output=True, text=True, cwd=REPO)
     assert shown.returncode == 2 and "no node type with GPUs" in shown.stderr and "Traceback" not in shown.stderr
+
+
+def test_rounds_are_planned_stage_by_stage_after_the_recipes_own(tmp_path):
+    """A 7B recipe with two rounds on the shipped cluster: every round's five stages priced as the recipe's own,
+    with the policy's 4 answers a prompt, half the preference prompts a round (split), and no problem; the shipped
+    tiny rounds recipe plans on CPU."""
+    variant = tmp_path / "zephyr-7b-rounds.yaml"
+    variant.write_text(f"base: {SEVEN_B}\nname: zephyr-7b-rounds\nrounds: {{count: 2, samples: 4}}\n")
+    planned = plan_json(plan_of(variant))
+    stages = {s["stage"]: s for s in planned["stages"]}
+    own = ["synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo", "evaluate"]
+    assert list(stages) == own + [f"rounds/{r}/{s}" for r in (1, 2) for s in own[2:]]
+    assert all(not s["problems"] for s in stages.values()), [(s["stage"], s["problems"]) for s in stages.values()]
+    prompts = int(re.match(r"([\d,]+) prompts", stages["complete"]["work"]).group(1).replace(",", ""))
+    for r in (1, 2):
+        complete = stages[f"rounds/{r}/complete"]
+        assert complete["work"].startswith(f"{prompts // 2:,} prompts") and "(4 answers a prompt)" in complete["work"]
+        assert complete["gpus_used"] == 16 and complete["actors"].startswith("policy: ")
+        assert stages[f"rounds/{r}/judge"]["work"].startswith(f"{prompts // 2 * 4:,} completions")
+        assert stages[f"rounds/{r}/train_dpo"]["gpus_used"] == 16 and stages[f"rounds/{r}/train_dpo"]["cost_usd"] > 0
+    without = plan_json(plan_of(SEVEN_B))["total"]
+    assert planned["total"]["cost_usd"] > without["cost_usd"] and planned["total"]["hours"] > without["hours"]
+    tiny = plan_json(plan_recipe(load_recipe(REPO / "jobs" / "configs" / "tiny-cpu-rounds.yaml"),
+                                 cluster_from_default()))
+    joined = next(s for s in tiny["stages"] if s["stage"] == "rounds/2/complete")
+    assert joined["actors"].count("1 x vLLM engine (1 CPU)") == 5  # the pool joins the policy

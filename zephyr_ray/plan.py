@@ -281,10 +281,12 @@ def plan_recipe(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
     if (cfg := recipe.complete) is not None:
         plan = new("complete")
         prompts, how = dataset_rows(cfg.prompts)
-        completions = prompts * len(cfg.models)
-        engines = [(m.name, m.engine, prompts * _a("prompt_tokens"), prompts * min(m.sampling.max_tokens, _a("completion_tokens")))
-                   for m in cfg.models]
+        completions = prompts * sum(m.samples for m in cfg.models)
+        engines = [(m.name, m.engine, prompts * _a("prompt_tokens"),
+                    prompts * m.samples * min(m.sampling.max_tokens, _a("completion_tokens"))) for m in cfg.models]
         plan.work = f"{prompts:,} prompts ({how}) x {len(cfg.models)} models"
+        if completions > prompts * len(cfg.models):
+            plan.work += f" ({completions // max(prompts, 1)} answers a prompt)"
         _generation_hours(engines, hardware, cluster, plan)
     if (cfg := recipe.judge) is not None:
         plan = new("judge")
@@ -306,7 +308,8 @@ def plan_recipe(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
     if (cfg := recipe.binarize) is not None:
         plan = new("binarize")
         pairs, how = dataset_rows(cfg.dataset) if cfg.dataset is not None else (
-            completions // max(len(recipe.complete.models), 1) if recipe.complete else 0, "one per prompt")
+            completions // max(sum(m.samples for m in recipe.complete.models), 1) if recipe.complete else 0,
+            "one per prompt")
         plan.work = f"{pairs:,} preference pairs ({how})"
         cpu_work(plan, "grouping scores into pairs")
     if (cfg := recipe.train_dpo) is not None:
@@ -343,6 +346,26 @@ def plan_recipe(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
                 + plan.judge_usd
         elif plan.cost_usd is None and not plan.gpus_used:
             plan.cost_usd = 0.0
+    return plans + _round_plans(recipe, cluster)
+
+
+def _round_plans(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
+    """The stages of every round (``rounds:``), each priced as the recipe's own: round r's recipe
+    (``rounds.recipe_for_round``) with its share of the prompts and the dSFT model's size for its policy."""
+    from .rounds import recipe_for_round
+
+    cfg = recipe.rounds
+    if cfg is None or recipe.complete is None:
+        return []
+    total, _ = dataset_rows(recipe.complete.prompts)
+    share = max(1, total // cfg.count) if cfg.prompts == "split" else min(cfg.prompts_per_round or total, total)
+    prompts = recipe.complete.prompts.model_copy(update={"limit": share})
+    model = (recipe.train_sft.model if recipe.train_sft else None) or recipe.complete.models[0].engine.model
+    plans = []
+    for round_number in range(1, cfg.count + 1):
+        for plan in plan_recipe(recipe_for_round(recipe, round_number, prompts, model, model, model), cluster):
+            plan.stage = f"rounds/{round_number}/{plan.stage}"
+            plans.append(plan)
     return plans
 
 
