@@ -407,3 +407,26 @@ def test_rounds_are_checked_when_the_recipe_loads(tmp_path, rounds, message):
     with pytest.raises(RecipeError) as err:
         load_recipe(recipe)
     assert message in "\n".join(err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize("pool", ["join", "replace"])
+def test_a_rounds_recipe_samples_the_previous_rounds_model_beside_the_pool_or_alone(tmp_path, pool):
+    """Round 2's recipe as `rounds.round_recipe` derives it (its prompts already drawn): the policy is round 1's
+    model, with the pool models before it when they join; DPO starts from it; the evaluation puts it against dSFT."""
+    from zephyr_ray.rounds import round_recipe
+
+    shipped = load_recipe(REPO / "jobs" / "configs" / "tiny-cpu-rounds.yaml")
+    recipe = shipped.model_copy(update={"rounds": shipped.rounds.model_copy(update={"pool": pool})})
+    run_dir = tmp_path / "run"
+    (run_dir / "rounds" / "2").mkdir(parents=True)
+    (run_dir / "rounds" / "2" / "prompts.jsonl").write_text('{"prompt": "a question", "prompt_id": "q"}\n')
+    second = round_recipe(recipe, run_dir, 2)
+    pool_names = [m.name for m in shipped.complete.models] if pool == "join" else []
+    assert [m.name for m in second.complete.models] == pool_names + ["policy"]
+    policy, round_1 = second.complete.models[-1], run_dir.resolve() / "rounds" / "1" / "train_dpo" / "model"
+    assert policy.engine.model == str(round_1) == second.train_dpo.model
+    assert policy.samples == shipped.rounds.samples and second.complete.prompts.path.endswith("2/prompts.jsonl")
+    assert second.evaluate.model.name == "round-2" and second.evaluate.model.model == str(
+        run_dir.resolve() / "rounds" / "2" / "train_dpo" / "model")
+    assert second.evaluate.pairwise.baseline.model == str(run_dir.resolve() / "train_sft" / "model")
+    assert second.synthesize is None and second.train_sft is None and second.rounds is None
