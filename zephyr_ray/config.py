@@ -605,6 +605,13 @@ class RoundsConfig(_Section):
                 raise ValueError(f"dpo.{field}: give one value per round ({self.count}), got {len(value)}")
         return self
 
+    def prompts_a_round(self, total: int) -> int:
+        """How many of ``total`` prompts a round asks: ``prompts_per_round`` (at most all) when resampled; when split,
+        about ``total / count`` (the split goes by a hash of each prompt id)."""
+        if self.prompts == "split":
+            return total // self.count
+        return min(self.prompts_per_round or total, total)
+
 
 class Recipe(_Section):
     """A whole Zephyr-style run: what to train, on what, with which settings."""

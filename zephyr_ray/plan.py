@@ -277,11 +277,11 @@ def plan_recipe(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
         plan = new("train_sft")
         _training("train_sft", dialogues, min(_a("dialogue_tokens"), cfg.max_length), 1.0, cfg,
                   cfg.model or "", hardware, cluster, plan)
-    completions = 0
+    asked, completions = 0, 0
     if (cfg := recipe.complete) is not None:
         plan = new("complete")
         prompts, how = dataset_rows(cfg.prompts)
-        completions = prompts * sum(m.samples for m in cfg.models)
+        asked, completions = prompts, prompts * sum(m.samples for m in cfg.models)
         engines = [(m.name, m.engine, prompts * _a("prompt_tokens"),
                     prompts * m.samples * min(m.sampling.max_tokens, _a("completion_tokens"))) for m in cfg.models]
         plan.work = f"{prompts:,} prompts ({how}) x {len(cfg.models)} models"
@@ -307,9 +307,7 @@ def plan_recipe(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
     pairs = 0
     if (cfg := recipe.binarize) is not None:
         plan = new("binarize")
-        pairs, how = dataset_rows(cfg.dataset) if cfg.dataset is not None else (
-            completions // max(sum(m.samples for m in recipe.complete.models), 1) if recipe.complete else 0,
-            "one per prompt")
+        pairs, how = dataset_rows(cfg.dataset) if cfg.dataset is not None else (asked, "one per prompt")
         plan.work = f"{pairs:,} preference pairs ({how})"
         cpu_work(plan, "grouping scores into pairs")
     if (cfg := recipe.train_dpo) is not None:
@@ -357,9 +355,8 @@ def _round_plans(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
     cfg = recipe.rounds
     if cfg is None or recipe.complete is None:
         return []
-    total, _ = dataset_rows(recipe.complete.prompts)
-    share = max(1, total // cfg.count) if cfg.prompts == "split" else min(cfg.prompts_per_round or total, total)
-    prompts = recipe.complete.prompts.model_copy(update={"limit": share})
+    prompts = recipe.complete.prompts.model_copy(update={
+        "limit": max(1, cfg.prompts_a_round(dataset_rows(recipe.complete.prompts)[0]))})
     model = (recipe.train_sft.model if recipe.train_sft else None) or recipe.complete.models[0].engine.model
     plans = []
     for round_number in range(1, cfg.count + 1):

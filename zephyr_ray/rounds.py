@@ -70,8 +70,8 @@ def round_prompts(recipe: Recipe, run_dir: Path, round_number: int) -> Path:
     if cfg.prompts == "split":
         chosen = [row for row in rows if stable_seed(cfg.seed, row["prompt_id"]) % cfg.count == round_number - 1]
     else:
-        wanted = min(cfg.prompts_per_round or len(rows), len(rows))
-        chosen = sorted(random.Random(stable_seed(cfg.seed, round_number)).sample(rows, wanted),
+        drawn = random.Random(stable_seed(cfg.seed, round_number)).sample(rows, cfg.prompts_a_round(len(rows)))
+        chosen = sorted(drawn,
                         key=lambda row: row["prompt_id"])
     if not chosen:
         raise ValueError(f"rounds: round {round_number} has no prompts ({len(rows)} prompts split {cfg.count} ways)")
@@ -161,21 +161,21 @@ def reuse_sft_answers(recipe: Recipe, recipe_of_round: Recipe, run_dir: Path, ro
     from .evaluate.sets import evaluation_sets
 
     here, cfg = round_dir(run_dir, round_number), recipe_of_round.evaluate
-    target = answers_dir(here, "sft")
-    if cfg is None or cfg.pairwise is None or cfg.pairwise.baseline is None or is_complete(target):
+    baseline = cfg.pairwise.baseline if cfg is not None and cfg.pairwise is not None else None
+    if baseline is None or is_complete(answers_dir(here, baseline.name)):
         return 0
-    baseline = cfg.pairwise.baseline
     wanted = answer_items(evaluation_sets(cfg, here), cfg)
     earlier = [(run_dir, recipe.evaluate)]
     for r in range(1, round_number):
         saved = yaml.safe_load((round_dir(run_dir, r) / "recipe.yaml").read_text()).get("evaluate")
         earlier.append((round_dir(run_dir, r), EvaluateConfig.model_validate(saved) if saved else None))
     for source_run, source_cfg in earlier:
-        source = answers_dir(source_run, "sft")
+        source = answers_dir(source_run, baseline.name)
         then = source_cfg.pairwise.baseline if source_cfg and source_cfg.pairwise else None
-        if then is None or then.name != "sft" or not is_complete(source) or (
-                Path(model_path(then, source_run)).resolve() != Path(baseline.model).resolve()
-                or then.model_dump(exclude={"model"}) != baseline.model_dump(exclude={"model"})):
+        # the same name (the answers' seeds come from it), engine settings and weights
+        if then is None or then.model_dump(exclude={"model"}) != baseline.model_dump(exclude={"model"}) \
+                or not is_complete(source) \
+                or Path(model_path(then, source_run)).resolve() != Path(baseline.model).resolve():
             continue
         asked = {(item["set"], item["question_id"]): item for item in answer_items(
             evaluation_sets(source_cfg, source_run), source_cfg)}
@@ -185,7 +185,7 @@ def reuse_sft_answers(recipe: Recipe, recipe_of_round: Recipe, run_dir: Path, ro
         rows = [row for row in read_rows(source) if (row["set"], row["question_id"]) in keys]
         if len(rows) != len(keys):
             continue
-        write_rows_atomic(rows, target, schema=ANSWER_SCHEMA)
+        write_rows_atomic(rows, answers_dir(here, baseline.name), schema=ANSWER_SCHEMA)
         logger.info("rounds: round %d: the dSFT model's %d answers are those of %s (same questions, seeds and "
                     "engine)", round_number, len(rows), source.relative_to(run_dir))
         return len(rows)
