@@ -40,6 +40,7 @@ def rounds_run(tiny_run, ray_local, tmp_path_factory):
         return run_dir, run_recipe(run_dir / "recipe.yaml", run_dir)
     finally:
         said.removeHandler(handler)
+        handler.close()
         said.setLevel(level)
 
 
@@ -115,3 +116,31 @@ def test_a_rerun_redoes_nothing(rounds_run):
     manifest = run_recipe(run_dir / "recipe.yaml", run_dir)
     assert all(record["status"] == "skipped" for record in manifest["stages"].values()), manifest["stages"]
     assert (run_dir / "rounds" / "2" / "train_dpo" / "model" / "_SUCCESS").stat().st_mtime_ns == before
+
+
+def test_the_dsft_answers_are_taken_only_where_they_were_asked_the_same_way(tiny_run, tiny_models, ray_local,
+                                                                           tmp_path):
+    """`rounds.reuse_sft_answers` on the demo's run: a round that would ask the dSFT model with more tokens, or
+    another model in its place, takes none of the recipe's answers (and answers itself); asked the same way, round 1
+    takes every one of its 48 exact-match and 48 pairwise answers, unchanged."""
+    from zephyr_ray.config import DatasetSource, load_recipe
+    from zephyr_ray.rounds import recipe_for_round, reuse_sft_answers
+
+    run_dir = copy_of_tiny_run(tiny_run, tmp_path, stages=("train_sft", "evaluate"))
+    recipe = load_recipe(REPO / "jobs" / "configs" / "tiny-cpu-rounds.yaml")  # the demo's evaluation, and rounds
+    sft, prompts = str((run_dir / "train_sft" / "model").resolve()), DatasetSource(path="not read.jsonl")
+    trained = str(run_dir.resolve() / "rounds" / "1" / "train_dpo" / "model")
+    exact = recipe.evaluate.exact_match
+    longer = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"exact_match": exact.model_copy(
+        update={"sampling": exact.sampling.model_copy(update={"max_tokens": exact.sampling.max_tokens * 2})})})})
+    answers = run_dir / "rounds" / "1" / "evaluate" / "answers" / "sft"
+    assert reuse_sft_answers(recipe, recipe_for_round(longer, 1, prompts, sft, sft, trained), run_dir, 1) == 0
+    other = str(tiny_models["student"])
+    assert reuse_sft_answers(recipe, recipe_for_round(recipe, 1, prompts, other, other, trained), run_dir, 1) == 0
+    assert not answers.exists()
+    assert reuse_sft_answers(recipe, recipe_for_round(recipe, 1, prompts, sft, sft, trained), run_dir, 1) == 96
+    key = lambda a: (a["set"], a["question_id"])  # noqa: E731
+    taken = sorted(rows(answers), key=key)
+    assert [a["set"] for a in taken] == ["exact_match"] * 48 + ["pairwise"] * 48
+    assert taken == sorted((a for a in rows(run_dir / "evaluate" / "answers" / "sft") if a["set"] != "mt_bench"),
+                           key=key)
