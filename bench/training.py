@@ -5,11 +5,15 @@ one plain process, on the same data, global batch and model.
 
 Prints, in one run:
 - tokens/s of each, measured as the *incremental* rate between E and 3E epochs (start-up of Ray Train, DeepSpeed
-  and the processes cancels out); their ratio is the distributed path's overhead. On this 2-core CPU machine the
-  two workers share the cores the plain process has to itself, so the ratio bounds the overhead from above;
-- per-rank model-state memory (fp32 parameter + gradient + two Adam moments = 16 bytes per parameter a rank
-  holds) under ZeRO-3 and under DDP (``zero_stage: 0``) at 2 workers, from the parameter counts each rank reports
-  at the start of training (``attempts/rank<N>.jsonl``), and their ratio.
+  and the processes cancels out), after an untimed warm-up run of each (DeepSpeed's CPU ops are compiled, or found
+  in the build cache, there, not in a timed run); their ratio is the distributed path's overhead. On this 2-core
+  CPU machine the two workers share the cores the plain process has to itself, so the ratio bounds the overhead
+  from above;
+- per-rank memory, measured: each rank's peak resident memory minus what it held before loading the model
+  (``attempts/rank<N>-memory.json``, which every training stage writes), for ZeRO-3 and DDP (``zero_stage: 0``) at
+  2 workers, training a few steps of a ~80M-parameter model of the student's shape (``--memory-model``: hidden
+  size, layers; random weights) so that the model's state, not the libraries, fills it; beside it the model state
+  each rank holds by count (fp32 parameter + gradient + two Adam moments = 16 bytes per parameter).
 """
 
 from __future__ import annotations
@@ -87,6 +91,34 @@ def plain(models: Path, epochs: float, tmp: Path) -> tuple[float, float]:
     return seconds, max(log.get("num_tokens", 0) for log in trainer.state.log_history)
 
 
+def memory_model(models: Path, tmp: Path, hidden: int, layers: int) -> Path:
+    """A model of the student's architecture and tokenizer, ``hidden`` wide and ``layers`` deep, random weights."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    student = models / "student"
+    config = AutoConfig.from_pretrained(student)
+    heads = hidden // config.head_dim
+    config.update({"hidden_size": hidden, "intermediate_size": hidden * 8 // 3, "num_hidden_layers": layers,
+                   "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 4)})
+    torch.manual_seed(0)
+    out = tmp / f"memory-model-{hidden}x{layers}"
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    for name in student.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(name, out / name.name)
+    return out
+
+
+def measured_memory(run: Path) -> list[float]:
+    """Per rank: peak resident MiB minus the MiB held before the model was loaded."""
+    attempts = run / "train_sft" / "attempts"
+    records = [json.loads(path.read_text()) for path in sorted(attempts.glob("rank*-memory.json"))]
+    return [r["peak_rss_mib"] - r["rss_before_model_mib"] for r in records]
+
+
 def held_params(run: Path) -> list[int]:
     lines = [json.loads(line) for path in sorted((run / "train_sft" / "attempts").glob("rank*.jsonl"))
              for line in path.read_text().splitlines()]
@@ -97,18 +129,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=REPO / "artifacts" / "tiny-models")
     parser.add_argument("--epochs", type=float, default=2.0, help="E; the runs train E and 3E epochs")
+    parser.add_argument("--memory-model", type=int, nargs=2, default=(768, 12), metavar=("HIDDEN", "LAYERS"))
+    parser.add_argument("--memory-steps", type=int, default=3)
     args = parser.parse_args()
     import ray
 
     epochs = [args.epochs, 3 * args.epochs]
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
+        plain(args.models, args.epochs / 4, tmp)  # warm-up, untimed
         plain_runs = [plain(args.models, e, tmp) for e in epochs]
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray_train(args.models, tmp, "warm-up", num_epochs=args.epochs / 4)  # untimed: compiles DeepSpeed's ops once
         ray_runs = [ray_train(args.models, tmp, f"zero3-{e:g}", num_epochs=e) for e in epochs]
-        ddp_run = ray_train(args.models, tmp, "ddp", num_epochs=1, zero_stage=0)
-        zero3_held, ddp_held = held_params(ray_runs[0][2]), held_params(ddp_run[2])
+        ddp_runs = [ray_train(args.models, tmp, f"ddp-{e:g}", num_epochs=e, zero_stage=0) for e in epochs]
+        big = memory_model(args.models, tmp, *args.memory_model)
+        steps = {"model": str(big), "trl_args": {"max_steps": args.memory_steps}}
+        memory_runs = {stage: ray_train(args.models, tmp, f"memory-zero{stage}", zero_stage=stage, **steps)[2]
+                       for stage in (3, 0)}
         ray.shutdown()
+        zero3_held, ddp_held = held_params(memory_runs[3]), held_params(memory_runs[0])
+        zero3_mib, ddp_mib = measured_memory(memory_runs[3]), measured_memory(memory_runs[0])
 
     def rate(runs: list) -> float:
         (s1, t1, *_), (s2, t2, *_) = runs
@@ -118,13 +159,17 @@ def main() -> None:
     for e, (ps, pt), (rs, rt, _) in zip(epochs, plain_runs, ray_runs, strict=True):
         print(f"  {e:>4g} epochs: plain TRL {ps:6.1f}s {pt:>8.0f} tokens | Ray Train + ZeRO-3 x2 {rs:6.1f}s "
               f"{rt:>8.0f} tokens")
-    plain_rate, ray_rate = rate(plain_runs), rate(ray_runs)
+    plain_rate, ray_rate, ddp_rate = rate(plain_runs), rate(ray_runs), rate(ddp_runs)
     print(f"incremental tokens/s: plain TRL {plain_rate:.0f}, Ray Train + DeepSpeed ZeRO-3 (2 workers) {ray_rate:.0f}, "
-          f"ratio {ray_rate / plain_rate:.2f}")
+          f"ratio {ray_rate / plain_rate:.2f}; Ray Train + DDP (2 workers, no DeepSpeed) {ddp_rate:.0f}, ratio "
+          f"{ddp_rate / plain_rate:.2f}")
     zero3_bytes, ddp_bytes = max(zero3_held) * BYTES_PER_PARAM, max(ddp_held) * BYTES_PER_PARAM
-    print(f"per-rank model state (params held x {BYTES_PER_PARAM} B): ZeRO-3 {zero3_bytes / 2**20:.2f} MiB "
-          f"({zero3_held}), DDP {ddp_bytes / 2**20:.2f} MiB ({ddp_held}), "
-          f"ratio ZeRO-3/DDP {zero3_bytes / ddp_bytes:.2f}")
+    print(f"per-rank memory, {max(ddp_held) / 1e6:.1f}M-parameter model ({args.memory_model[0]} wide, "
+          f"{args.memory_model[1]} layers), {args.memory_steps} steps, 2 workers:")
+    print(f"  measured (peak RSS - RSS before the model): ZeRO-3 {[round(m) for m in zero3_mib]} MiB, "
+          f"DDP {[round(m) for m in ddp_mib]} MiB, ratio ZeRO-3/DDP {max(zero3_mib) / max(ddp_mib):.2f}")
+    print(f"  by count (params held x {BYTES_PER_PARAM} B): ZeRO-3 {zero3_bytes / 2**20:.0f} MiB, "
+          f"DDP {ddp_bytes / 2**20:.0f} MiB, ratio {zero3_bytes / ddp_bytes:.2f}")
 
 
 if __name__ == "__main__":

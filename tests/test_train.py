@@ -104,6 +104,11 @@ def test_zero3_gives_each_of_two_ranks_about_half_the_parameters(trained, stage)
     assert sorted(line["rank"] for line in first) == [0, 1] and all(line["world_size"] == 2 for line in lines)
     for line in lines:
         assert 0.45 <= line["params_held"] / line["params_total"] <= 0.55, line
+    # each rank's memory, measured when its training ended (the last attempt's)
+    memory = [json.loads((run_dir / stage / "attempts" / f"rank{rank}-memory.json").read_text()) for rank in (0, 1)]
+    for record in memory:
+        assert record["peak_rss_mib"] > record["rss_before_model_mib"] > 100, record
+        assert record["accelerator_peak_mib"] is None and record["global_step"] > 0, record
 
 
 def held_out_loss(model_dir: Path, chats: list[list[dict]], assistant_only: bool) -> float:

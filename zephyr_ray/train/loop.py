@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Hardware, Recipe, Training, derive_batch
-from ..data import SUCCESS_MARKER
+from ..data import SUCCESS_MARKER, write_text_atomic
 from ..stage import StageResult
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def worker_inputs(config: dict[str, Any], training: Training) -> tuple[dict[str,
     from ..engines import prepare_training_process
 
     recipe: Recipe = config["recipe"]
+    config["rss_before_model_mib"] = resident_mib()  # the rank's memory record (attempt_log_callback) starts here
     extra = prepare_training_process(recipe.hardware, config["cache_dir"], deepspeed=training.zero_stage > 0)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", config["tensorboard_dir"])
     tokenizer = load_tokenizer(config["model"], training)
@@ -125,14 +126,36 @@ def save_at_end_callback() -> Any:
     return SaveAtEnd()
 
 
-def attempt_log_callback(record_dir: str) -> Any:
+def resident_mib() -> float:
+    """This process's resident memory now, in MiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def attempt_log_callback(record_dir: str, rss_before_model_mib: float | None = None) -> Any:
     """Each rank appends one line per (re)start of training to ``record_dir/rank<N>.jsonl``: the global step it
     starts from (0, or the checkpoint's step after a restart), the Ray node it runs on, and how many parameters it
-    holds itself, next to the model's total (under ZeRO-3 each rank keeps about 1/world of them)."""
+    holds itself, next to the model's total (under ZeRO-3 each rank keeps about 1/world of them). When training
+    ends, ``rank<N>-memory.json``: the rank's measured memory, its process's peak resident set and what it held
+    before the model was loaded (the difference is what training took: weights, gradients, optimizer states,
+    activations), and the accelerator's peak allocation on GPU."""
     import torch.distributed as dist
     from transformers import TrainerCallback
 
     class AttemptLog(TrainerCallback):
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            import resource
+
+            import torch
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux counts KiB
+            accelerator = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            write_text_atomic(Path(record_dir) / f"rank{rank}-memory.json", json.dumps({
+                "rank": rank, "peak_rss_mib": round(peak, 1), "rss_before_model_mib": rss_before_model_mib,
+                "accelerator_peak_mib": accelerator, "global_step": state.global_step}))
+
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
             params = list(model.parameters()) if model is not None else []
             total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
@@ -207,7 +230,7 @@ def train_with_ray(trainer: Any, resume_from: str | None, config: dict[str, Any]
     """Report checkpoints to Ray Train, resume from ``resume_from``, train."""
     from ray.train.huggingface.transformers import prepare_trainer
 
-    trainer.add_callback(attempt_log_callback(config["record_dir"]))
+    trainer.add_callback(attempt_log_callback(config["record_dir"], config.get("rss_before_model_mib")))
     trainer.add_callback(ray_metrics_callback(config["stage"]))
     trainer.add_callback(save_at_end_callback())
     trainer.add_callback(report_checkpoint_once())
