@@ -1,7 +1,15 @@
-"""Shared fixtures: the tiny models (built once, kept between runs), a local Ray, one vLLM engine per module."""
+"""Shared fixtures: the tiny models (built once, kept between runs), a local Ray, one vLLM engine per module.
+
+`make test TEST_WORKERS=N` runs the suite in N processes (pytest-xdist, ``--dist loadfile``; the default is one):
+each test file is run whole by one process (its module fixtures start once), the slowest files first so the
+processes finish together, and each process has a Ray of its own on free ports, with its own Ray temp dir. The tests
+that start Ray or Serve on their default ports, as a user does (a bare `zephyr-ray demo`, `serve run` and `zephyr-ray
+serve` on port 8000), are all in test_first_hour.py, so they never run beside each other.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -9,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +36,9 @@ TINY_DIR = Path(os.environ.get("ZEPHYR_RAY_TINY_MODELS", REPO / "artifacts" / "t
 # `reliability`, its outcome (from pytest) and, once its checks passed, its record (record_reliability).
 RELIABILITY_LOG = Path(os.environ.get("ZEPHYR_RAY_RELIABILITY_LOG", REPO / "runs" / "reliability.jsonl"))
 RELIABILITY_RUN: dict = {}  # this run's header, once the run log is started
+# Test files by their time in CI (`--durations`), slowest first; the rest follow in collection order.
+SLOWEST_FILES = ("test_serve", "test_feedback_pipeline", "test_first_hour", "test_rounds", "test_train", "test_run",
+                 "test_evaluate", "test_prompt_tokens", "test_train_options", "test_judge_answers")
 
 
 def _git(*args: str) -> str:
@@ -41,12 +53,18 @@ def _log_reliability(entry: dict) -> None:
 
     if not RELIABILITY_RUN:
         return  # not a test run that keeps a log (e.g. --collect-only)
-    with RELIABILITY_LOG.open("a", encoding="utf-8") as log:
+    with RELIABILITY_LOG.open("a", encoding="utf-8") as log:  # one line per write: the two processes append
         log.write(json.dumps({**entry, "run": RELIABILITY_RUN["run"]}) + "\n")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if config.option.collectonly or hasattr(config, "workerinput"):
+    if hasattr(config, "workerinput"):  # an xdist test process: the controller's run log, a Ray temp dir of its own
+        RELIABILITY_RUN.update(config.workerinput.get("reliability_run", {}))
+        temp_dir = Path(f"/tmp/zr-{config.workerinput['workerid']}")  # short: Ray's socket paths stay < 108 bytes
+        temp_dir.mkdir(exist_ok=True)
+        os.environ["RAY_TMPDIR"] = str(temp_dir)
+        return
+    if config.option.collectonly:
         return
     import json
     from datetime import datetime, timezone
@@ -60,12 +78,21 @@ def pytest_configure(config: pytest.Config) -> None:
     RELIABILITY_LOG.write_text(json.dumps(RELIABILITY_RUN) + "\n", encoding="utf-8")  # a fresh log for this run
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist: each test process appends its reliability records to this run's log."""
+    node.workerinput["reliability_run"] = dict(RELIABILITY_RUN)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that needs the session's Ray cluster is an `engine` test (the marker's meaning), so `make test-fast`
-    (-m "not engine") starts no cluster."""
+    (-m "not engine") starts no cluster. A test process of `make test` is handed the slowest files first."""
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.engine)
+    if hasattr(config, "workerinput"):
+        rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a file keeps its order
 
 
 @pytest.hookimpl(wrapper=True)
@@ -88,6 +115,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from datetime import datetime, timezone
 
+    if hasattr(session.config, "workerinput"):
+        return  # the controller ends the log
     _log_reliability({"type": "end", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "exitstatus": int(exitstatus)})
 
@@ -99,12 +128,23 @@ def record_reliability(kind: str, case: str, happened: str, lost: str) -> None:
                       "test": test})
 
 
+@contextlib.contextmanager
+def one_process_at_a_time(name: str):
+    """A lock the test processes of one machine share, for work that two must not do at once into one place."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / f"zephyr-ray-tests-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
-    """name -> directory of every tiny model; built on first use (about a minute), reused afterwards."""
+    """name -> directory of every tiny model; built on first use (about four minutes), reused afterwards."""
     from zephyr_ray.tiny import build_tiny_models
 
-    return build_tiny_models(TINY_DIR)
+    with one_process_at_a_time("tiny-models"):
+        return build_tiny_models(TINY_DIR)
 
 
 DEMO_RUN = REPO / "runs" / "tiny-cpu"  # where `make demo` leaves the whole tiny recipe's run
@@ -119,10 +159,11 @@ def tiny_run(tiny_models) -> Path:
     anything in it."""
     from zephyr_ray.data import is_complete
 
-    if not (is_complete(DEMO_RUN / "train_dpo" / "model") and (DEMO_RUN / "evaluate" / "results.json").is_file()):
-        assert not os.environ.get("CI"), "runs/tiny-cpu holds no finished demo run: .ci/run runs `make demo` first"
-        subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "demo", "--run-dir", str(DEMO_RUN)], cwd=REPO,
-                       check=True, capture_output=True, timeout=3600)
+    with one_process_at_a_time("tiny-run"):
+        if not (is_complete(DEMO_RUN / "train_dpo" / "model") and (DEMO_RUN / "evaluate" / "results.json").is_file()):
+            assert not os.environ.get("CI"), "runs/tiny-cpu holds no finished demo run: .ci/run runs `make demo` first"
+            subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "demo", "--run-dir", str(DEMO_RUN)], cwd=REPO,
+                           check=True, capture_output=True, timeout=3600)
     return DEMO_RUN
 
 
@@ -132,9 +173,10 @@ def copy_of_tiny_run(tiny_run: Path, into: Path, stages: tuple[str, ...] | None 
 
     copy = into / "tiny-cpu"
     keep = None if stages is None else {*stages, "recipe.yaml", "manifest.json"}
+    # a file being written atomically (``.name.tmp-*``, by a README test re-running the demo's recipe) is not copied
     shutil.copytree(tiny_run, copy, ignore=lambda folder, names: [
-        n for n in names if n in ("logs", "report.html") or (keep is not None and Path(folder) == tiny_run
-                                                             and n not in keep)])
+        n for n in names if n in ("logs", "report.html") or ".tmp" in n
+        or (keep is not None and Path(folder) == tiny_run and n not in keep)])
     return copy
 
 
@@ -188,19 +230,32 @@ def stop_ray_head(head: subprocess.Popen, grace_s: float = 16) -> None:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray for Ray Data tests, with its dashboard (job submission) and Prometheus endpoint. More logical
-    CPUs than cores, as engines and readers share the machine."""
+    """A local Ray for Ray Data tests (one head node, started as Ray's own tests start one), with its dashboard (job
+    submission) and Prometheus endpoint. More logical CPUs than cores, as engines and readers share the machine.
+    Every port is a free one: with Ray's default agent port, a job sent to one test process's Ray could reach the
+    other's agent."""
     import ray
+    from ray._common.utils import reset_ray_address
+    from ray.cluster_utils import Cluster
 
     # An API key in the environment Ray's processes inherit (the Serve tests' secured app reads it there)
     os.environ.setdefault(TEST_API_KEY_ENV, "zr-test-" + secrets.token_hex(12))
+    if ray.is_initialized():  # a test before this one started a Ray of its own in this process
+        ray.shutdown()
     metrics_port = free_port()
-    context = ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False,
-                       _metrics_export_port=metrics_port, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 4, "object_store_memory": 2 * 2**30, "include_dashboard": True, "dashboard_port": free_port(),
+        "dashboard_agent_listen_port": free_port(), "runtime_env_agent_port": free_port(),
+        "metrics_agent_port": free_port(), "metrics_export_port": metrics_port})
+    reset_ray_address()  # not "the current cluster": a bare ray.init() in a subprocess starts a Ray of its own
+    context = ray.init(address=cluster.address, log_to_driver=False,
+                       runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield SimpleNamespace(metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-                          dashboard_url=f"http://{context.dashboard_url}", address=context.address_info["address"])
+                          dashboard_url=f"http://{context.dashboard_url}", address=cluster.address,
+                          session_dir=Path(cluster.head_node.get_session_dir_path()))
     ray.shutdown()
+    cluster.shutdown()
 
 
 def render_page(url: str, screenshot: Path, **context: object) -> list[tuple[str, int]]:

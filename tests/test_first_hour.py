@@ -3,7 +3,9 @@ printed (no flags added) in a shell holding only what a user has (PATH, HOME, LA
 to set; a successful command shows no traceback and no warning, and the libraries' logs land in a log file.
 
 These tests read the run `make demo` left in runs/tiny-cpu (the ``tiny_run`` fixture) and work on a copy of it, so
-nothing here trains or synthesizes again.
+nothing here trains or synthesizes again. Their commands start Ray and Serve as a user's do, on the default ports
+(a bare `zephyr-ray demo`, `serve run` and `zephyr-ray serve` on 8000): `make test` runs this file in one process,
+so none of them runs beside another (tests/conftest.py).
 """
 
 import json
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import DEMO_RUN, REPO, copy_of_tiny_run, free_port, stop_ray_head
 
 from zephyr_ray.console import NOISE
@@ -123,8 +126,8 @@ def readme_block(marker: str) -> list[str]:
 def test_the_readmes_ray_job_lines_work_after_ray_start_head(demo_run, user_env, tmp_path):
     """README's lines as written, in a user's shell: the `export` (token auth), `ray start --head`, then the `ray job
     submit` lines. Two changes only, both for sharing the machine with the test session's own Ray: the head takes free
-    ports (the session's Ray holds the defaults), so RAY_ADDRESS names its dashboard; and the test stops that head
-    itself where the README says `ray stop` (which would stop every Ray on the machine)."""
+    ports (other Rays of the test run may hold the defaults), so RAY_ADDRESS names its dashboard; and the test stops
+    that head itself where the README says `ray stop` (which would stop every Ray on the machine)."""
     lines = readme_block("ray-job")
     auth, start, submits = lines[:2], lines[2], lines[3:-1]
     assert auth == ["export RAY_AUTH_MODE=token", "ray get-auth-token --generate > /dev/null"], lines
@@ -179,3 +182,39 @@ def test_verbose_shows_the_libraries_logs_on_the_terminal_instead(demo_run, user
     assert not log.exists()
     result = done.stdout[done.stdout.rindex("\n{\n") + 1:] if "\n{\n" in done.stdout else done.stdout
     assert json.loads(result)["stage"] == "binarize"
+
+
+def test_serve_run_of_the_tiny_config_from_another_directory_answers(tiny_models, tmp_path):
+    """`serve run serve/tiny-cpu.yaml` as a user types it, from a directory that is not the checkout: its relative
+    recipe and model paths are found (inside the project), the app comes up, and the OpenAI client gets a reply."""
+    from openai import OpenAI
+
+    config = yaml.safe_load((REPO / "serve" / "tiny-cpu.yaml").read_text())
+    (application,) = config["applications"]
+    assert not Path(application["args"]["recipe"]).is_absolute() and (REPO / application["args"]["model"]).is_dir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ZEPHYR_RAY_API_KEY")}
+    log_path = tmp_path / "serve-run.log"
+    with open(log_path, "w") as log:
+        run = subprocess.Popen([str(VENV_BIN / "serve"), "run", str(REPO / "serve" / "tiny-cpu.yaml")],
+                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused", max_retries=0, timeout=30)
+        deadline = time.time() + 600
+        while True:
+            assert run.poll() is None, log_path.read_text()[-4000:]
+            assert time.time() < deadline, "serve run did not come up in 600 s: " + log_path.read_text()[-4000:]
+            log_text = log_path.read_text()
+            assert "Deploying app 'zephyr' failed" not in log_text, log_text[-4000:]  # serve run keeps waiting
+            try:
+                question = [{"role": "user", "content": "How do bees make honey?"}]
+                reply = client.chat.completions.create(model="zephyr-tiny", messages=question, max_tokens=8)
+                break
+            except Exception:  # not up yet: connection refused, or 404/503 while the app deploys
+                time.sleep(2)
+        assert reply.choices[0].message.content
+    finally:
+        os.killpg(run.pid, signal.SIGINT)
+        try:
+            run.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)

@@ -37,7 +37,7 @@ def ray_head(tmp_path):
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
          "--disable-usage-stats",
-         # ports of its own: the session's Ray (ray_local) already holds the defaults, e.g. the job agent's 52365
+         # ports of its own: another Ray of the test run may hold the defaults, e.g. the job agent's 52365
          *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                    "metrics-export-port", "runtime-env-agent-port"))], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"

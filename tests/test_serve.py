@@ -57,7 +57,7 @@ def endpoint(tiny_models, ray_local, tmp_path_factory):
               route_prefix="/open")
     url = f"http://127.0.0.1:{port}"
     yield SimpleNamespace(url=url, key=os.environ[TEST_API_KEY_ENV], log=log_path, tmp=tmp,
-                          metrics=ray_local.metrics_url, address=ray_local.address)
+                          metrics=ray_local.metrics_url, address=ray_local.address, session_dir=ray_local.session_dir)
     serve.delete("zephyr-open")
     cli.send_signal(signal.SIGINT)
     try:  # Ctrl-C: the CLI shuts Serve down (usually ~10 s; a vLLM replica's graceful stop has taken 2 min in CI)
@@ -282,7 +282,7 @@ def test_the_api_key_guards_every_route_but_health(endpoint):
         model="tiny-open", messages=QUESTION, max_tokens=8)
     assert reply.choices[0].message.content
     # and the key never reaches a log
-    logs = Path("/tmp/ray/session_latest/logs")
+    logs = endpoint.session_dir / "logs"
     leaked = [str(p) for p in logs.rglob("*") if p.is_file() and endpoint.key.encode() in p.read_bytes()]
     assert not leaked and endpoint.key not in endpoint.log.read_text()
     record_reliability("security", "the endpoint's API key: wrong, missing, Basic for the page, /health open",
@@ -411,7 +411,7 @@ def test_autoscaling_adds_a_replica_under_load(endpoint):
     threads = [threading.Thread(target=keep_asking, daemon=True) for _ in range(8)]
     for thread in threads:
         thread.start()
-    deadline, scaled = time.time() + 300, 0
+    deadline, scaled = time.time() + 600, 0  # a deadline for waiting: a replica starts under the clients' load
     while time.time() < deadline and (scaled := replicas()) < 2:
         time.sleep(2)
     stop.set()
@@ -471,7 +471,7 @@ def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests(endpoi
         # recovered: the victim is dead, another replica actor stands in its place, and Serve counts as many running
         # replicas as before (the controller only starts a replacement once it has seen the death)
         wait_for(lambda: victim.actor_id not in (alive := replica_actors()) and len(alive) >= before
-                 and replicas() >= before, 300, "Serve did not replace the killed replica")
+                 and replicas() >= before, 600, "Serve did not replace the killed replica")
         recovered_at = time.time()
         # load on the recovered app: requests started after the recovery, however long they take
         wait_for(lambda: sum(1 for t, _ in outcomes if t > recovered_at) >= 16, 300,
@@ -511,39 +511,3 @@ def test_the_gpu_serve_config_passes_rays_schema_and_names_the_recipe_inside_the
     assert cfg.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 1}]
     assert cfg.engine_kwargs["dtype"] == "bfloat16"
     assert cfg.deployment_config["autoscaling_config"]["max_replicas"] == served.max_replicas
-
-
-@pytest.mark.engine
-def test_serve_run_of_the_tiny_config_from_another_directory_answers(tiny_models, tmp_path):
-    """`serve run serve/tiny-cpu.yaml` as a user types it, from a directory that is not the checkout: its relative
-    recipe and model paths are found (inside the project), the app comes up, and the OpenAI client gets a reply."""
-    from openai import OpenAI
-
-    config = yaml.safe_load((REPO / "serve" / "tiny-cpu.yaml").read_text())
-    (application,) = config["applications"]
-    assert not Path(application["args"]["recipe"]).is_absolute() and (REPO / application["args"]["model"]).is_dir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ZEPHYR_RAY_API_KEY")}
-    log_path = tmp_path / "serve-run.log"
-    with open(log_path, "w") as log:
-        run = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(REPO / "serve" / "tiny-cpu.yaml")],
-                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused", max_retries=0, timeout=30)
-        deadline = time.time() + 600
-        while True:
-            assert run.poll() is None, log_path.read_text()[-4000:]
-            assert time.time() < deadline, "serve run did not come up in 600 s: " + log_path.read_text()[-4000:]
-            log_text = log_path.read_text()
-            assert "Deploying app 'zephyr' failed" not in log_text, log_text[-4000:]  # serve run keeps waiting
-            try:
-                reply = client.chat.completions.create(model="zephyr-tiny", messages=QUESTION, max_tokens=8)
-                break
-            except Exception:  # not up yet: connection refused, or 404/503 while the app deploys
-                time.sleep(2)
-        assert reply.choices[0].message.content
-    finally:
-        os.killpg(run.pid, signal.SIGINT)
-        try:
-            run.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)
