@@ -93,10 +93,8 @@ def plain(models: Path, epochs: float, tmp: Path) -> tuple[float, float]:
 
 def memory_model(models: Path, tmp: Path, hidden: int, layers: int) -> Path:
     """A model of the student's architecture and tokenizer, ``hidden`` wide and ``layers`` deep, random weights."""
-    import shutil
-
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     student = models / "student"
     config = AutoConfig.from_pretrained(student)
@@ -106,9 +104,7 @@ def memory_model(models: Path, tmp: Path, hidden: int, layers: int) -> Path:
     torch.manual_seed(0)
     out = tmp / f"memory-model-{hidden}x{layers}"
     AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
-    for name in student.iterdir():
-        if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(name, out / name.name)
+    AutoTokenizer.from_pretrained(student).save_pretrained(out)  # with the student's chat template
     return out
 
 
