@@ -13,7 +13,10 @@ Prints, in one run:
   (``attempts/rank<N>-memory.json``, which every training stage writes), for ZeRO-3 and DDP (``zero_stage: 0``) at
   2 workers, training a few steps of a ~80M-parameter model of the student's shape (``--memory-model``: hidden
   size, layers; random weights) so that the model's state, not the libraries, fills it; beside it the model state
-  each rank holds by count (fp32 parameter + gradient + two Adam moments = 16 bytes per parameter).
+  each rank holds by count (fp32 parameter + gradient + two Adam moments = 16 bytes per parameter), and where each
+  rank's memory went: at the start of training (model loaded, engine and optimizer built; with the peak by then,
+  where loading a whole model before partitioning it shows), after the first step, at the end (``--memory-only``
+  runs just these).
 """
 
 from __future__ import annotations
@@ -108,11 +111,37 @@ def memory_model(models: Path, tmp: Path, hidden: int, layers: int) -> Path:
     return out
 
 
+MEMORY_POINTS = {"at train begin": "rss_at_train_begin_mib", "peak by then": "peak_rss_at_train_begin_mib",
+                 "after step 1": "rss_after_first_step_mib", "peak": "peak_rss_mib"}
+
+
+def memory_records(run: Path) -> list[dict]:
+    attempts = run / "train_sft" / "attempts"
+    return [json.loads(path.read_text()) for path in sorted(attempts.glob("rank*-memory.json"))]
+
+
 def measured_memory(run: Path) -> list[float]:
     """Per rank: peak resident MiB minus the MiB held before the model was loaded."""
-    attempts = run / "train_sft" / "attempts"
-    records = [json.loads(path.read_text()) for path in sorted(attempts.glob("rank*-memory.json"))]
-    return [r["peak_rss_mib"] - r["rss_before_model_mib"] for r in records]
+    return [r["peak_rss_mib"] - r["rss_before_model_mib"] for r in memory_records(run)]
+
+
+def memory_split(run: Path) -> str:
+    """Each rank's resident MiB above what it held before the model, at each point its record has."""
+    return "; ".join(f"rank {r['rank']}: " + ", ".join(f"{point} {r[key] - r['rss_before_model_mib']:.0f}"
+                                                        for point, key in MEMORY_POINTS.items())
+                     for r in memory_records(run))
+
+
+def live_limited_deepspeed(args: argparse.Namespace, tmp: Path) -> dict:
+    """The stage's own DeepSpeed config with ``stage3_max_live_parameters`` (and the prefetch bucket) lowered."""
+    from zephyr_ray.config import load_recipe
+    from zephyr_ray.engines import deepspeed_config
+
+    recipe = load_recipe(recipe_for(args.models, tmp, "live-limited"))
+    config = deepspeed_config(recipe.train_sft, recipe.hardware)
+    config["zero_optimization"].update(stage3_max_live_parameters=int(args.max_live_parameters),
+                                       stage3_prefetch_bucket_size=int(args.max_live_parameters))
+    return config
 
 
 def held_params(run: Path) -> list[int]:
@@ -128,38 +157,52 @@ def main() -> None:
                         help="E; the runs train E and 3E epochs (2 vs 6 was within a start-up's variation for DDP)")
     parser.add_argument("--memory-model", type=int, nargs=2, default=(768, 12), metavar=("HIDDEN", "LAYERS"))
     parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--memory-only", action="store_true", help="only the per-rank memory runs")
+    parser.add_argument("--max-live-parameters", type=float, default=1e7,
+                        help="one more ZeRO-3 memory run with DeepSpeed's stage3_max_live_parameters (default 1e9: "
+                             "more than this model has, so every gathered layer stays gathered); 0 skips it")
     args = parser.parse_args()
     import ray
 
     epochs = [args.epochs, 3 * args.epochs]
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
-        plain(args.models, args.epochs / 4, tmp)  # warm-up, untimed
-        plain_runs = [plain(args.models, e, tmp) for e in epochs]
+        if not args.memory_only:
+            plain(args.models, args.epochs / 4, tmp)  # warm-up, untimed
+            plain_runs = [plain(args.models, e, tmp) for e in epochs]
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        ray_train(args.models, tmp, "warm-up", num_epochs=args.epochs / 4)  # untimed: compiles DeepSpeed's ops once
-        ray_runs = [ray_train(args.models, tmp, f"zero3-{e:g}", num_epochs=e) for e in epochs]
-        ddp_runs = [ray_train(args.models, tmp, f"ddp-{e:g}", num_epochs=e, zero_stage=0) for e in epochs]
+        if not args.memory_only:
+            ray_train(args.models, tmp, "warm-up", num_epochs=args.epochs / 4)  # untimed: builds any op once
+            ray_runs = [ray_train(args.models, tmp, f"zero3-{e:g}", num_epochs=e) for e in epochs]
+            ddp_runs = [ray_train(args.models, tmp, f"ddp-{e:g}", num_epochs=e, zero_stage=0) for e in epochs]
         big = memory_model(args.models, tmp, *args.memory_model)
         steps = {"model": str(big), "trl_args": {"max_steps": args.memory_steps}}
         memory_runs = {stage: ray_train(args.models, tmp, f"memory-zero{stage}", zero_stage=stage, **steps)[2]
                        for stage in (3, 0)}
+        if args.max_live_parameters:
+            memory_runs["live"] = ray_train(args.models, tmp, "memory-live", zero_stage=3, model=str(big), trl_args={
+                "max_steps": args.memory_steps, "deepspeed": live_limited_deepspeed(args, tmp)})[2]
         ray.shutdown()
         zero3_held, ddp_held = held_params(memory_runs[3]), held_params(memory_runs[0])
         zero3_mib, ddp_mib = measured_memory(memory_runs[3]), measured_memory(memory_runs[0])
+        splits = {name: memory_split(memory_runs[stage]) for name, stage in (("ZeRO-3", 3), ("DDP", 0))}
+        if args.max_live_parameters:
+            splits[f"ZeRO-3, stage3_max_live_parameters {args.max_live_parameters:g}"] = memory_split(
+                memory_runs["live"])
 
     def rate(runs: list) -> float:
         (s1, t1, *_), (s2, t2, *_) = runs
         return (t2 - t1) / (s2 - s1)
 
-    print(f"\ntrain_sft on the tiny student, {len(dialogues())} dialogues, epochs {epochs[0]:g} and {epochs[1]:g}")
-    for e, (ps, pt), (rs, rt, _) in zip(epochs, plain_runs, ray_runs, strict=True):
-        print(f"  {e:>4g} epochs: plain TRL {ps:6.1f}s {pt:>8.0f} tokens | Ray Train + ZeRO-3 x2 {rs:6.1f}s "
-              f"{rt:>8.0f} tokens")
-    plain_rate, ray_rate, ddp_rate = rate(plain_runs), rate(ray_runs), rate(ddp_runs)
-    print(f"incremental tokens/s: plain TRL {plain_rate:.0f}, Ray Train + DeepSpeed ZeRO-3 (2 workers) {ray_rate:.0f}, "
-          f"ratio {ray_rate / plain_rate:.2f}; Ray Train + DDP (2 workers, no DeepSpeed) {ddp_rate:.0f}, ratio "
-          f"{ddp_rate / plain_rate:.2f}")
+    if not args.memory_only:
+        print(f"\ntrain_sft on the tiny student, {len(dialogues())} dialogues, epochs {epochs[0]:g} and {epochs[1]:g}")
+        for e, (ps, pt), (rs, rt, _) in zip(epochs, plain_runs, ray_runs, strict=True):
+            print(f"  {e:>4g} epochs: plain TRL {ps:6.1f}s {pt:>8.0f} tokens | Ray Train + ZeRO-3 x2 {rs:6.1f}s "
+                  f"{rt:>8.0f} tokens")
+        plain_rate, ray_rate, ddp_rate = rate(plain_runs), rate(ray_runs), rate(ddp_runs)
+        print(f"incremental tokens/s: plain TRL {plain_rate:.0f}, Ray Train + DeepSpeed ZeRO-3 (2 workers) "
+              f"{ray_rate:.0f}, ratio {ray_rate / plain_rate:.2f}; Ray Train + DDP (2 workers, no DeepSpeed) "
+              f"{ddp_rate:.0f}, ratio {ddp_rate / plain_rate:.2f}")
     zero3_bytes, ddp_bytes = max(zero3_held) * BYTES_PER_PARAM, max(ddp_held) * BYTES_PER_PARAM
     print(f"per-rank memory, {max(ddp_held) / 1e6:.1f}M-parameter model ({args.memory_model[0]} wide, "
           f"{args.memory_model[1]} layers), {args.memory_steps} steps, 2 workers:")
@@ -167,6 +210,8 @@ def main() -> None:
           f"DDP {[round(m) for m in ddp_mib]} MiB, ratio ZeRO-3/DDP {max(zero3_mib) / max(ddp_mib):.2f}")
     print(f"  by count (params held x {BYTES_PER_PARAM} B): ZeRO-3 {zero3_bytes / 2**20:.0f} MiB, "
           f"DDP {ddp_bytes / 2**20:.0f} MiB, ratio {zero3_bytes / ddp_bytes:.2f}")
+    for name, split in splits.items():
+        print(f"  {name}, MiB above the resident set before the model: {split}")
 
 
 if __name__ == "__main__":

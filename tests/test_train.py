@@ -73,10 +73,11 @@ def trained(tiny_models, ray_local, tmp_path_factory):
     recipe = load_recipe(tmp / "recipe.yaml")
 
     log_path = tmp / "train_sft.log"
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log:  # its build cache empty, as on a machine that never trained
         job = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "stage", "train_sft", str(tmp / "recipe.yaml"),
                                 "--run-dir", str(run_dir), "--address", ray_local.address], stdout=log,
-                               stderr=subprocess.STDOUT, cwd=REPO)
+                               stderr=subprocess.STDOUT, cwd=REPO,
+                               env={**os.environ, "ZEPHYR_RAY_CACHE": str(tmp / "fresh-cache")})
     deadline = time.time() + 600
     while not registered_checkpoints(run_dir):
         assert job.poll() is None, log_path.read_text()[-3000:]
@@ -88,6 +89,17 @@ def trained(tiny_models, ray_local, tmp_path_factory):
     results = {stage: run_stage(stage, recipe, run_dir) for stage in ("train_sft", "train_dpo")}
     assert results["train_sft"].skipped, "the killed-and-resumed train_sft finished: nothing to redo"
     return recipe, run_dir, results, pairs[:HELD_OUT]
+
+
+def test_zero3_on_cpu_compiles_nothing_on_a_fresh_machine(trained):
+    """train_sft ran with an empty build cache: DeepSpeed's shared-memory all-reduce (an inference kernel, which
+    ZeRO training never calls) was not compiled, nor any other op, and the stage finished (it was killed and resumed
+    on the way)."""
+    _, run_dir, _, _ = trained
+    cache = run_dir.parent / "fresh-cache"
+    built = sorted(str(path.relative_to(cache)) for path in cache.rglob("*") if path.is_file())
+    assert built == [], f"DeepSpeed built ops on the first training: {built}"
+    assert (run_dir / "train_sft" / "model" / "_SUCCESS").exists()
 
 
 def attempts(run_dir: Path, stage: str) -> list[dict]:
@@ -108,6 +120,9 @@ def test_zero3_gives_each_of_two_ranks_about_half_the_parameters(trained, stage)
     memory = [json.loads((run_dir / stage / "attempts" / f"rank{rank}-memory.json").read_text()) for rank in (0, 1)]
     for record in memory:
         assert record["peak_rss_mib"] > record["rss_before_model_mib"] > 100, record
+        # where it went: the start of training (with the peak of loading and partitioning), the first step
+        assert record["peak_rss_mib"] >= record["peak_rss_at_train_begin_mib"] >= record["rss_at_train_begin_mib"]
+        assert record["peak_rss_mib"] >= record["rss_after_first_step_mib"] > 100, record
         assert record["accelerator_peak_mib"] is None and record["global_step"] > 0, record
 
 

@@ -133,42 +133,59 @@ def resident_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def peak_resident_mib() -> float:
+    """This process's peak resident memory so far, in MiB: the kernel's high-water mark, which can trail the
+    resident set read just now by a few pages (seen: 1 MiB), so never below that."""
+    import resource
+
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, resident_mib())  # Linux counts KiB
+
+
 def attempt_log_callback(record_dir: str, rss_before_model_mib: float | None = None) -> Any:
     """Each rank appends one line per (re)start of training to ``record_dir/rank<N>.jsonl``: the global step it
     starts from (0, or the checkpoint's step after a restart), the Ray node it runs on, and how many parameters it
     holds itself, next to the model's total (under ZeRO-3 each rank keeps about 1/world of them). When training
-    ends, ``rank<N>-memory.json``: the rank's measured memory, its process's peak resident set and what it held
-    before the model was loaded (the difference is what training took: weights, gradients, optimizer states,
-    activations), and the accelerator's peak allocation on GPU."""
+    ends, ``rank<N>-memory.json``: the rank's measured memory, where it went and when. Its resident set before the
+    model was loaded; at the start of training (model loaded, DeepSpeed's engine or DDP's wrapper and the optimizer
+    built), with the peak so far (loading a whole model before partitioning it shows there); after the first step
+    (gradients and optimizer states exist); the process's peak; and the accelerator's peak allocation on GPU."""
     import torch.distributed as dist
     from transformers import TrainerCallback
 
-    class AttemptLog(TrainerCallback):
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            import resource
+    def rank() -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
 
+    class AttemptLog(TrainerCallback):
+        def __init__(self) -> None:
+            self.memory: dict[str, float] = {}
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             import torch
 
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux counts KiB
             accelerator = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            write_text_atomic(Path(record_dir) / f"rank{rank}-memory.json", json.dumps({
-                "rank": rank, "peak_rss_mib": round(peak, 1), "rss_before_model_mib": rss_before_model_mib,
+            write_text_atomic(Path(record_dir) / f"rank{rank()}-memory.json", json.dumps({
+                "rank": rank(), "peak_rss_mib": round(peak_resident_mib(), 1),
+                "rss_before_model_mib": rss_before_model_mib, **self.memory,
                 "accelerator_peak_mib": accelerator, "global_step": state.global_step}))
 
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if "rss_after_first_step_mib" not in self.memory:
+                self.memory["rss_after_first_step_mib"] = round(resident_mib(), 1)
+
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            self.memory.update(rss_at_train_begin_mib=round(resident_mib(), 1),
+                               peak_rss_at_train_begin_mib=round(peak_resident_mib(), 1))
             params = list(model.parameters()) if model is not None else []
             total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
             local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
-            rank = dist.get_rank() if dist.is_initialized() else 0
             import ray
 
             node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-            line = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1, "node_id": node,
-                    "global_step_at_start": state.global_step, "max_steps": state.max_steps,
+            line = {"rank": rank(), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "node_id": node, "global_step_at_start": state.global_step, "max_steps": state.max_steps,
                     "params_held": local, "params_total": total, "pid": os.getpid()}
             Path(record_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(record_dir) / f"rank{rank}.jsonl", "a") as log:
+            with open(Path(record_dir) / f"rank{rank()}.jsonl", "a") as log:
                 log.write(json.dumps(line) + "\n")
 
     return AttemptLog()
@@ -254,9 +271,10 @@ def ray_experiment_dir(stage: str, run_dir: Path) -> Path:
 
 
 def build_cache_dir() -> Path:
-    """Where DeepSpeed's JIT-built CPU ops go: per user and machine (``$ZEPHYR_RAY_CACHE``, else
-    ``~/.cache/zephyr-ray``), so they are compiled once (~40 s on 2 cores), not once per run directory. Torch
-    rebuilds an op whose sources or flags changed, and locks the directory while it builds."""
+    """Where DeepSpeed's JIT-built CPU ops go, should a recipe need one (the shared-memory all-reduce is skipped:
+    ``engines.skip_deepspeed_inference_allreduce``): per user and machine (``$ZEPHYR_RAY_CACHE``, else
+    ``~/.cache/zephyr-ray``), so each is compiled once, not once per run directory. Torch rebuilds an op whose
+    sources or flags changed, and locks the directory while it builds."""
     configured = os.environ.get("ZEPHYR_RAY_CACHE")
     return Path(configured or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "zephyr-ray").expanduser()
 
