@@ -16,13 +16,16 @@ Prints, in one run:
   each rank holds by count (fp32 parameter + gradient + two Adam moments = 16 bytes per parameter), and where each
   rank's memory went: at the start of training (model loaded, engine and optimizer built; with the peak by then,
   where loading a whole model before partitioning it shows), after the first step, at the end (``--memory-only``
-  runs just these).
+  runs just these);
+- with ``--step-breakdown`` instead: DeepSpeed's own forward, backward and optimizer-step times per micro-step
+  (``wall_clock_breakdown``) under ZeRO-2 and ZeRO-3 on the tiny student: what ZeRO-3's parameter gathering costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -144,6 +147,33 @@ def live_limited_deepspeed(args: argparse.Namespace, tmp: Path) -> dict:
     return config
 
 
+BREAKDOWN = re.compile(r"time \(ms\) \| fwd: ([\d.]+) \| bwd: ([\d.]+) \|.*\| step: ([\d.]+)")
+
+
+def step_breakdown(models: Path, tmp: Path, stage: int, steps: int = 40) -> tuple[float, float, float]:
+    """Median (forward, backward, optimizer step) ms of rank 0's steps under DeepSpeed ZeRO-``stage`` on the tiny
+    student, from DeepSpeed's own ``wall_clock_breakdown`` lines in the Ray workers' logs (the first 10 steps left
+    out). Each stage runs on a Ray of its own, so its logs hold its workers only."""
+    import statistics
+
+    import ray
+
+    from zephyr_ray.config import load_recipe
+    from zephyr_ray.engines import deepspeed_config
+
+    recipe = load_recipe(recipe_for(models, tmp, f"breakdown-{stage}"))
+    config = deepspeed_config(recipe.train_sft, recipe.hardware)
+    config["zero_optimization"]["stage"] = stage
+    config.update(wall_clock_breakdown=True, steps_per_print=1)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp / f"ray{stage}"))
+    ray_train(models, tmp, f"breakdown-zero{stage}", trl_args={"max_steps": steps, "deepspeed": config})
+    ray.shutdown()
+    lines = [match.groups() for log in (tmp / f"ray{stage}").glob("session_*/logs/worker-*.out")
+             for match in BREAKDOWN.finditer(log.read_text(errors="replace"))]
+    times = [[float(t) for t in line] for line in lines[10:]]
+    return tuple(statistics.median(column) for column in zip(*times, strict=True))  # type: ignore[return-value]
+
+
 def held_params(run: Path) -> list[int]:
     lines = [json.loads(line) for path in sorted((run / "train_sft" / "attempts").glob("rank*.jsonl"))
              for line in path.read_text().splitlines()]
@@ -158,6 +188,8 @@ def main() -> None:
     parser.add_argument("--memory-model", type=int, nargs=2, default=(768, 12), metavar=("HIDDEN", "LAYERS"))
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--memory-only", action="store_true", help="only the per-rank memory runs")
+    parser.add_argument("--step-breakdown", action="store_true",
+                        help="only DeepSpeed's own forward/backward/step times under ZeRO-2 and ZeRO-3")
     parser.add_argument("--max-live-parameters", type=float, default=1e7,
                         help="one more ZeRO-3 memory run with DeepSpeed's stage3_max_live_parameters (default 1e9: "
                              "more than this model has, so every gathered layer stays gathered); 0 skips it")
@@ -165,6 +197,13 @@ def main() -> None:
     import ray
 
     epochs = [args.epochs, 3 * args.epochs]
+    if args.step_breakdown:
+        with tempfile.TemporaryDirectory() as directory:
+            for stage in (2, 3):
+                fwd, bwd, step = step_breakdown(args.models, Path(directory), stage)
+                print(f"ZeRO-{stage}, tiny student, 2 ranks, median ms per micro-step: forward {fwd:.1f}, backward "
+                      f"{bwd:.1f}, optimizer step {step:.1f}, total {fwd + bwd + step:.1f}")
+        return
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
         if not args.memory_only:
