@@ -1,5 +1,5 @@
-"""Training benchmark: the train_sft stage (Ray Train + DeepSpeed ZeRO-3, 2 workers) vs the same TRL SFTTrainer in
-one plain process, on the same data, global batch and model.
+"""Training benchmark: the train_sft stage (Ray Train + DeepSpeed ZeRO-3, 2 workers; and ZeRO-2, and DDP) vs the
+same TRL SFTTrainer in one plain process, on the same data, global batch and model.
 
     python bench/training.py [--models artifacts/tiny-models] [--epochs 6]
 
@@ -214,6 +214,7 @@ def main() -> None:
             ray_train(args.models, tmp, "warm-up", num_epochs=args.epochs / 4)  # untimed: builds any op once
             ray_runs = [ray_train(args.models, tmp, f"zero3-{e:g}", num_epochs=e) for e in epochs]
             ddp_runs = [ray_train(args.models, tmp, f"ddp-{e:g}", num_epochs=e, zero_stage=0) for e in epochs]
+            zero2_runs = [ray_train(args.models, tmp, f"zero2-{e:g}", num_epochs=e, zero_stage=2) for e in epochs]
         big = memory_model(args.models, tmp, *args.memory_model)
         steps = {"model": str(big), "trl_args": {"max_steps": args.memory_steps}}
         memory_runs = {stage: ray_train(args.models, tmp, f"memory-zero{stage}", zero_stage=stage, **steps)[2]
@@ -241,7 +242,8 @@ def main() -> None:
         plain_rate, ray_rate, ddp_rate = rate(plain_runs), rate(ray_runs), rate(ddp_runs)
         print(f"incremental tokens/s: plain TRL {plain_rate:.0f}, Ray Train + DeepSpeed ZeRO-3 (2 workers) "
               f"{ray_rate:.0f}, ratio {ray_rate / plain_rate:.2f}; Ray Train + DDP (2 workers, no DeepSpeed) "
-              f"{ddp_rate:.0f}, ratio {ddp_rate / plain_rate:.2f}")
+              f"{ddp_rate:.0f}, ratio {ddp_rate / plain_rate:.2f}; Ray Train + DeepSpeed ZeRO-2 "
+              f"{rate(zero2_runs):.0f}, ratio {rate(zero2_runs) / plain_rate:.2f}")
     zero3_bytes, ddp_bytes = max(zero3_held) * BYTES_PER_PARAM, max(ddp_held) * BYTES_PER_PARAM
     print(f"per-rank memory, {max(ddp_held) / 1e6:.1f}M-parameter model ({args.memory_model[0]} wide, "
           f"{args.memory_model[1]} layers), {args.memory_steps} steps, 2 workers:")
