@@ -5,10 +5,10 @@ same TRL SFTTrainer in one plain process, on the same data, global batch and mod
 
 Prints, in one run:
 - tokens/s of each, measured as the *incremental* rate between E and 3E epochs (start-up of Ray Train, DeepSpeed
-  and the processes cancels out), after an untimed warm-up run of each (DeepSpeed's CPU ops are compiled, or found
-  in the build cache, there, not in a timed run); their ratio is the distributed path's overhead. On this 2-core
-  CPU machine the two workers share the cores the plain process has to itself, so the ratio bounds the overhead
-  from above;
+  and the processes cancels out), after an untimed warm-up run of each (one-time work, such as a JIT build of an op
+  a configuration needs, happens there, not in a timed run); their ratio is the distributed path's overhead. On
+  this 2-core CPU machine the two workers share the cores the plain process has to itself, so the ratio bounds the
+  overhead from above;
 - per-rank memory, measured: each rank's peak resident memory minus what it held before loading the model
   (``attempts/rank<N>-memory.json``, which every training stage writes), for ZeRO-3 and DDP (``zero_stage: 0``) at
   2 workers, training a few steps of a ~80M-parameter model of the student's shape (``--memory-model``: hidden
