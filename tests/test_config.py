@@ -103,6 +103,18 @@ def test_cross_field_problems_are_reported_beside_field_errors(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("workers", ["3.0", "'3'"])
+def test_a_worker_count_written_as_a_float_or_string_is_checked_as_the_recipe_reads_it(tmp_path, workers):
+    """pydantic reads 3.0 and "3" as 3 workers, so the batch check must too (hypothesis found 3.0 named nothing)."""
+    path = write(tmp_path, f"""\
+        name: x
+        hardware: {{accelerator: cpu, num_workers: {workers}}}
+        train_sft: {{learning_rate: 1.0e-5, global_batch_size: 8}}
+        """)
+    assert problems(path) == [f"{path}:3: train_sft.global_batch_size: global_batch_size 8 does not divide over 3 "
+                              "workers; use a multiple of 3"]
+
+
 def test_unknown_section_and_missing_name(tmp_path):
     assert problems(write(tmp_path, "trian_sft: {}\n")) == [
         f"{tmp_path / 'recipe.yaml'}:1: name: missing required key",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 PositiveInt = Field(gt=0)
 
@@ -674,14 +674,24 @@ def batch_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
         section = data.get(stage)
         if not isinstance(section, dict):
             continue
-        sizes = (section.get("global_batch_size"), workers, section.get("max_per_device_batch_size", 8))
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+        sizes = tuple(_as_count(n) for n in (section.get("global_batch_size"), workers,
+                                             section.get("max_per_device_batch_size", 8)))
+        if not all(isinstance(n, int) and n > 0 for n in sizes):
             continue  # reported as a field error
         try:
             derive_batch(*sizes)
         except ValueError as err:
             problems.append((f"{stage}.global_batch_size", str(err)))
     return problems
+
+
+def _as_count(value: Any) -> int | None:
+    """``value`` read as the recipe's integer fields read it (pydantic's lax mode: ``3.0`` and ``"3"`` are 3), or
+    None where those fields reject it, so the raw-data batch check sees what the validated recipe would."""
+    try:
+        return TypeAdapter(int).validate_python(value)
+    except ValidationError:
+        return None
 
 
 def derive_batch(global_batch_size: int, num_workers: int, max_per_device: int) -> tuple[int, int]:
