@@ -135,13 +135,18 @@ def memory_split(run: Path) -> str:
                      for r in memory_records(run))
 
 
-def live_limited_deepspeed(args: argparse.Namespace, tmp: Path) -> dict:
-    """The stage's own DeepSpeed config with ``stage3_max_live_parameters`` (and the prefetch bucket) lowered."""
+def stage_deepspeed_config(models: Path, tmp: Path, name: str) -> dict:
+    """The DeepSpeed config train_sft builds for the benchmark's recipe, to change one setting of."""
     from zephyr_ray.config import load_recipe
     from zephyr_ray.engines import deepspeed_config
 
-    recipe = load_recipe(recipe_for(args.models, tmp, "live-limited"))
-    config = deepspeed_config(recipe.train_sft, recipe.hardware)
+    recipe = load_recipe(recipe_for(models, tmp, name))
+    return deepspeed_config(recipe.train_sft, recipe.hardware)
+
+
+def live_limited_deepspeed(args: argparse.Namespace, tmp: Path) -> dict:
+    """The stage's own DeepSpeed config with ``stage3_max_live_parameters`` (and the prefetch bucket) lowered."""
+    config = stage_deepspeed_config(args.models, tmp, "live-limited")
     config["zero_optimization"].update(stage3_max_live_parameters=int(args.max_live_parameters),
                                        stage3_prefetch_bucket_size=int(args.max_live_parameters))
     return config
@@ -158,11 +163,7 @@ def step_breakdown(models: Path, tmp: Path, stage: int, steps: int = 40) -> tupl
 
     import ray
 
-    from zephyr_ray.config import load_recipe
-    from zephyr_ray.engines import deepspeed_config
-
-    recipe = load_recipe(recipe_for(models, tmp, f"breakdown-{stage}"))
-    config = deepspeed_config(recipe.train_sft, recipe.hardware)
+    config = stage_deepspeed_config(models, tmp, f"breakdown-{stage}")
     config["zero_optimization"]["stage"] = stage
     config.update(wall_clock_breakdown=True, steps_per_print=1)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp / f"ray{stage}"))
@@ -239,11 +240,11 @@ def main() -> None:
         for e, (ps, pt), (rs, rt, _) in zip(epochs, plain_runs, ray_runs, strict=True):
             print(f"  {e:>4g} epochs: plain TRL {ps:6.1f}s {pt:>8.0f} tokens | Ray Train + ZeRO-3 x2 {rs:6.1f}s "
                   f"{rt:>8.0f} tokens")
-        plain_rate, ray_rate, ddp_rate = rate(plain_runs), rate(ray_runs), rate(ddp_runs)
+        plain_rate, ray_rate, ddp_rate, zero2_rate = map(rate, (plain_runs, ray_runs, ddp_runs, zero2_runs))
         print(f"incremental tokens/s: plain TRL {plain_rate:.0f}, Ray Train + DeepSpeed ZeRO-3 (2 workers) "
               f"{ray_rate:.0f}, ratio {ray_rate / plain_rate:.2f}; Ray Train + DDP (2 workers, no DeepSpeed) "
               f"{ddp_rate:.0f}, ratio {ddp_rate / plain_rate:.2f}; Ray Train + DeepSpeed ZeRO-2 "
-              f"{rate(zero2_runs):.0f}, ratio {rate(zero2_runs) / plain_rate:.2f}")
+              f"{zero2_rate:.0f}, ratio {zero2_rate / plain_rate:.2f}")
     zero3_bytes, ddp_bytes = max(zero3_held) * BYTES_PER_PARAM, max(ddp_held) * BYTES_PER_PARAM
     print(f"per-rank memory, {max(ddp_held) / 1e6:.1f}M-parameter model ({args.memory_model[0]} wide, "
           f"{args.memory_model[1]} layers), {args.memory_steps} steps, 2 workers:")
