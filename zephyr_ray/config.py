@@ -685,11 +685,14 @@ def batch_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
+_INT = TypeAdapter(int)
+
+
 def _as_count(value: Any) -> int | None:
     """``value`` read as the recipe's integer fields read it (pydantic's lax mode: ``3.0`` and ``"3"`` are 3), or
     None where those fields reject it, so the raw-data batch check sees what the validated recipe would."""
     try:
-        return TypeAdapter(int).validate_python(value)
+        return _INT.validate_python(value)
     except ValidationError:
         return None
 
