@@ -168,3 +168,27 @@ def test_rounds_are_planned_stage_by_stage_after_the_recipes_own(tmp_path):
                                  cluster_from_default()))
     joined = next(s for s in tiny["stages"] if s["stage"] == "rounds/2/complete")
     assert joined["actors"].count("1 x vLLM engine (1 CPU)") == 5  # the pool joins the policy
+
+
+def test_evaluate_is_planned_with_every_set_and_every_model_it_asks(tmp_path):
+    """The evaluate stage's work is what run_evaluate asks: MT-Bench in two turns, the pairwise prompts and the
+    exact-match questions for the evaluated model and the baseline, the exact-match questions for its extra models,
+    and the feedback judge on the exact-match replies (the tiny recipe has them all). A 7B recipe given GSM8K-format
+    questions plans more hours for its evaluation than without them."""
+    tiny = {s.stage: s for s in plan_recipe(load_recipe(REPO / "jobs" / "configs" / "tiny-cpu.yaml"),
+                                            cluster_from_default())}["evaluate"]
+    assert tiny.work == ("16 MT-Bench questions x 2 turns + 48 pairwise prompts + 48 exact-match questions x 2 models, "
+                         "exact match x 1 more, then judged")
+    assert [actor.split(":")[0] for actor in tiny.actors.split("; ")] == ["dpo", "sft", "base", "judge",
+                                                                          "feedback judge"]
+    questions = tmp_path / "gsm8k.jsonl"  # GSM8K's test split has 1,319 of these
+    questions.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n"
+                                             f"#### {i + 1}"}) + "\n" for i in range(1319)))
+    recipe = yaml.safe_load(SEVEN_B.read_text())
+    recipe["evaluate"]["exact_match"] = {"questions": {"path": str(questions)}, "models": [
+        {"name": "sft", "model": "train_sft", "max_model_len": 4096}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with_gsm8k = {s.stage: s for s in plan_of(tmp_path / "recipe.yaml")}["evaluate"]
+    without = {s.stage: s for s in plan_of(SEVEN_B)}["evaluate"]
+    assert with_gsm8k.work.startswith("80 MT-Bench questions x 2 turns + 1319 exact-match questions x 2 models")
+    assert with_gsm8k.hours > without.hours and not with_gsm8k.problems

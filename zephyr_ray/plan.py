@@ -317,16 +317,41 @@ def plan_recipe(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
                   hardware, cluster, plan, reference=True)
     if (cfg := recipe.evaluate) is not None:
         plan = new("evaluate")
-        questions = dataset_rows(cfg.mt_bench.questions)[0] if cfg.mt_bench else 0
+        # what run_evaluate asks: the evaluated model and the pairwise baseline answer every set (MT-Bench in two
+        # turns, the pairwise prompts, the exact-match questions); exact_match.models answer its questions only
+        mt_bench = dataset_rows(cfg.mt_bench.questions)[0] if cfg.mt_bench else 0
+        instructions = dataset_rows(cfg.pairwise.prompts)[0] if cfg.pairwise and cfg.pairwise.prompts else 0
+        checkable = dataset_rows(cfg.exact_match.questions)[0] if cfg.exact_match else 0
         base = (recipe.train_sft.model if recipe.train_sft else None) or ""
-        answerers = [cfg.model] + ([cfg.pairwise.baseline] if cfg.pairwise and cfg.pairwise.baseline else [])
+        models = [cfg.model] + ([cfg.pairwise.baseline] if cfg.pairwise and cfg.pairwise.baseline else [])
+        others = cfg.exact_match.models if cfg.exact_match else []
+
+        def generated(sets: list[tuple[int, int]]) -> float:  # (answers, max_tokens) per set
+            return sum(n * min(limit, _a("answer_tokens")) for n, limit in sets)
+
+        every_set = [(mt_bench * 2, cfg.mt_bench.max_tokens if cfg.mt_bench else 0),
+                     (instructions, cfg.pairwise.sampling.max_tokens if cfg.pairwise else 0),
+                     (checkable, cfg.exact_match.sampling.max_tokens if cfg.exact_match else 0)]
+        exact_only = every_set[2:]
         engines = [(m.name, m.model_copy(update={"model": base}) if m.model in ("train_dpo", "train_sft") else m,
-                    questions * 2 * _a("answer_prompt_tokens"), questions * 2 * _a("answer_tokens")) for m in answerers]
-        plan.work = f"{questions} questions x 2 turns x {len(answerers)} models, then judged"
-        judgments = questions * 2 * len(answerers) + (questions * 2 if cfg.pairwise else 0)  # pairs: both orders
+                    sum(n for n, _ in sets) * _a("answer_prompt_tokens"), generated(sets))
+                   for m, sets in [(m, every_set) for m in models] + [(m, exact_only) for m in others]]
+        asked = [f"{n} {what}" for n, what in ((mt_bench, "MT-Bench questions x 2 turns"),
+                                                (instructions, "pairwise prompts"),
+                                                (checkable, "exact-match questions")) if n]
+        plan.work = f"{' + '.join(asked) or 'no questions'} x {len(models)} models"
+        if others and checkable:
+            plan.work += f", exact match x {len(others)} more"
+        plan.work += ", then judged"
+        compared = (instructions or mt_bench) if cfg.pairwise else 0  # each pair judged in both orders
+        judgments = mt_bench * 2 * len(models) + compared * 2
         if cfg.judge.engine is not None:
             engines.append(("judge", cfg.judge.engine, judgments * _a("judge_prompt_tokens"),
                             judgments * _a("judge_generated_tokens")))
+        if checkable and recipe.judge is not None and recipe.judge.engine is not None:  # its agreement with the truth
+            scored = checkable * (len(models) + len(others))
+            engines.append(("feedback judge", recipe.judge.engine, scored * _a("judge_prompt_tokens"),
+                            scored * _a("judge_generated_tokens")))
         _generation_hours(engines, hardware, cluster, plan)
         plan.problems = [p for p in plan.problems if not p.startswith("uses ")]  # 80 questions fill no cluster
         if cfg.judge.endpoint is not None and (price := ENDPOINT_PRICES.get(cfg.judge.endpoint.model)):
