@@ -188,6 +188,25 @@ def test_rerun_skips_and_the_report_shows_the_evaluation(evaluated, tmp_path):
 
 
 @pytest.mark.engine
+def test_a_rerun_after_the_judgments_reads_the_judge_agreement_instead_of_scoring_again(evaluated):
+    """An evaluation stopped after its judgments were written, before its results: the re-run makes the same
+    results from what is on disk. The feedback judge's scores of the exact-match replies (its agreement with the
+    truth) are read from ``judge_agreement/``, one row per scored reply, not scored again: its files are the same."""
+    recipe, run_dir, _ = evaluated
+    stage = run_dir / "evaluate"
+    before = json.loads((stage / "results.json").read_text())
+    agreement = before["judge_agreement"]
+    judged = rows(stage / "judge_agreement")
+    assert len(judged) == sum(1 for r in rows(stage / "exact_match") if r["reply"]) > 0
+    assert agreement["n"] + agreement["judge_failures"] == len(judged)
+    files = {path.name: path.stat().st_mtime_ns for path in (stage / "judge_agreement").iterdir()}
+    (stage / "results.json").unlink()
+    again = run_stage("evaluate", recipe, run_dir)
+    assert not again.skipped and json.loads((stage / "results.json").read_text()) == before
+    assert {path.name: path.stat().st_mtime_ns for path in (stage / "judge_agreement").iterdir()} == files
+
+
+@pytest.mark.engine
 def test_fastchats_judge_prompts_grade_and_compare_through_the_whole_stage(evaluated, tiny_models, tmp_path):
     """The evaluation again with `judge.prompts` (FastChat's judge_prompts.jsonl format, written here) on the same
     answers: every judgment's prompt is FastChat's template filled as FastChat fills it, every turn is rated or a

@@ -15,7 +15,8 @@
 Answers and judgments run on the same machinery as the data stages (``ray.data.llm`` vLLM engines, or an
 OpenAI-compatible endpoint for the judge). Answerers that share one engine configuration share one engine pass per
 turn. Outputs in ``<run_dir>/evaluate/``: the validated sets, ``answers/<model>/``, ``judgments/``,
-``results.json``, ``metrics.json`` (the headline numbers, for the manifest) and ``evaluate.png``.
+``results.json``, ``metrics.json`` (the headline numbers, for the manifest) and ``evaluate.png``; with exact-match
+questions, ``exact_match/`` (each scored reply) and ``judge_agreement/`` (the feedback judge's scores of them).
 
 The package, one module a concern: ``sets`` (the validated sets), ``answers``, ``prompts`` (the project's judge
 prompts and the parsers) and ``fastchat_prompts``, ``grading`` (judgments, MT-Bench scores), ``pairwise`` (win rate
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -46,13 +48,14 @@ from .grading import (
 )
 from .pairwise import pairwise_results
 from .results import (
-    agreement_of,
+    AGREEMENT_DIR,
     agreement_pass,
     evaluation_summary,
     exact_match_results,
     headline_metrics,
     judge_agreement,
     plot_results,
+    save_agreement,
 )
 from .sets import evaluation_sets
 
@@ -81,8 +84,8 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
         asked += [(model, exact_match_items(sets, cfg)) for model in cfg.exact_match.models]
     answers = answer_all(asked, recipe, run_dir)
     exact_match = exact_match_results(cfg, sets, answers, stage_dir) if cfg.exact_match is not None else None
-    agreement = None
     if not is_complete(judgments_dir):
+        shutil.rmtree(stage_dir / AGREEMENT_DIR, ignore_errors=True)  # made again with the judgments
         judge = judge_label(cfg.judge)
         requests, settled = grading_requests(cfg, sets, answers, judge) if cfg.mt_bench else ([], [])
         if cfg.pairwise:
@@ -99,16 +102,16 @@ def run_evaluate(recipe: Recipe, run_dir: Path) -> StageResult:
         by_key = {r["key"]: r for r in requests}
         judged = [to_judgment(by_key[a["key"]], a) for a in rows[0]]
         log_rate("evaluate[judge]", sum(len(r) for r in rows), judge_timer.seconds)
+        if scoring is not None:  # before the judgments: once they are complete, so is what ran beside them
+            save_agreement(rows[1], stage_dir)
         write_rows_atomic(judged + settled, judgments_dir, schema=JUDGMENT_SCHEMA)
-        if scoring is not None:
-            agreement = agreement_of(rows[1], recipe, stage_dir)
     judgments = read_rows(judgments_dir)
     results = {"judge": judge_label(cfg.judge), "mt_bench": grading_results(judgments),
                "pairwise": (pairwise_results(judgments, cfg.pairwise.bootstrap_samples, cfg.pairwise.confidence)
                             if cfg.pairwise else None)}
     if exact_match is not None:
         results["exact_match"], results["exact_match_paired"] = exact_match
-        results["judge_agreement"] = agreement or judge_agreement(recipe, stage_dir)
+        results["judge_agreement"] = judge_agreement(recipe, stage_dir)
     plot_results(results, stage_dir / "evaluate.png")
     write_text_atomic(stage_dir / "metrics.json", json.dumps(headline_metrics(results), indent=2) + "\n")
     write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")

@@ -9,12 +9,21 @@ from typing import Any
 import pyarrow as pa
 
 from ..config import EvaluateConfig, Recipe
-from ..data import read_rows, write_rows_atomic
+from ..data import is_complete, read_rows, write_rows_atomic
+from ..feedback.judge import ASPECTS
 from .sets import EvaluationSets
 
 EXACT_MATCH_SCHEMA = pa.schema([
     ("model", pa.string()), ("question_id", pa.string()), ("question", pa.string()), ("reference", pa.string()),
     ("reply", pa.string()), ("error", pa.string()), ("extracted", pa.string()), ("correct", pa.bool_()),
+])
+# the feedback judge's judgments of the exact-match replies (``judge_agreement/``): kept, so that a re-run reads them
+# instead of scoring again, and so that one can see which replies the judge got wrong
+AGREEMENT_DIR = "judge_agreement"
+AGREEMENT_SCHEMA = pa.schema([
+    ("model", pa.string()), ("prompt_id", pa.string()), ("completion", pa.string()), ("judge", pa.string()),
+    *[(aspect, pa.float64()) for aspect in ASPECTS],
+    ("overall", pa.float64()), ("rationale", pa.string()), ("raw_judgment", pa.string()), ("judge_error", pa.string()),
 ])
 
 
@@ -50,9 +59,19 @@ def judge_agreement(recipe: Recipe, stage_dir: Path) -> dict[str, Any] | None:
     """Does the judge whose scores made the preference pairs know the right answer? The recipe's feedback judge
     scores every exact-match reply (as it scored completions, by ``binarize.score``), and the Spearman rank
     correlation of its scores with correctness says how much of the truth its preferences carried. None when the
-    recipe has no judge (a preference dataset instead)."""
-    scoring = agreement_pass(recipe, stage_dir)
-    return None if recipe.judge is None else agreement_of(scoring.take_all() if scoring else [], recipe, stage_dir)
+    recipe has no judge (a preference dataset instead). Its judgments are read from ``judge_agreement/`` when a
+    run wrote them (``save_agreement``), else scored here and written there."""
+    if recipe.judge is None:
+        return None
+    saved = stage_dir / AGREEMENT_DIR
+    if not is_complete(saved):
+        scoring = agreement_pass(recipe, stage_dir)
+        save_agreement(scoring.take_all() if scoring else [], stage_dir)
+    return agreement_of(read_rows(saved), recipe, stage_dir)
+
+
+def save_agreement(judged: list[dict[str, Any]], stage_dir: Path) -> None:
+    write_rows_atomic(judged, stage_dir / AGREEMENT_DIR, schema=AGREEMENT_SCHEMA)
 
 
 def agreement_pass(recipe: Recipe, stage_dir: Path, sharing: int = 1) -> Any:
