@@ -10,21 +10,15 @@ import pyarrow as pa
 
 from ..config import EvaluateConfig, Recipe
 from ..data import is_complete, read_rows, write_rows_atomic
-from ..feedback.judge import ASPECTS
 from .sets import EvaluationSets
 
 EXACT_MATCH_SCHEMA = pa.schema([
     ("model", pa.string()), ("question_id", pa.string()), ("question", pa.string()), ("reference", pa.string()),
     ("reply", pa.string()), ("error", pa.string()), ("extracted", pa.string()), ("correct", pa.bool_()),
 ])
-# the feedback judge's judgments of the exact-match replies (``judge_agreement/``): kept, so that a re-run reads them
-# instead of scoring again, and so that one can see which replies the judge got wrong
+# the feedback judge's judgments of the exact-match replies: kept, so that a re-run reads them instead of scoring
+# again, and so that one can see which replies the judge got wrong
 AGREEMENT_DIR = "judge_agreement"
-AGREEMENT_SCHEMA = pa.schema([
-    ("model", pa.string()), ("prompt_id", pa.string()), ("completion", pa.string()), ("judge", pa.string()),
-    *[(aspect, pa.float64()) for aspect in ASPECTS],
-    ("overall", pa.float64()), ("rationale", pa.string()), ("raw_judgment", pa.string()), ("judge_error", pa.string()),
-])
 
 
 
@@ -71,7 +65,13 @@ def judge_agreement(recipe: Recipe, stage_dir: Path) -> dict[str, Any] | None:
 
 
 def save_agreement(judged: list[dict[str, Any]], stage_dir: Path) -> None:
-    write_rows_atomic(judged, stage_dir / AGREEMENT_DIR, schema=AGREEMENT_SCHEMA)
+    from ..feedback.judge import ASPECTS  # here: the feedback package imports the evaluation's sets
+
+    schema = pa.schema([("model", pa.string()), ("prompt_id", pa.string()), ("completion", pa.string()),
+                        ("judge", pa.string()), *[(aspect, pa.float64()) for aspect in ASPECTS],
+                        ("overall", pa.float64()), ("rationale", pa.string()), ("raw_judgment", pa.string()),
+                        ("judge_error", pa.string())])
+    write_rows_atomic(judged, stage_dir / AGREEMENT_DIR, schema=schema)
 
 
 def agreement_pass(recipe: Recipe, stage_dir: Path, sharing: int = 1) -> Any:
