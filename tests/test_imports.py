@@ -17,7 +17,7 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
 
     def first_import(module: str) -> tuple[str, int, str]:
         done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
-        return module, done.returncode, done.stderr.strip().splitlines()[-1:] if done.returncode else ""
+        return module, done.returncode, (done.stderr.strip().splitlines() or [""])[-1] if done.returncode else ""
 
     with ThreadPoolExecutor(2) as pool:
         failed = [(module, error) for module, code, error in pool.map(first_import, modules) if code]

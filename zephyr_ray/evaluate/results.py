@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..config import EvaluateConfig, Recipe
-from ..data import is_complete, read_rows, write_rows_atomic
+from ..data import CompletionRow, JudgmentRow, is_complete, read_rows, write_rows_atomic
 from .sets import EvaluationSets
 
 EXACT_MATCH_SCHEMA = pa.schema([
@@ -65,12 +65,10 @@ def judge_agreement(recipe: Recipe, stage_dir: Path) -> dict[str, Any] | None:
 
 
 def save_agreement(judged: list[dict[str, Any]], stage_dir: Path) -> None:
-    from ..feedback.judge import ASPECTS  # here: the feedback package imports the evaluation's sets
-
-    schema = pa.schema([("model", pa.string()), ("prompt_id", pa.string()), ("completion", pa.string()),
-                        ("judge", pa.string()), *[(aspect, pa.float64()) for aspect in ASPECTS],
-                        ("overall", pa.float64()), ("rationale", pa.string()), ("raw_judgment", pa.string()),
-                        ("judge_error", pa.string())])
+    """Which reply (model, question, the reply) and the judgment's own columns, as the feedback stage writes them."""
+    judgment = JudgmentRow.arrow_schema()
+    own = [name for name in JudgmentRow.model_fields if name not in CompletionRow.model_fields]
+    schema = pa.schema([judgment.field(name) for name in ("model", "prompt_id", "completion", *own)])
     write_rows_atomic(judged, stage_dir / AGREEMENT_DIR, schema=schema)
 
 
