@@ -228,20 +228,23 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--single", type=int, default=50, help="requests sent one at a time")
-    parser.add_argument("--sides", default="vllm,serve", help="vllm, serve, serve+NAME=VALUE (Ray env settings)")
+    parser.add_argument("--sides", default="vllm,serve",
+                        help="vllm, serve, serve+NAME=VALUE (Ray env settings), in order; a side may come again "
+                        "(vllm,serve,vllm,serve): each Serve side is compared with the vLLM run before it")
     parser.add_argument("--json", type=Path, default=REPO / "runs" / "bench-serving.json")
     args = parser.parse_args()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="zr-bench-") as tmp:
-        for side in args.sides.split(","):
+        for run, side in enumerate(args.sides.split(","), 1):
+            label = side if side not in results else f"{side} (run {run})"  # a side again: its own row
             process, url, log = start_side(side, args.model, Path(tmp))
             try:
-                results[side] = measure(url, args.requests, args.concurrency, args.single)
+                results[label] = measure(url, args.requests, args.concurrency, args.single)
                 if side != "vllm" and (urls := metrics_urls()):
-                    results[side]["hops_ms"] = serve_breakdown(urls)
+                    results[label]["hops_ms"] = serve_breakdown(urls)
             finally:
                 stop_side(process)
-            print(f"{side}: {json.dumps(results[side])}", flush=True)
+            print(f"{label}: {json.dumps(results[label])}", flush=True)
     print(f"\n{args.requests} chat requests, {args.concurrency} in flight, {MAX_TOKENS} tokens each (ignore_eos); "
           f"{args.single} one at a time; {args.model}")
     print(f"  {'side':<12} {'req/s':>7} {'p50':>7} {'p99':>7} | {'stream':>6} {'TTFT50':>7} {'TTFT99':>7} "
@@ -250,9 +253,12 @@ def main() -> None:
         print(f"  {side:<12} {r['requests_per_s']:7.1f} {r['p50_s'] * 1e3:6.0f}ms {r['p99_s'] * 1e3:6.0f}ms | "
               f"{r['stream_requests_per_s']:6.1f} {r['ttft_p50_s'] * 1e3:6.0f}ms {r['ttft_p99_s'] * 1e3:6.0f}ms "
               f"{r['tpot_p50_s'] * 1e3:6.1f}ms | {r['single_p50_s'] * 1e3:8.1f}ms")
-    base = results.get("vllm")
-    for side, r in results.items():
-        if side == "vllm" or base is None:
+    base = None
+    for side, r in results.items():  # each Serve side against the vLLM run before it (the machine's speed drifts)
+        if side.split(" (run ")[0] == "vllm":
+            base = r
+            continue
+        if base is None:
             continue
         ratio = {key: r[key] / base[key] for key in ("requests_per_s", "stream_requests_per_s", "p50_s", "ttft_p50_s",
                                                       "tpot_p50_s")}
