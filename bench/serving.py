@@ -11,7 +11,9 @@ environment, to compare Ray Serve's own knobs). One side runs at a time. The loa
 
 - closed loop, not streamed: ``--requests`` chat requests with ``--concurrency`` in flight: requests/s, p50 and p99;
 - closed loop, streamed: the same, with time to first token (TTFT) and time per output token (TPOT) per request;
-- one at a time: ``--single`` requests in sequence: p50 latency (the per-request overhead).
+- one at a time: ``--single`` requests in sequence: p50 latency (the per-request overhead);
+- CPU per request: the CPU time each of the side's processes spent in the first closed loop, divided by its
+  requests. On a machine where the client, Ray and the engine share the cores this is steadier than throughput.
 
 Every request asks for ``MAX_TOKENS`` tokens with ``ignore_eos``, so both sides generate the same number of tokens.
 For Ray Serve the script then reads where the time went from Ray's own metrics (the proxy's request latency, and each
@@ -155,7 +157,11 @@ async def one_request(client, url: str, i: int, stream: bool) -> dict:
             "tpot": (ended - first) / (MAX_TOKENS - 1) if first else None, "chunks": chunks}
 
 
-async def closed_loop(url: str, n: int, concurrency: int, stream: bool, offset: int) -> tuple[list[dict], float]:
+async def closed_loop(url: str, n: int, concurrency: int, stream: bool, offset: int,
+                      server_pid: int | None = None) -> tuple[list[dict], float, dict[str, float]]:
+    """(results, seconds, CPU ms per request by process when ``server_pid`` is given) of ``n`` requests with
+    ``concurrency`` in flight, after a warm-up round (not counted) that also waits for the engine: Serve answers
+    /v1/models while its engine is still starting."""
     import httpx
 
     gate = asyncio.Semaphore(concurrency)
@@ -166,9 +172,12 @@ async def closed_loop(url: str, n: int, concurrency: int, stream: bool, offset: 
                 return await one_request(client, url, offset + i, stream)
 
         await asyncio.gather(*(gated(i) for i in range(concurrency)))  # warm-up, not counted
+        before = process_cpu(server_pid) if server_pid else {}
         started = time.perf_counter()
         results = await asyncio.gather(*(gated(concurrency + i) for i in range(n)))
-        return results, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        cpu = cpu_ms_per_request(before, process_cpu(server_pid), n) if server_pid else {}
+        return results, seconds, cpu
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -176,10 +185,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-def measure(url: str, n: int, concurrency: int, single: int) -> dict:
-    plain, plain_s = asyncio.run(closed_loop(url, n, concurrency, stream=False, offset=0))
-    streamed, streamed_s = asyncio.run(closed_loop(url, n, concurrency, stream=True, offset=10_000))
-    alone, _ = asyncio.run(closed_loop(url, single, 1, stream=False, offset=20_000))
+def process_cpu(root_pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of the side's processes, the server and every process under it (Ray's
+    services, workers and replicas, the engine core), by pid, with a name: Ray's and vLLM's process titles
+    (``ray::ServeReplica:...``, ``VLLM::EngineCore``; a Ray worker's title changes while it runs a method, so the
+    pid is the key), else the executable's name."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    seconds = {}
+    for process in processes:
+        try:
+            title = (process.cmdline() or [""])[0]
+            name = title.split(" ")[0] if title.startswith(("ray::", "VLLM::")) else process.name()
+            times = process.cpu_times()
+            seconds[process.pid] = (name.split(".")[0], times.user + times.system)
+        except psutil.Error:
+            continue
+    return seconds
+
+
+def cpu_ms_per_request(before: dict, after: dict, n: int) -> dict[str, float]:
+    """Milliseconds of CPU per request by process name between two ``process_cpu`` readings, largest first."""
+    spent: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        spent[name] = spent.get(name, 0.0) + seconds - before.get(pid, ("", 0.0))[1]
+    return {name: ms for name, ms in sorted(((name, 1e3 * s / n) for name, s in spent.items()),
+                                            key=lambda item: -item[1]) if ms >= 0.05}
+
+
+def measure(url: str, n: int, concurrency: int, single: int, server_pid: int) -> dict:
+    plain, plain_s, cpu = asyncio.run(closed_loop(url, n, concurrency, stream=False, offset=0, server_pid=server_pid))
+    streamed, streamed_s, _ = asyncio.run(closed_loop(url, n, concurrency, stream=True, offset=10_000))
+    alone, _, _ = asyncio.run(closed_loop(url, single, 1, stream=False, offset=20_000))
     return {
         "requests_per_s": n / plain_s, "tokens_per_s": sum(r["tokens"] for r in plain) / plain_s,
         "p50_s": percentile([r["latency"] for r in plain], 0.5),
@@ -190,6 +232,7 @@ def measure(url: str, n: int, concurrency: int, single: int) -> dict:
         "tpot_p50_s": statistics.median(r["tpot"] for r in streamed if r["tpot"] is not None),
         "stream_chunks_p50": statistics.median(r["chunks"] for r in streamed),
         "single_p50_s": percentile([r["latency"] for r in alone], 0.5),
+        "cpu_ms_per_request": cpu, "cpu_ms_per_request_total": sum(cpu.values()),
     }
 
 
@@ -239,7 +282,7 @@ def main() -> None:
             label = side if side not in results else f"{side} (run {run})"  # a side again: its own row
             process, url, log = start_side(side, args.model, Path(tmp))
             try:
-                results[label] = measure(url, args.requests, args.concurrency, args.single)
+                results[label] = measure(url, args.requests, args.concurrency, args.single, process.pid)
                 if side != "vllm" and (urls := metrics_urls()):
                     results[label]["hops_ms"] = serve_breakdown(urls)
             finally:
@@ -253,6 +296,10 @@ def main() -> None:
         print(f"  {side:<12} {r['requests_per_s']:7.1f} {r['p50_s'] * 1e3:6.0f}ms {r['p99_s'] * 1e3:6.0f}ms | "
               f"{r['stream_requests_per_s']:6.1f} {r['ttft_p50_s'] * 1e3:6.0f}ms {r['ttft_p99_s'] * 1e3:6.0f}ms "
               f"{r['tpot_p50_s'] * 1e3:6.1f}ms | {r['single_p50_s'] * 1e3:8.1f}ms")
+    print("\nCPU per request in the closed loop, not streamed (ms; the side's processes: server, Ray, engine):")
+    for side, r in results.items():
+        print(f"  {side:<12} {r['cpu_ms_per_request_total']:6.1f} in all: " + ", ".join(
+            f"{name} {ms:.1f}" for name, ms in list(r["cpu_ms_per_request"].items())[:6]))
     base = None
     for side, r in results.items():  # each Serve side against the vLLM run before it (the machine's speed drifts)
         if side.split(" (run ")[0] == "vllm":
