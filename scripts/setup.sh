@@ -122,7 +122,9 @@ gpu)
 esac
 
 echo "== checking the stack imports"
-"$VENV/bin/python" - <<'PY'
+# the libraries' own start-up lines (Triton, DeepSpeed's accelerator) go to a log, shown only when the check fails
+check_log="$VENV/setup-check.log"
+if ! "$VENV/bin/python" - > "$check_log" 2>&1 <<'PY'
 import importlib, sys
 for name in ("torch", "vllm", "ray", "ray.data.llm", "ray.serve.llm", "transformers", "trl", "deepspeed",
              "datasets", "zephyr_ray"):
@@ -134,4 +136,9 @@ import torch, vllm, ray, trl, transformers, deepspeed
 print(f"torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}, trl {trl.__version__}, "
       f"transformers {transformers.__version__}, deepspeed {deepspeed.__version__}")
 PY
+then
+    cat "$check_log" >&2
+    exit 1
+fi
+grep "^torch .*, deepspeed " "$check_log"
 echo "== ready: $VENV/bin/zephyr-ray --help"
