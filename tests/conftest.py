@@ -140,7 +140,7 @@ def one_process_at_a_time(name: str):
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
-    """name -> directory of every tiny model; built on first use (about four minutes), reused afterwards."""
+    """name -> directory of every tiny model; built on first use (about three minutes), reused afterwards."""
     from zephyr_ray.tiny import build_tiny_models
 
     with one_process_at_a_time("tiny-models"):

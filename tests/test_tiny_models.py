@@ -17,11 +17,55 @@ def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_build_is_deterministic(tmp_path):
+def test_build_is_deterministic_whatever_the_number_of_threads(tmp_path):
+    """The parallel build changes a process's threads mid-training when the other process finishes: the weights must
+    not depend on it."""
+    import torch
+
     first = build_tiny_models(tmp_path / "a", names=["generator-2"])["generator-2"]
-    second = build_tiny_models(tmp_path / "b", names=["generator-2"])["generator-2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        second = build_tiny_models(tmp_path / "b", names=["generator-2"])["generator-2"]
+    finally:
+        torch.set_num_threads(threads)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert digest(first / name) == digest(second / name), name
+
+
+def test_models_built_in_the_second_process_are_the_ones_built_alone(tmp_path, monkeypatch, caplog):
+    """A judge that starts from the teacher is built here while generator-2 (which starts from no model) is built in
+    the second process: each the same bytes as when built on its own, and the second process's lines shown here."""
+    import concurrent.futures
+    import dataclasses
+    import logging
+
+    import torch
+
+    from zephyr_ray import tiny
+
+    specs = {spec.name: spec for spec in TINY_MODELS}
+    short = (dataclasses.replace(specs["teacher"], train_steps=8), dataclasses.replace(specs["judge"], train_steps=8),
+             specs["generator-2"])
+    monkeypatch.setattr(tiny, "TINY_MODELS", short)
+    sent = []  # what went to the second process (the real pool, watched)
+    submit = concurrent.futures.ProcessPoolExecutor.submit
+    monkeypatch.setattr(concurrent.futures.ProcessPoolExecutor, "submit",
+                        lambda pool, fn, *args: sent.append(args[1]) or submit(pool, fn, *args))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a second process needs two threads to share
+    try:
+        with caplog.at_level(logging.INFO, logger="zephyr_ray.tiny"):
+            together = build_tiny_models(tmp_path / "together")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads and sent == ["generator-2"]
+    shown = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("built generator-2 ") for line in shown), shown
+    alone = {name: build_tiny_models(tmp_path / name, names=[name])[name] for name in ("generator-2", "judge")}
+    for name in ("generator-2", "judge", "teacher"):
+        origin = alone["judge"].parent / name if name == "teacher" else alone[name]
+        assert digest(together[name] / "model.safetensors") == digest(origin / "model.safetensors"), name
 
 
 def test_unknown_model_name_is_an_error(tmp_path):
