@@ -36,7 +36,6 @@ def test_build_is_deterministic_whatever_the_number_of_threads(tmp_path):
 def test_models_built_in_the_second_process_are_the_ones_built_alone(tmp_path, monkeypatch, caplog):
     """A judge that starts from the teacher is built here while generator-2 (which starts from no model) is built in
     the second process: each the same bytes as when built on its own, and the second process's lines shown here."""
-    import concurrent.futures
     import dataclasses
     import logging
 
@@ -48,10 +47,10 @@ def test_models_built_in_the_second_process_are_the_ones_built_alone(tmp_path, m
     short = (dataclasses.replace(specs["teacher"], train_steps=8), dataclasses.replace(specs["judge"], train_steps=8),
              specs["generator-2"])
     monkeypatch.setattr(tiny, "TINY_MODELS", short)
-    sent = []  # what went to the second process (the real pool, watched)
-    submit = concurrent.futures.ProcessPoolExecutor.submit
-    monkeypatch.setattr(concurrent.futures.ProcessPoolExecutor, "submit",
-                        lambda pool, fn, *args: sent.append(args[1]) or submit(pool, fn, *args))
+    sent = []  # what the second process was asked to build (the real process, watched)
+    start = tiny._start_second_process
+    monkeypatch.setattr(tiny, "_start_second_process",
+                        lambda out, names, *rest: sent.extend(names) or start(out, names, *rest))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a second process needs two threads to share
     try:
@@ -66,6 +65,30 @@ def test_models_built_in_the_second_process_are_the_ones_built_alone(tmp_path, m
     for name in ("generator-2", "judge", "teacher"):
         origin = alone["judge"].parent / name if name == "teacher" else alone[name]
         assert digest(together[name] / "model.safetensors") == digest(origin / "model.safetensors"), name
+
+
+def test_a_failed_second_process_fails_the_build_with_its_error(tmp_path, monkeypatch):
+    """The second process knows only the shipped models: asked for one it does not know, it exits with an error,
+    which the build raises with the process's own last lines; nothing of that model is written."""
+    import dataclasses
+
+    import torch
+
+    from zephyr_ray import tiny
+
+    specs = {spec.name: spec for spec in TINY_MODELS}
+    unknown_there = dataclasses.replace(specs["generator-3"], name="generator-9")
+    monkeypatch.setattr(tiny, "TINY_MODELS", (dataclasses.replace(specs["teacher"], train_steps=8),
+                                              dataclasses.replace(specs["judge"], train_steps=1), unknown_there))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        failed = r"(?s)building \['generator-9'\] failed \(exit status 1\).*StopIteration"
+        with pytest.raises(RuntimeError, match=failed):
+            build_tiny_models(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert not list(tmp_path.glob("*generator-9*"))
 
 
 def test_unknown_model_name_is_an_error(tmp_path):

@@ -391,29 +391,46 @@ def _write_model(spec: TinySpec, tokenizer: Any, out: Path, start: Any = None,
     return model
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
+def build_beside(out_dir: str, names: list[str], threads: int) -> None:
+    """The parallel build's second process (``python -c``, not multiprocessing, which would import the caller's
+    main module again): build ``names``, none starting from another, with ``threads`` threads, each log line on
+    stdout for the first process to show; Ctrl-C is the first process's to handle."""
+    import os
+    import signal
+    import sys
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-def _build_beside(out_dir: str, name: str, threads: int) -> list[str]:
-    """In the build's second process: build one model that starts from no other with ``threads`` threads; its
-    log lines, for the first process to show."""
     import torch
 
-    torch.set_num_threads(threads)
-    lines = _Lines()
-    logger.addHandler(lines)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ours = os.fdopen(os.dup(1), "w", buffering=1)  # stdout is for this module's lines only: the libraries print
+    os.dup2(2, 1)  # on it too (DeepSpeed's accelerator warning), so theirs go where their stderr goes
+    sys.stdout = sys.stderr
+    handler = logging.StreamHandler(ours)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    try:
-        _write_model(next(s for s in TINY_MODELS if s.name == name), build_tokenizer(), Path(out_dir))
-    finally:
-        logger.removeHandler(lines)
-    return lines.lines
+    logger.propagate = False
+    torch.set_num_threads(threads)
+    tokenizer = build_tokenizer()
+    for name in names:
+        _write_model(next(s for s in TINY_MODELS if s.name == name), tokenizer, Path(out_dir))
+
+
+def _start_second_process(out: Path, names: list[str], threads: int, log: Any) -> Any:
+    """``build_beside`` in a new Python; its stdout read line by line, its stderr (library noise) into ``log``."""
+    import os
+    import subprocess
+    import sys
+
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    code = f"from zephyr_ray.tiny import build_beside; build_beside({str(out)!r}, {names!r}, {threads})"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+
+
+def _read_lines(stream: Any, lines: Any) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
 
 
 def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overwrite: bool = False) -> dict[str, Path]:
@@ -423,15 +440,16 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
     directory and renamed into place, so an interrupted build never leaves a half model behind.
 
     The models that start from another (teacher -> judge -> pairwise judge, ~3/4 of the work) are built here, the
-    others in a second process at the same time, each with half the threads until the second process is done; then
-    this one takes them all. At this size torch uses threads poorly (2 threads do a step 1.5x faster than 1, not 2x),
-    so two one-thread builds side by side get more from 2 cores than one build after the other (all nine models on
-    the 2-core CI machine: 204 s one after the other, 178 s side by side). The weights do not depend on the number
-    of threads (the same bytes with 1 and 2; a test keeps it so): when the second process finishes changes nothing
-    that is built.
+    others in a second Python process (``build_beside``) at the same time, each with half the threads until the
+    second process is done; then this one takes them all. At this size torch uses threads poorly (2 threads do a
+    step 1.5x faster than 1, not 2x), so two one-thread builds side by side get more from 2 cores than one build
+    after the other (all nine models on the 2-core CI machine, the same hour: 204 s one after the other, 178 s side
+    by side). The weights do not depend on the number of threads (the same bytes with 1 and 2; a test keeps it so):
+    when the second process finishes changes nothing that is built.
     """
-    import concurrent.futures
-    import multiprocessing
+    import queue
+    import tempfile
+    import threading
 
     import torch
 
@@ -455,36 +473,46 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
     tokenizer = build_tokenizer()
     check_chat_template(tokenizer)
     made: dict[str, Any] = {}  # models built in this call, for those that start from them
-    pool = None
-    try:
-        waiting: list[concurrent.futures.Future] = []
-        if beside:
-            pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            waiting = [pool.submit(_build_beside, str(out), s.name, threads // 2) for s in beside]
-            torch.set_num_threads(threads - threads // 2)
+    second = reader = None
+    lines: queue.Queue[str] = queue.Queue()
+    with tempfile.TemporaryFile("w+") as second_log:
+        try:
+            if beside:
+                second = _start_second_process(out, [s.name for s in beside], threads // 2, second_log)
+                reader = threading.Thread(target=_read_lines, args=(second.stdout, lines), daemon=True)
+                reader.start()
+                torch.set_num_threads(threads - threads // 2)
 
-        def show_finished() -> None:
-            """The second process's log lines as its models finish; once it is done, every thread is this one's."""
-            was_waiting = bool(waiting)
-            while waiting and waiting[0].done():
-                for line in waiting.pop(0).result():
-                    logger.info("%s", line)
-            if was_waiting and not waiting:
-                torch.set_num_threads(threads)
+            def show_finished() -> None:
+                """The second process's lines so far; once it has ended, every thread is this one's again."""
+                nonlocal second
+                ended = second is not None and second.poll() is not None
+                if ended:
+                    reader.join()  # its last lines
+                while not lines.empty():
+                    logger.info("%s", lines.get())
+                if ended:
+                    if second.returncode:
+                        second_log.seek(0)
+                        raise RuntimeError(f"building {[s.name for s in beside]} failed (exit status "
+                                           f"{second.returncode}):\n{second_log.read()[-4000:]}")
+                    second = None
+                    torch.set_num_threads(threads)
 
-        with torch.random.fork_rng():
-            for spec in chain:
-                start = None
-                if spec.starts_from:
-                    from transformers import MistralForCausalLM
+            with torch.random.fork_rng():
+                for spec in chain:
+                    start = None
+                    if spec.starts_from:
+                        from transformers import MistralForCausalLM
 
-                    start = made.get(spec.starts_from) or MistralForCausalLM.from_pretrained(out / spec.starts_from)
-                made[spec.name] = _write_model(spec, tokenizer, out, start, show_finished)
-        while waiting:
-            concurrent.futures.wait(waiting[:1])
-            show_finished()
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
-        torch.set_num_threads(threads)
+                        start = made.get(spec.starts_from) or MistralForCausalLM.from_pretrained(out / spec.starts_from)
+                    made[spec.name] = _write_model(spec, tokenizer, out, start, show_finished)
+            if second is not None:
+                second.wait()
+                show_finished()
+        finally:
+            if second is not None and second.poll() is None:  # this process failed or was interrupted
+                second.kill()
+                second.wait()
+            torch.set_num_threads(threads)
     return {s.name: out / s.name for s in specs}
