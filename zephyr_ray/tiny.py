@@ -489,6 +489,7 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
                 ended = second is not None and second.poll() is not None
                 if ended:
                     reader.join()  # its last lines
+                    second.stdout.close()
                 while not lines.empty():
                     logger.info("%s", lines.get())
                 if ended:
@@ -511,8 +512,10 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
                 second.wait()
                 show_finished()
         finally:
-            if second is not None and second.poll() is None:  # this process failed or was interrupted
+            if second is not None:  # this process failed or was interrupted
                 second.kill()
                 second.wait()
+                reader.join()
+                second.stdout.close()
             torch.set_num_threads(threads)
     return {s.name: out / s.name for s in specs}
