@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 TEST_API_KEY_ENV = "ZEPHYR_RAY_TEST_API_KEY"
 TINY_DIR = Path(os.environ.get("ZEPHYR_RAY_TINY_MODELS", REPO / "artifacts" / "tiny-models"))
+DEMO_RUN = REPO / "runs" / "tiny-cpu"  # where `make demo` leaves the whole tiny recipe's run
 # What the fault and hostile-input tests tried and saw: scripts/reliability_table.py turns it into docs/reliability.md.
 # Each test run starts the file afresh: a header line (run id, time, commit), then, for every test marked
 # `reliability`, its outcome (from pytest) and, once its checks passed, its record (record_reliability).
@@ -84,11 +85,20 @@ def pytest_configure_node(node) -> None:
     node.workerinput["reliability_run"] = dict(RELIABILITY_RUN)
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if config.getoption("markexpr", "") == "not engine" and not demo_run_is_finished():
+        terminalreporter.write_line(f"{DEMO_RUN.relative_to(REPO)} holds no finished demo run: the tests that read it "
+                                    "were left out as engine tests (`make demo` once brings them in)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that needs the session's Ray cluster is an `engine` test (the marker's meaning), so `make test-fast`
-    (-m "not engine") starts no cluster. A test process of `make test` is handed the slowest files first."""
+    (-m "not engine") starts no cluster; so is a test that reads the demo's run while there is none (``tiny_run``
+    would make it: Ray and vLLM engines, minutes). A test process of `make test` is handed the slowest files first."""
+    demo_run_missing = not demo_run_is_finished()
     for item in items:
-        if "ray_local" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "ray_local" in fixtures or (demo_run_missing and "tiny_run" in fixtures):
             item.add_marker(pytest.mark.engine)
     if hasattr(config, "workerinput"):
         rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
@@ -147,7 +157,10 @@ def tiny_models() -> dict[str, Path]:
         return build_tiny_models(TINY_DIR)
 
 
-DEMO_RUN = REPO / "runs" / "tiny-cpu"  # where `make demo` leaves the whole tiny recipe's run
+def demo_run_is_finished() -> bool:
+    from zephyr_ray.data import is_complete
+
+    return is_complete(DEMO_RUN / "train_dpo" / "model") and (DEMO_RUN / "evaluate" / "results.json").is_file()
 
 
 @pytest.fixture(scope="session")
@@ -157,10 +170,8 @@ def tiny_run(tiny_models) -> Path:
     run assert on that one run instead of making their own. Without it (a developer who has not run the demo), it is
     made here once, as the demo makes it (about 7 minutes). Tests copy it (``copy_of_tiny_run``) before changing
     anything in it."""
-    from zephyr_ray.data import is_complete
-
     with one_process_at_a_time("tiny-run"):
-        if not (is_complete(DEMO_RUN / "train_dpo" / "model") and (DEMO_RUN / "evaluate" / "results.json").is_file()):
+        if not demo_run_is_finished():
             assert not os.environ.get("CI"), "runs/tiny-cpu holds no finished demo run: .ci/run runs `make demo` first"
             subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "demo", "--run-dir", str(DEMO_RUN)], cwd=REPO,
                            check=True, capture_output=True, timeout=3600)
