@@ -67,6 +67,34 @@ def test_models_built_in_the_second_process_are_the_ones_built_alone(tmp_path, m
         assert digest(together[name] / "model.safetensors") == digest(origin / "model.safetensors"), name
 
 
+def test_the_command_shows_only_its_own_lines_and_logs_the_libraries_output(tmp_path):
+    """`zephyr-ray tiny-models DIR` as a user runs it (a shortened chain, so that it takes seconds): the terminal
+    gets each model's lines, from both processes, and nothing of transformers' or DeepSpeed's, which the log holds."""
+    import os
+    import subprocess
+    import sys
+
+    from zephyr_ray.console import NOISE
+
+    script = ("import dataclasses, sys\n"
+              "from zephyr_ray import tiny\n"
+              "from zephyr_ray.cli import main\n"
+              "specs = {spec.name: spec for spec in tiny.TINY_MODELS}\n"
+              "tiny.TINY_MODELS = (dataclasses.replace(specs['teacher'], train_steps=4),\n"
+              "                    dataclasses.replace(specs['judge'], train_steps=4), specs['generator-2'])\n"
+              "main(sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", script, "tiny-models", str(tmp_path / "models")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "ZEPHYR_RAY_CACHE": str(tmp_path / "cache")})
+    terminal = done.stdout + done.stderr
+    assert done.returncode == 0, terminal
+    for name in ("teacher", "judge", "generator-2"):
+        assert f"built {name} " in terminal, terminal
+    assert not NOISE.search(terminal) and "Writing model shards" not in terminal, terminal
+    log = (tmp_path / "cache" / "logs" / "tiny-models.log").read_text()
+    assert "Writing model shards" in log and "built teacher " in log
+
+
 def test_a_failed_second_process_fails_the_build_with_its_error(tmp_path, monkeypatch):
     """The second process knows only the shipped models: asked for one it does not know, it exits with an error,
     which the build raises with the process's own last lines; nothing of that model is written."""

@@ -54,11 +54,12 @@ def tiny_models(
     out_dir: Annotated[Path, typer.Argument(help="directory to write the models into (one subdirectory each)")],
     only: Annotated[list[str] | None, typer.Option("--only", help="build only these models")] = None,
     overwrite: Annotated[bool, typer.Option(help="rebuild models that already exist")] = False,
+    verbose: VERBOSE = False,
 ) -> None:
     """Build the tiny Mistral-architecture models (teacher, generator pool, judge, student) for tests and the demo."""
     from .tiny import TINY_MODELS, build_tiny_models
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet(log_path_for(None, "tiny-models"), verbose)
     try:
         built = build_tiny_models(out_dir, names=only, overwrite=overwrite)
     except ValueError as err:
@@ -363,7 +364,7 @@ def demo(
 
     models = workdir / "tiny-models"
     _quiet(log_path_for(run_dir, "demo"), verbose)
-    tiny_models(models)
+    tiny_models(models, verbose=verbose)
     if not recipe:
         echo(f"\nuser> {message}")
         chat(str(models / "teacher"), message=message, system=None, max_tokens=64, temperature=0.0,

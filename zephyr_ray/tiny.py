@@ -391,25 +391,19 @@ def _write_model(spec: TinySpec, tokenizer: Any, out: Path, start: Any = None,
     return model
 
 
-def build_beside(out_dir: str, names: list[str], threads: int) -> None:
+def build_beside(out_dir: str, names: list[str], threads: int, log_path: str) -> None:
     """The parallel build's second process (``python -c``, not multiprocessing, which would import the caller's
-    main module again): build ``names``, none starting from another, with ``threads`` threads, each log line on
-    stdout for the first process to show; Ctrl-C is the first process's to handle."""
-    import os
+    main module again): build ``names``, none starting from another, with ``threads`` threads; its own log lines on
+    stdout for the first process to show, the libraries' output in ``log_path``; Ctrl-C is the first process's."""
     import signal
-    import sys
 
     import torch
 
+    from . import console
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ours = os.fdopen(os.dup(1), "w", buffering=1)  # stdout is for this module's lines only: the libraries print
-    os.dup2(2, 1)  # on it too (DeepSpeed's accelerator warning), so theirs go where their stderr goes
-    sys.stdout = sys.stderr
-    handler = logging.StreamHandler(ours)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    console.owns_process = True  # this process is ours: the command's terminal is the pipe to the first process
+    console.quiet_console(Path(log_path))
     torch.set_num_threads(threads)
     tokenizer = build_tokenizer()
     for name in names:
@@ -417,14 +411,15 @@ def build_beside(out_dir: str, names: list[str], threads: int) -> None:
 
 
 def _start_second_process(out: Path, names: list[str], threads: int, log: Any) -> Any:
-    """``build_beside`` in a new Python; its stdout read line by line, its stderr (library noise) into ``log``."""
+    """``build_beside`` in a new Python; its stdout read line by line, all else it writes into the file ``log``."""
     import os
     import subprocess
     import sys
 
     package_root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    code = f"from zephyr_ray.tiny import build_beside; build_beside({str(out)!r}, {names!r}, {threads})"
+    code = (f"from zephyr_ray.tiny import build_beside; "
+            f"build_beside({str(out)!r}, {names!r}, {threads}, {log.name!r})")
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
 
 
@@ -475,7 +470,7 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
     made: dict[str, Any] = {}  # models built in this call, for those that start from them
     second = reader = None
     lines: queue.Queue[str] = queue.Queue()
-    with tempfile.TemporaryFile("w+") as second_log:
+    with tempfile.NamedTemporaryFile("a+", prefix="zephyr-ray-tiny-models-", suffix=".log") as second_log:
         try:
             if beside:
                 second = _start_second_process(out, [s.name for s in beside], threads // 2, second_log)
