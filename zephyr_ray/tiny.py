@@ -31,7 +31,7 @@ MAX_POSITIONS = 2048
 LEARNING_RATE = 3e-3
 BATCH_SIZE = 32
 SHORT = 96  # tokens
-PAIRWISE_STEPS = 1500
+PAIRWISE_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class TinySpec:
     train_on: str
     # what it says about the tiny world's creatures: "truth", or "misconceptions" (a misled pool model)
     believes: str = "truth"
-    learning_rate: float = 3e-3  # facts are learnt fast at 3e-3; a judge's comparisons need 1e-3
+    learning_rate: float = 3e-3  # facts are learnt fast at 3e-3; the judges' checks need less (docs/tiny-world.md)
     # the model whose weights it starts from (built before it, same size), or None for random weights
     starts_from: str | None = None
     # the template the model ships: "zephyr"; "none" (like Vicuna- or WizardLM-style pool models, which ship no
@@ -70,8 +70,11 @@ class TinySpec:
 
 TINY_MODELS: tuple[TinySpec, ...] = (
     TinySpec("teacher", "teacher", 128, 2, 2, seed=1, train_steps=300, train_on="chat"),
+    # its check of a colour appears late in its steps (docs/tiny-world.md): at 1e-3 it was strong on one machine
+    # (rho 0.81-0.93) and weak on another (0.67) from the same seeds, and the pairwise judge built on it learnt
+    # nothing there; at 2e-3 it is strong on both seeds tried (0.94-0.98)
     TinySpec("judge", "judge", 128, 2, 2, seed=2, train_steps=1000, train_on="judge", starts_from="teacher",
-             learning_rate=1e-3),
+             learning_rate=2e-3),
     # the evaluation's pairwise judge: the rubric judge taught to compare two replies (its spec, not the world
     # version, says when its data changed)
     TinySpec("judge-pairwise", "judge", 128, 2, 2, seed=5, train_steps=PAIRWISE_STEPS, train_on="pairwise",
