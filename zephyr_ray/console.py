@@ -152,13 +152,13 @@ def quiet_console(log_path: Path, verbose: bool = False) -> Path | None:
 
 def _report_ray_data_progress() -> None:
     """Ray Data reports progress to its logger every few seconds when stdout is not a terminal (it no longer is):
-    every PROGRESS_INTERVAL_S seconds, one line on the user's terminal."""
-    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(PROGRESS_INTERVAL_S))
-    try:
-        from ray.data._internal.progress.logging_progress import LoggingExecutionProgressManager
-    except ImportError:  # another Ray: no progress lines, nothing else changes
-        return
-    LoggingExecutionProgressManager.LOG_REPORT_INTERVAL_SEC = PROGRESS_INTERVAL_S
+    every PROGRESS_INTERVAL_S seconds (or the user's own ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL``), one line on
+    the user's terminal. Ray Data reads that variable when it is imported; it is imported here only if it already
+    was (importing it takes over a second, which commands that never touch Ray Data need not pay)."""
+    interval = int(os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(PROGRESS_INTERVAL_S)))
+    reporter = sys.modules.get(_RAY_DATA_PROGRESS)
+    if reporter is not None and hasattr(reporter, "LoggingExecutionProgressManager"):
+        reporter.LoggingExecutionProgressManager.LOG_REPORT_INTERVAL_SEC = interval
     progress = logging.getLogger(_RAY_DATA_PROGRESS)
     if not any(isinstance(h, _ProgressLines) for h in progress.handlers):
         progress.addHandler(_ProgressLines())
