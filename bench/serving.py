@@ -84,7 +84,7 @@ def wait_until(probe, seconds: float, what: str, process: subprocess.Popen, log:
 
 def healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:  # both: 200 once a model answers
             return response.status == 200
     except OSError:
         return False

@@ -53,10 +53,12 @@ def endpoint(tiny_models, ray_local, tmp_path_factory):
     scaling = {**MODEL_SETTINGS, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1.0}
     open_config = ServeConfig(models=[ServedModel(model_id="tiny-open", model=str(tiny_models["teacher"]),
                                                   **scaling)], api_key_env="ZEPHYR_RAY_NO_SUCH_KEY")
-    serve.run(build_app(open_config, Hardware(accelerator="cpu", num_workers=1)), name="zephyr-open",
-              route_prefix="/open")
     url = f"http://127.0.0.1:{port}"
+    with HealthWatch(f"{url}/open/health") as deploying:  # what a load balancer sees while the model loads
+        serve.run(build_app(open_config, Hardware(accelerator="cpu", num_workers=1)), name="zephyr-open",
+                  route_prefix="/open")
     yield SimpleNamespace(url=url, key=os.environ[TEST_API_KEY_ENV], log=log_path, tmp=tmp,
+                          health_while_deploying=deploying.seen,
                           metrics=ray_local.metrics_url, address=ray_local.address, session_dir=ray_local.session_dir)
     serve.delete("zephyr-open")
     cli.send_signal(signal.SIGINT)
@@ -64,6 +66,41 @@ def endpoint(tiny_models, ray_local, tmp_path_factory):
         cli.wait(timeout=45)
     except subprocess.TimeoutExpired:
         cli.kill()
+
+
+class HealthWatch:
+    """Polls a ``/health`` URL from a thread and keeps each change of its answer: (status code or the error's name,
+    body as JSON or text), in order, the last answer once more when the watch ends."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.seen, self.stop = url, [], threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+
+    def answer(self) -> tuple:
+        try:
+            reply = requests.get(self.url, timeout=30)
+        except requests.RequestException as err:
+            return type(err).__name__, None
+        try:
+            return reply.status_code, reply.json()
+        except ValueError:
+            return reply.status_code, reply.text
+
+    def poll(self) -> None:
+        while not self.stop.is_set():
+            answer = self.answer()
+            if not self.seen or answer != self.seen[-1]:
+                self.seen.append(answer)
+            self.stop.wait(0.3)
+
+    def __enter__(self) -> "HealthWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+        self.seen.append(self.answer())
 
 
 def client(endpoint, prefix: str = "", key: str | None = None):
@@ -80,6 +117,20 @@ def test_the_cli_prints_the_url_and_a_curl_line_that_works(endpoint):
     reply = subprocess.run(["bash", "-c", curl_line], check=True, capture_output=True, text=True, timeout=120)
     body = json.loads(reply.stdout)
     assert body["choices"][0]["message"]["content"], body
+
+
+def test_health_is_503_until_the_model_can_answer(endpoint):
+    """What a load balancer or a script waiting for ``/health`` sees while the open app deploys: the route absent,
+    then 503 while the ingress is up but the model's engine still loads, then 200, and 200 means a chat is answered
+    (as with vLLM's own server, whose ``/health`` says ready)."""
+    seen = endpoint.health_while_deploying
+    codes = [code for code, _ in seen]
+    assert (503, {"status": "deploying"}) in seen, seen
+    assert 200 not in codes[:max(i for i, code in enumerate(codes) if code == 503)], seen
+    assert seen[-1] == (200, {"status": "ok"}), seen
+    reply = client(endpoint, prefix="/open", key="anything").chat.completions.create(
+        model="tiny-open", messages=QUESTION, max_tokens=8)
+    assert reply.choices[0].message.content
 
 
 def test_chat_streaming_models_and_completions_through_the_openai_client(endpoint, tiny_models):
@@ -471,7 +522,7 @@ def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests(endpoi
         return {a.actor_id for a in alive if (a.class_name or "").startswith("ServeReplica:zephyr-open:LLMServer")}
 
     before = open_replicas()
-    with Load(endpoint) as load:
+    with HealthWatch(f"{endpoint.url}/open/health") as health, Load(endpoint) as load:
         wait_for(lambda: len(load.outcomes) >= 8, 300, "the app under load answered fewer than 8 requests")
         alive = list_actors(address=endpoint.address, filters=[("state", "=", "ALIVE")], limit=10_000)
         victim = next(a for a in alive if (a.class_name or "").startswith("ServeReplica:zephyr-open:LLMServer"))
@@ -490,11 +541,13 @@ def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests(endpoi
     after = [o for _, o in recovered.outcomes]
     assert len(failed) <= 8, failed  # at most what was in flight when it died
     assert after and all(o == "ok" for o in after), after
+    if before >= 2:  # the other replica answered throughout: a load balancer must not take the endpoint out
+        assert 503 not in [code for code, _ in health.seen], health.seen
     record_reliability("fault", f"a Serve LLMServer replica SIGKILLed under load (8 clients, {before} replicas)",
                        f"{len(failed)} of {len(load.outcomes)} requests failed ({sorted({o for _, o in failed})}), "
                        f"all in flight at the kill; {load.answered_since(killed_at)} asked after it were served; "
                        f"Serve replaced the replica in {recovered_at - killed_at:.0f} s; all {len(after)} requests "
-                       "after that succeeded",
+                       f"after that succeeded; /health answered {sorted({str(c) for c, _ in health.seen})}",
                        f"only the {len(failed)} requests in flight on the killed replica (the client sees the error)")
 
 

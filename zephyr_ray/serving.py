@@ -10,7 +10,7 @@ what a public endpoint needs in front of it:
   that runs the ingress, never passed through Ray, so it shows in no Serve config or dashboard;
 - checks that answer a bad request with a 4xx naming the field, before it reaches an engine, and a body limit
   (``serve.max_request_bytes``, by ``Content-Length`` or counted as a chunked body arrives);
-- ``/health`` and the chat page at ``/``.
+- ``/health`` (200 once every model can answer, else 503, as vLLM's server) and the chat page at ``/``.
 
 Each model's chat template is the one saved with it (vLLM applies the tokenizer's template); autoscaling is set from
 the recipe, as Ray Serve LLM's default target never scales up.
@@ -221,13 +221,32 @@ def body_limit_middleware(max_bytes: int) -> Any:
     return BodyLimit
 
 
+async def readiness() -> tuple[bool, str]:
+    """Whether the application this ingress belongs to can answer: every deployment in it (each model's
+    ``LLMServer``) has a running replica, in Serve's controller's own count. ``/health`` says so, as vLLM's server
+    does, because a load balancer or a script waits for it before sending requests: a 200 from the ingress alone
+    would send them while the engine still loads (minutes on a 7B model). A model with one replica of two lost still
+    answers: ready. The controller is asked from a thread, not through the model's replica, so the answer does not
+    queue behind the requests it serves."""
+    import asyncio
+
+    from ray import serve
+
+    app_name = serve.get_replica_context().app_name
+    app = (await asyncio.to_thread(serve.status)).applications.get(app_name)
+    if app is None:
+        return False, "not deployed"
+    ready = bool(app.deployments) and all(d.replica_states.get("RUNNING", 0) > 0 for d in app.deployments.values())
+    return ready, "ok" if ready else app.status.lower()
+
+
 def build_fastapi_app(config: ServeConfig) -> Any:
     """Ray Serve LLM's FastAPI app (its middleware: request ids, errors, HTTP metrics) plus ours: body size limit and
     the API key, and the open routes."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from ray.llm._internal.serve.core.ingress.ingress import init as ray_llm_fastapi_app
-    from starlette.responses import HTMLResponse, Response
+    from starlette.responses import HTMLResponse, JSONResponse, Response
 
     app = ray_llm_fastapi_app()
     api_key_env, max_bytes = config.api_key_env, config.max_request_bytes
@@ -256,8 +275,9 @@ def build_fastapi_app(config: ServeConfig) -> Any:
         return openai_error(400, f"{field}: {first.get('msg', 'invalid value')}", param=field)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> Response:
+        ready, status = await readiness()
+        return JSONResponse({"status": status}, status_code=200 if ready else 503)
 
     page = chat_page()
 
