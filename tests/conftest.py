@@ -197,6 +197,7 @@ def few_prompts_of_tiny_run(tiny_run: Path, into: Path, stages: tuple[str, ...],
     that run a stage of the data half again (a killed engine, a killed job, other judges, a lost node): what they
     prove holds on 16 prompts as on the recipe's 144, at a ninth of the engine time. A stage run again on the cut
     writes the rows the whole run wrote for those prompts: every row's seed is its own."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import yaml
 
@@ -215,7 +216,9 @@ def few_prompts_of_tiny_run(tiny_run: Path, into: Path, stages: tuple[str, ...],
         table = pq.read_table([str(part) for part in parts]) if parts else None
         if table is None or "prompt_id" not in table.column_names:
             continue
-        mask = [value in kept for value in table.column("prompt_id").to_pylist()]
+        # typed: an empty output (binarize's rejects when nothing was rejected) gives an empty mask, which pyarrow
+        # would read as nulls, not booleans
+        mask = pa.array([value in kept for value in table.column("prompt_id").to_pylist()], type=pa.bool_())
         for part in parts:
             part.unlink()
         pq.write_table(table.filter(mask), marker.parent / "part-0.parquet")
