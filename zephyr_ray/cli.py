@@ -130,7 +130,9 @@ def chat(
         conversation.append({"role": "user", "content": text})
         out = llm.chat([conversation], sampling, chat_template=template, use_tqdm=False)[0].outputs[0]
         conversation.append({"role": "assistant", "content": out.text})
-        return out.text + ("" if out.finish_reason == "stop" else f"  [{out.finish_reason}]")
+        # shown without the blank lines a model may start or end with (kept in the conversation as it said them)
+        shown = out.text.strip() or "(an empty reply)"
+        return shown + ("" if out.finish_reason == "stop" else f"  [{out.finish_reason}]")
 
     if message is not None:
         echo(reply(message))
