@@ -34,8 +34,9 @@ def test_build_is_deterministic_whatever_the_number_of_threads(tmp_path):
 
 
 def test_models_built_in_the_second_process_are_the_ones_built_alone(tmp_path, monkeypatch, caplog):
-    """A judge that starts from the teacher is built here while generator-2 (which starts from no model) is built in
-    the second process: each the same bytes as when built on its own, and the second process's lines shown here."""
+    """A judge that starts from the teacher is built here while generator-2 (which starts from no model) and
+    generator-0 then the reward model that starts from it are built in the second process: each the same bytes as
+    when built on its own, and the second process's lines shown here."""
     import dataclasses
     import logging
 
@@ -45,7 +46,8 @@ def test_models_built_in_the_second_process_are_the_ones_built_alone(tmp_path, m
 
     specs = {spec.name: spec for spec in TINY_MODELS}
     short = (dataclasses.replace(specs["teacher"], train_steps=8), dataclasses.replace(specs["judge"], train_steps=8),
-             specs["generator-2"])
+             dataclasses.replace(specs["generator-0"], train_steps=8),
+             dataclasses.replace(specs["reward"], train_steps=8), specs["generator-2"])
     monkeypatch.setattr(tiny, "TINY_MODELS", short)
     sent = []  # what the second process was asked to build (the real process, watched)
     start = tiny._start_second_process
@@ -58,12 +60,14 @@ def test_models_built_in_the_second_process_are_the_ones_built_alone(tmp_path, m
             together = build_tiny_models(tmp_path / "together")
     finally:
         torch.set_num_threads(threads)
-    assert torch.get_num_threads() == threads and sent == ["generator-2"]
+    assert torch.get_num_threads() == threads and sent == ["generator-0", "reward", "generator-2"]
     shown = [r.getMessage() for r in caplog.records]
-    assert any(line.startswith("built generator-2 ") for line in shown), shown
-    alone = {name: build_tiny_models(tmp_path / name, names=[name])[name] for name in ("generator-2", "judge")}
-    for name in ("generator-2", "judge", "teacher"):
-        origin = alone["judge"].parent / name if name == "teacher" else alone[name]
+    assert all(any(line.startswith(f"built {name} ") for line in shown) for name in sent), shown
+    alone = {name: build_tiny_models(tmp_path / name, names=[name])[name]
+             for name in ("generator-2", "judge", "reward")}
+    parent_of = {"teacher": "judge", "generator-0": "reward"}  # built alone with the model that starts from it
+    for name in ("generator-2", "judge", "teacher", "reward", "generator-0"):
+        origin = alone[parent_of[name]].parent / name if name in parent_of else alone[name]
         assert digest(together[name] / "model.safetensors") == digest(origin / "model.safetensors"), name
 
 
@@ -96,8 +100,8 @@ def test_the_command_shows_only_its_own_lines_and_logs_the_libraries_output(tmp_
 
 
 def test_a_failed_second_process_fails_the_build_with_its_error(tmp_path, monkeypatch):
-    """The second process knows only the shipped models: asked for one it does not know, it exits with an error,
-    which the build raises with the process's own last lines; nothing of that model is written."""
+    """A model the second process cannot build (a chat template no tiny model ships) makes it exit with an error,
+    which the build raises with the process's own last lines; no model of that name is written."""
     import dataclasses
 
     import torch
@@ -105,18 +109,18 @@ def test_a_failed_second_process_fails_the_build_with_its_error(tmp_path, monkey
     from zephyr_ray import tiny
 
     specs = {spec.name: spec for spec in TINY_MODELS}
-    unknown_there = dataclasses.replace(specs["generator-3"], name="generator-9")
+    unknown_there = dataclasses.replace(specs["generator-3"], name="generator-9", chat_template="its-own")
     monkeypatch.setattr(tiny, "TINY_MODELS", (dataclasses.replace(specs["teacher"], train_steps=8),
                                               dataclasses.replace(specs["judge"], train_steps=1), unknown_there))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        failed = r"(?s)building \['generator-9'\] failed \(exit status 1\).*StopIteration"
+        failed = r"(?s)building \['generator-9'\] failed \(exit status 1\).*KeyError: 'its-own'"
         with pytest.raises(RuntimeError, match=failed):
             build_tiny_models(tmp_path)
     finally:
         torch.set_num_threads(threads)
-    assert not list(tmp_path.glob("*generator-9*"))
+    assert not (tmp_path / "generator-9").exists()
 
 
 def test_unknown_model_name_is_an_error(tmp_path):

@@ -80,9 +80,12 @@ TINY_MODELS: tuple[TinySpec, ...] = (
     TinySpec("judge-pairwise", "judge", 128, 2, 2, seed=5, train_steps=PAIRWISE_STEPS, train_on="pairwise",
              starts_from="judge", learning_rate=1e-3),
     TinySpec("student", "student", 128, 2, 1, seed=3, train_steps=250, train_on="text", adds_bos=True),
-    TinySpec("reward", "reward", 128, 2, 2, seed=4, train_steps=300, train_on="preference",
-             learning_rate=1e-3),
     TinySpec("generator-0", "generator", 128, 2, 1, seed=10, train_steps=250, train_on="chat"),
+    # the reward model starts from generator-0's backbone (a chat model that knows the world): from random weights its
+    # ranking of right replies above wrong ones swung with the seed and the machine (rank correlation with the truth
+    # 0.46-0.60 of at most 0.67); from generator-0, 0.66 on each seed tried (docs/tiny-world.md)
+    TinySpec("reward", "reward", 128, 2, 1, seed=4, train_steps=300, train_on="preference",
+             learning_rate=1e-3, starts_from="generator-0"),
     TinySpec("generator-1", "generator", 128, 2, 1, seed=11, train_steps=250, train_on="chat",
              believes="misconceptions", chat_template="no-system"),
     TinySpec("generator-2", "generator", 128, 1, 1, seed=12, train_steps=30, train_on="chat", chat_template="none"),
@@ -394,11 +397,37 @@ def _write_model(spec: TinySpec, tokenizer: Any, out: Path, start: Any = None,
     return model
 
 
-def build_beside(out_dir: str, names: list[str], threads: int, log_path: str) -> None:
+def _build_in_order(specs: list[TinySpec], tokenizer: Any, out: Path,
+                    between_steps: Callable[[], None] | None = None) -> None:
+    """Build ``specs`` one after the other; one that starts from another model starts from it as built here, or
+    as found in ``out`` (built before)."""
+    made: dict[str, Any] = {}
+    for spec in specs:
+        start = None
+        if spec.starts_from:
+            from transformers import MistralForCausalLM
+
+            start = made.get(spec.starts_from) or MistralForCausalLM.from_pretrained(out / spec.starts_from)
+        made[spec.name] = _write_model(spec, tokenizer, out, start, between_steps)
+
+
+def _family(spec: TinySpec) -> str:
+    """The model a spec's line of ``starts_from`` begins with (its own name when it starts from none)."""
+    by_name = {s.name: s for s in TINY_MODELS}
+    while spec.starts_from:
+        spec = by_name[spec.starts_from]
+    return spec.name
+
+
+def build_beside(out_dir: str, names: list[str], threads: int, log_path: str, specs_json: str) -> None:
     """The parallel build's second process (``python -c``, not multiprocessing, which would import the caller's
-    main module again): build ``names``, none starting from another, with ``threads`` threads; its own log lines on
-    stdout for the first process to show, the libraries' output in ``log_path``; Ctrl-C is the first process's."""
+    main module again): build ``names`` of the first process's specs (``specs_json``) in order, a model after the
+    one it starts from, with ``threads`` threads; its own log lines on stdout for the first process to show, the
+    libraries' output in ``log_path``; Ctrl-C is the first process's."""
     import signal
+
+    global TINY_MODELS
+    TINY_MODELS = tuple(TinySpec(**spec) for spec in json.loads(specs_json))
 
     import torch
 
@@ -409,8 +438,7 @@ def build_beside(out_dir: str, names: list[str], threads: int, log_path: str) ->
     console.quiet_console(Path(log_path))
     torch.set_num_threads(threads)
     tokenizer = build_tokenizer()
-    for name in names:
-        _write_model(next(s for s in TINY_MODELS if s.name == name), tokenizer, Path(out_dir))
+    _build_in_order([next(s for s in TINY_MODELS if s.name == name) for name in names], tokenizer, Path(out_dir))
 
 
 def _start_second_process(out: Path, names: list[str], threads: int, log: Any) -> Any:
@@ -421,8 +449,9 @@ def _start_second_process(out: Path, names: list[str], threads: int, log: Any) -
 
     package_root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    specs = json.dumps([spec.__dict__ for spec in TINY_MODELS])
     code = (f"from zephyr_ray.tiny import build_beside; "
-            f"build_beside({str(out)!r}, {names!r}, {threads}, {log.name!r})")
+            f"build_beside({str(out)!r}, {names!r}, {threads}, {log.name!r}, {specs!r})")
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
 
 
@@ -437,13 +466,14 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
     A model whose directory is already complete is kept (re-runs are cheap); each is written to a temporary
     directory and renamed into place, so an interrupted build never leaves a half model behind.
 
-    The models that start from another (teacher -> judge -> pairwise judge, ~3/4 of the work) are built here, the
-    others in a second Python process (``build_beside``) at the same time, each with half the threads until the
-    second process is done; then this one takes them all. At this size torch uses threads poorly (2 threads do a
-    step 1.5x faster than 1, not 2x), so two one-thread builds side by side get more from 2 cores than one build
-    after the other (all nine models on the 2-core CI machine, the same hour: 204 s one after the other, 178 s side
-    by side). The weights do not depend on the number of threads (the same bytes with 1 and 2; a test keeps it so):
-    when the second process finishes changes nothing that is built.
+    The teacher and the models that start from it (judge -> pairwise judge, ~3/4 of the work) are built here, the
+    others (generator-0 before the reward model that starts from it) in a second Python process (``build_beside``)
+    at the same time, each with half the threads until the second process is done; then this one takes them all.
+    At this size torch uses threads poorly (2 threads do a step 1.5x faster than 1, not 2x), so two one-thread builds
+    side by side get more from 2 cores than one build after the other (all nine models on the 2-core CI machine, the
+    same hour: 204 s one after the other, 178 s side by side). The weights do not depend on the number of threads
+    (the same bytes with 1 and 2; a test keeps it so): when the second process finishes changes nothing that is
+    built.
     """
     import queue
     import tempfile
@@ -459,18 +489,22 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
     if unknown:
         raise ValueError(f"unknown tiny model(s) {sorted(unknown)}; choose from {[s.name for s in TINY_MODELS]}")
     wanted = set(names or (s.name for s in TINY_MODELS))
-    wanted |= {s.starts_from for s in TINY_MODELS if s.name in wanted and s.starts_from}
+    while parents := {s.starts_from for s in TINY_MODELS if s.name in wanted and s.starts_from} - wanted:
+        wanted |= parents  # and the models they start from, theirs too
     specs = [s for s in TINY_MODELS if s.name in wanted]
     todo = [s for s in specs if overwrite or not _is_built(out / s.name, s)]
-    parents = {s.starts_from for s in todo}
-    chain = [s for s in todo if s.starts_from or s.name in parents]
+    families: dict[str, list[TinySpec]] = {}
+    for spec in todo:
+        families.setdefault(_family(spec), []).append(spec)
+    # the first line of models that start from one another (the teacher's: judge, pairwise judge) here, the rest
+    # (generator-0 and the reward model that starts from it among them) in the second process
+    chain = next((family for family in families.values() if len(family) > 1), [])
     beside = [s for s in todo if s not in chain]
     threads = torch.get_num_threads()
     if not chain or threads < 2:  # nothing to overlap with: one process, as many threads as torch has
         chain, beside = todo, []
     tokenizer = build_tokenizer()
     check_chat_template(tokenizer)
-    made: dict[str, Any] = {}  # models built in this call, for those that start from them
     second = reader = None
     lines: queue.Queue[str] = queue.Queue()
     with tempfile.NamedTemporaryFile("a+", prefix="zephyr-ray-tiny-models-", suffix=".log") as second_log:
@@ -499,13 +533,7 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
                     torch.set_num_threads(threads)
 
             with torch.random.fork_rng():
-                for spec in chain:
-                    start = None
-                    if spec.starts_from:
-                        from transformers import MistralForCausalLM
-
-                        start = made.get(spec.starts_from) or MistralForCausalLM.from_pretrained(out / spec.starts_from)
-                    made[spec.name] = _write_model(spec, tokenizer, out, start, show_finished)
+                _build_in_order(chain, tokenizer, out, show_finished)
             if second is not None:
                 second.wait()
                 show_finished()
