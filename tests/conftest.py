@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -250,6 +251,7 @@ def ray_local():
     other's agent."""
     import ray
     from ray._common.utils import reset_ray_address
+    from ray._private.utils import write_ray_address
     from ray.cluster_utils import Cluster
 
     # An API key in the environment Ray's processes inherit (the Serve tests' secured app reads it there)
@@ -257,11 +259,15 @@ def ray_local():
     if ray.is_initialized():  # a test before this one started a Ray of its own in this process
         ray.shutdown()
     metrics_port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="zrs", dir="/tmp")  # short: Ray's socket paths stay < 108 bytes
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 4, "object_store_memory": 2 * 2**30, "include_dashboard": True, "dashboard_port": free_port(),
+        "temp_dir": temp_dir, "num_cpus": 4, "object_store_memory": 2 * 2**30, "include_dashboard": True, "dashboard_port": free_port(),
         "dashboard_agent_listen_port": free_port(), "runtime_env_agent_port": free_port(),
         "metrics_agent_port": free_port(), "metrics_export_port": metrics_port})
     reset_ray_address()  # not "the current cluster": a bare ray.init() in a subprocess starts a Ray of its own
+    # ...but this head's own temp dir names it: its job supervisor reads the address from there for a job's driver
+    # (without the file, Ray guesses from the GCS processes running on the machine, and may pick another Ray's)
+    write_ray_address(cluster.address, temp_dir)
     context = ray.init(address=cluster.address, log_to_driver=False,
                        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -270,6 +276,7 @@ def ray_local():
                           session_dir=Path(cluster.head_node.get_session_dir_path()))
     ray.shutdown()
     cluster.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def render_page(url: str, screenshot: Path, **context: object) -> list[tuple[str, int]]:
