@@ -261,9 +261,9 @@ def ray_local():
     metrics_port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="zrs", dir="/tmp")  # short: Ray's socket paths stay < 108 bytes
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "temp_dir": temp_dir, "num_cpus": 4, "object_store_memory": 2 * 2**30, "include_dashboard": True, "dashboard_port": free_port(),
-        "dashboard_agent_listen_port": free_port(), "runtime_env_agent_port": free_port(),
-        "metrics_agent_port": free_port(), "metrics_export_port": metrics_port})
+        "temp_dir": temp_dir, "num_cpus": 4, "object_store_memory": 2 * 2**30, "include_dashboard": True,
+        "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),
+        "runtime_env_agent_port": free_port(), "metrics_agent_port": free_port(), "metrics_export_port": metrics_port})
     reset_ray_address()  # not "the current cluster": a bare ray.init() in a subprocess starts a Ray of its own
     # ...but this head's own temp dir names it: its job supervisor reads the address from there for a job's driver
     # (without the file, Ray guesses from the GCS processes running on the machine, and may pick another Ray's)

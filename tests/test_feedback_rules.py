@@ -250,3 +250,22 @@ def test_a_model_with_several_samples_answers_each_prompt_that_often_with_the_sa
     CompleteConfig(models=[policy])  # one model with several samples is a pool to compare
     with pytest.raises(ValueError, match="at least 2 completions per prompt"):
         CompleteConfig(models=[PoolModel(name="one", engine=Engine(model="m"))])
+
+
+def test_the_example_pairs_are_those_of_the_smallest_prompt_ids_whatever_the_file_order(tmp_path):
+    """The demo and the report show the same pairs on every run, though Ray Data writes rows in no fixed order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from zephyr_ray.data import SUCCESS_MARKER
+    from zephyr_ray.report import example_pairs
+
+    out = tmp_path / "binarize" / "preferences"
+    assert example_pairs(tmp_path) == []  # binarize has not run
+    out.mkdir(parents=True)
+    for name, ids in (("a.parquet", ["p7", "p2", "p9"]), ("b.parquet", ["p5", "p1"])):
+        pq.write_table(pa.Table.from_pylist([{"prompt_id": i, "prompt": f"question {i}"} for i in ids]), out / name)
+    assert example_pairs(tmp_path) == []  # not complete: no marker yet
+    (out / SUCCESS_MARKER).write_text("5")
+    assert [pair["prompt"] for pair in example_pairs(tmp_path)] == ["question p1", "question p2", "question p5"]
+    assert [pair["prompt_id"] for pair in example_pairs(tmp_path, limit=1)] == ["p1"]

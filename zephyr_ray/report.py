@@ -104,9 +104,17 @@ def timings_plot(records: dict[str, dict[str, Any]]) -> str | None:
 
 
 def example_pairs(run_dir: Path, limit: int = 3) -> list[dict[str, Any]]:
-    """The first ``limit`` preference pairs binarize wrote (none before it has run)."""
+    """The ``limit`` preference pairs of the smallest prompt ids (none before binarize has run): the same pairs on
+    every run of a recipe, as Ray Data writes rows in no fixed order. Only the id column is read whole."""
+    import pyarrow.dataset as pads
+
     out = run_dir / "binarize" / "preferences"
-    return read_rows(out, limit=limit) if is_complete(out) else []
+    if not is_complete(out):
+        return []
+    pairs = pads.dataset(str(out), format="parquet")
+    first_ids = sorted(pairs.to_table(columns=["prompt_id"]).column("prompt_id").to_pylist())[:limit]
+    rows = pairs.to_table(filter=pads.field("prompt_id").isin(first_ids)).to_pylist()
+    return sorted(rows, key=lambda row: row["prompt_id"])
 
 
 def _clip(text: str, limit: int = 400) -> str:
