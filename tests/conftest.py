@@ -250,7 +250,7 @@ def ray_local():
     Every port is a free one: with Ray's default agent port, a job sent to one test process's Ray could reach the
     other's agent."""
     import ray
-    from ray._common.utils import reset_ray_address
+    from ray._common.utils import get_default_ray_temp_dir, reset_ray_address
     from ray._private.utils import write_ray_address
     from ray.cluster_utils import Cluster
 
@@ -260,6 +260,7 @@ def ray_local():
         ray.shutdown()
     metrics_port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="zrs", dir="/tmp")  # short: Ray's socket paths stay < 108 bytes
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)  # the Cluster writes "the current cluster" there first
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "temp_dir": temp_dir, "num_cpus": 4, "object_store_memory": 2 * 2**30, "include_dashboard": True,
         "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),

@@ -149,6 +149,12 @@ def test_the_readmes_ray_job_lines_work_after_ray_start_head(demo_run, user_env,
                              check=False).returncode != 0:  # the head's job agent starts after `ray start` returns
             assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(3)
+        # ...and a job goes through once its agent has registered (on a busy machine that can take longer than the
+        # 10 s the head waits for one before it answers "No available agent to submit job, please try again later")
+        while subprocess.run(["bash", "-c", f"{lines[0]} && ray job submit -- true"], env=env, capture_output=True,
+                             check=False).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(3)
         assert (Path(user_env["HOME"]) / ".ray" / "auth_token").is_file(), "no token: token auth is off"
         assert "Token authentication is disabled" not in (tmp_path / "head.log").read_text()
         token = (Path(user_env["HOME"]) / ".ray" / "auth_token").read_text().strip()
