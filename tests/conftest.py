@@ -1,6 +1,6 @@
 """Shared fixtures: the tiny models (built once, kept between runs), a local Ray, one vLLM engine per module.
 
-`make test TEST_WORKERS=N` runs the suite in N processes (pytest-xdist, ``--dist loadfile``; the default is one):
+`make test TEST_WORKERS=N` runs the suite in N processes (pytest-xdist, ``--dist loadfile``; the default is two):
 each test file is run whole by one process (its module fixtures start once), the slowest files first so the
 processes finish together, and each process has a Ray of its own on free ports, with its own Ray temp dir. The tests
 that start Ray or Serve on their default ports, as a user does (a bare `zephyr-ray demo`, `serve run` and `zephyr-ray
