@@ -20,7 +20,7 @@ For Ray Serve the script then reads where the time went from Ray's own metrics (
 deployment's processing latency: the ingress and the LLMServer). Prints one row per side and load, the ratios
 Serve/vLLM, and writes everything to ``--json``. On a 2-core machine the client, Ray's processes and the engine
 share the cores, so a hop's CPU shows as lost throughput; on a GPU node the engine's step time dominates and the hops
-run beside it (see the README).
+run beside it (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
