@@ -1,38 +1,58 @@
-"""MFU of the dSFT trainer for a Mistral-7B-shaped model on one GPU.
+"""train_sft's trainer on one GPU, Mistral-7B-shaped: ZeRO-3 (the recipe's default) against plain TRL, MFU and memory.
 
-    python bench/mfu.py [--layers 32] [--seq-len 2048] [--micro-batch 4] [--global-batch 8] [--steps 10]
+    python bench/mfu.py [--layers 32] [--seq-len 2048] [--micro-batch 8] [--global-batch 8] [--steps 10]
+                        [--zero-stages 3,0] [--json FILE]
 
-Runs TRL's ``SFTTrainer`` with the TrainingArguments and model-loading arguments that ``train_sft`` generates for a
-GPU recipe (bf16, gradient checkpointing, FlashAttention-2 when installed else SDPA, batch split by
-``derive_batch``) on a randomly initialised model of Mistral-7B's shape (hidden 4096, MLP 14336, 32 heads, 8 KV
-heads, vocab 32000), fed full-length rows of random token ids. Prints tokens/s over the steps after the warm-up and
+For each ZeRO stage, in a process of its own (so memory peaks and DeepSpeed's state don't mix), runs TRL's
+``SFTTrainer`` with the TrainingArguments, DeepSpeed config and model-loading arguments that ``train_sft`` generates
+for a GPU recipe with one worker (bf16, gradient checkpointing, FlashAttention-2 when installed else SDPA, the batch
+split by ``derive_batch``; under ZeRO-3 the model is built inside DeepSpeed's ``zero.Init``, as TRL loads it) on a
+randomly initialised model of Mistral-7B's shape (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocab 32000), fed
+full-length rows of random token ids. Stage 0 is the baseline a user would pick instead: the same trainer in one plain
+process, no DeepSpeed. Prints, per stage, tokens/s over the steps after the warm-up, the peak GPU memory PyTorch
+allocated (a measurement, not a formula), and
 
     MFU = model FLOPs per token x tokens/s / peak bf16 FLOP/s,
 
 model FLOPs per token = 6 x (parameters without the input embedding) + 12 x layers x hidden x seq_len (attention
 scores and values, forward + backward, PaLM's convention; the recomputation of gradient checkpointing is not
 counted, as MFU does not count it). The peak is the card's dense bf16 figure (``--peak-tflops``; 989 for H100/H200
-SXM), and the same run also times a large bf16 matrix product so the figure can be read against what the card does.
+SXM); the run also times an 8192^3 bf16 matrix product so the figure can be read against what the card does.
 
-One process, one GPU, no DeepSpeed: ZeRO-3 across 16 GPUs adds communication that one GPU cannot show, so this is
-the per-GPU compute efficiency of the trainer, not the cluster's. The optimizer keeps its states in bf16 here (the
-whole model must fit one card); the production run keeps fp32 master weights under ZeRO-3.
+What one GPU shows and what it cannot: ZeRO-3 with one rank keeps the whole model's fp32 master weights and Adam
+states (16 bytes per parameter, ~116 GB for 7.2B), so its memory is the single-rank worst case and its speed is
+DeepSpeed's own overhead (per-parameter hooks, partition bookkeeping) without the all-gathers and reduce-scatters of
+16 ranks. Plain TRL with ``dtype: bfloat16`` (train_sft's model load on GPU) keeps bf16 weights and bf16 Adam states.
+Ray Train adds a worker process around the same trainer (``bench/training.py`` measures that on CPU). Without a GPU
+the script runs itself on CPU with a 2-layer model of hidden size 256 (a smoke run: no MFU).
+
+Measured on one H200 (2026-12-04; docs/benchmarks.md "On a GPU" has the table): micro batch 8, ZeRO-3 35% MFU at
+116 GiB, 0.88x plain TRL's tokens/s (40% MFU, 58 GiB); smaller micro batches cost ZeRO-3 more (0.60x at 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 
 MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
               "vocab_size": 32000, "max_position_embeddings": 32768, "rope_theta": 10000.0, "sliding_window": None,
               "tie_word_embeddings": False}
+CPU_SMOKE = {"hidden_size": 256, "intermediate_size": 896, "num_attention_heads": 4, "num_key_value_heads": 1}
+RESULT_PREFIX = "MFU-RESULT "
 
 
-def flops_per_token(model, layers: int, hidden: int, seq_len: int) -> float:
-    params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    return 6 * params + 12 * layers * hidden * seq_len
+def parameter_count(model) -> tuple[int, int]:
+    """(all parameters, the input embedding's): ZeRO-3 empties each parameter and keeps its size in ``ds_numel``."""
+    def size(p) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
+    return sum(size(p) for p in model.parameters()), size(model.get_input_embeddings().weight)
 
 
 def matmul_tflops(size: int = 8192, repeat: int = 10) -> float:
@@ -50,46 +70,30 @@ def matmul_tflops(size: int = 8192, repeat: int = 10) -> float:
     return 2 * size**3 * repeat / (time.perf_counter() - started) / 1e12
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--micro-batch", type=int, default=4, help="largest per-device batch (recipe field)")
-    parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the rate")
-    parser.add_argument("--peak-tflops", type=float, default=989.0)
-    parser.add_argument("--tokenizer", default="artifacts/tiny-models/student",
-                        help="any tokenizer with ids < 32000 (the rows are random ids; it only pads)")
-    args = parser.parse_args()
+def one_stage(args: argparse.Namespace) -> dict:
+    """Train ``args.steps`` steps under ``args.zero_stage`` in this process; the measurements as a dict."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.zero_stage or not cuda:  # one rank, as a Ray Train worker of a one-worker group sees it (CPU: gloo)
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(args.port)}.items():
+            os.environ.setdefault(key, value)
 
     import datasets
-    import torch
     from transformers import AutoModelForCausalLM, MistralConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from zephyr_ray.config import Hardware, TrainSFTConfig
-    from zephyr_ray.train.loop import load_tokenizer, model_init_kwargs, trainer_arguments
+    from zephyr_ray.engines import prepare_training_process
+    from zephyr_ray.tiny import build_tokenizer
+    from zephyr_ray.train.loop import load_tokenizer, trainer_arguments
 
-    hardware = Hardware(accelerator="gpu", num_workers=1)
+    hardware = Hardware(accelerator="gpu" if cuda else "cpu", num_workers=1)
     training = TrainSFTConfig(learning_rate=2e-5, global_batch_size=args.global_batch,
-                              max_per_device_batch_size=args.micro_batch, max_length=args.seq_len, zero_stage=0,
-                              packing=False)
-    init = model_init_kwargs(training, hardware)
-    config = MistralConfig(num_hidden_layers=args.layers, **MISTRAL_7B)
-    cuda = torch.cuda.is_available()  # without a GPU: a smoke run of the script itself, no MFU
+                              max_per_device_batch_size=args.micro_batch, max_length=args.seq_len,
+                              zero_stage=args.zero_stage, packing=False)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    with torch.device("cuda" if cuda else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                 attn_implementation=init["attn_implementation"])
-    params = sum(p.numel() for p in model.parameters())
-    per_token = flops_per_token(model, args.layers, config.hidden_size, args.seq_len)
-    tokenizer = load_tokenizer(args.tokenizer, training)
-    rows = (args.steps + 1) * args.global_batch
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, config.vocab_size, (rows, args.seq_len), generator=generator).tolist()
-    train = datasets.Dataset.from_dict({"input_ids": ids})
-
     step_ends: list[float] = []
 
     class StepClock(TrainerCallback):
@@ -98,33 +102,132 @@ def main() -> None:
             step_ends.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
-        fields = trainer_arguments(training, hardware, out, {})
+        extra = prepare_training_process(hardware, os.path.join(out, "cache"), deepspeed=args.zero_stage > 0)
+        build_tokenizer().save_pretrained(os.path.join(out, "tokenizer"))  # it only pads: the rows are random ids
+        tokenizer = load_tokenizer(os.path.join(out, "tokenizer"), training)
+        fields = trainer_arguments(training, hardware, os.path.join(out, "trainer"), extra)
         fields.update(max_steps=args.steps, save_strategy="no", logging_steps=args.steps)
-        fields.pop("model_init_kwargs")  # the model is built here, from the same kwargs
-        if not cuda:
-            fields.update(use_cpu=True)
-        trainer = SFTTrainer(model=model, args=SFTConfig(**fields, packing=False), train_dataset=train,
-                             processing_class=tokenizer, callbacks=[StepClock()])
+        init = fields.pop("model_init_kwargs")  # the model is built here, from the same kwargs
+        # Arguments first: under ZeRO-3 they register DeepSpeed's config, so from_config builds the model inside
+        # zero.Init, parameters partitioned as they are made (TRL's from_pretrained does the same in train_sft).
+        sft_args = SFTConfig(**fields, packing=False)
+        shape = MISTRAL_7B if cuda else {**MISTRAL_7B, **CPU_SMOKE}
+        config = MistralConfig(num_hidden_layers=args.layers, **shape)
+        dtype, attention = getattr(torch, init["dtype"]), init["attn_implementation"]
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        if args.zero_stage == 3:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+        else:
+            with torch.device("cuda" if cuda else "cpu"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+        params, embedding = parameter_count(model)
+        per_token = 6 * (params - embedding) + 12 * args.layers * config.hidden_size * args.seq_len
+        rows = (args.steps + 1) * args.global_batch
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, config.vocab_size, (rows, args.seq_len), generator=generator).tolist()
+        train = datasets.Dataset.from_dict({"input_ids": ids})
+        trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train, processing_class=tokenizer,
+                             callbacks=[StepClock()])
+        started = time.perf_counter()
         trainer.train()
+        train_seconds = time.perf_counter() - started
 
     timed = step_ends[args.warmup:]
     seconds = timed[-1] - step_ends[args.warmup - 1]
     tokens = len(timed) * args.global_batch * args.seq_len
-    rate = tokens / seconds
-    mfu = per_token * rate / (args.peak_tflops * 1e12)
+    return {
+        "zero_stage": args.zero_stage, "device": torch.cuda.get_device_name() if cuda else "CPU (smoke run)",
+        "torch": torch.__version__, "attention": init["attn_implementation"], "dtype": init["dtype"],
+        "gradient_checkpointing": fields["gradient_checkpointing"], "bf16": fields["bf16"],
+        "parameters": params, "layers": args.layers, "seq_len": args.seq_len,
+        "micro_batch": fields["per_device_train_batch_size"], "accumulation": fields["gradient_accumulation_steps"],
+        "global_batch": args.global_batch, "steps_timed": len(timed), "seconds_per_step": seconds / len(timed),
+        "tokens_per_s": tokens / seconds, "flops_per_token": per_token, "train_seconds": train_seconds,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+    }
+
+
+def run_stage(stage: int, argv: list[str], timeout: float) -> dict | None:
+    """One stage in a child process, its output passed through as it comes; None (reason printed) when it fails."""
+    import threading
+
+    command = [sys.executable, os.path.abspath(__file__), *argv, "--child-stage", str(stage)]
+    print(f"\n== ZeRO stage {stage}: {' '.join(command)}", flush=True)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timer = threading.Timer(timeout, child.kill)
+    timer.start()
+    result = None
+    for line in child.stdout:
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+        else:
+            print(line, end="", flush=True)
+    timed_out = not timer.is_alive()
+    timer.cancel()
+    if result is None:
+        reason = f"killed after {timeout:.0f} s" if timed_out else f"exit {child.wait()}"
+        print(f"ZeRO stage {stage}: no result ({reason}); its output is above", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=None, help="32 on GPU (Mistral-7B), 2 for the CPU smoke run")
+    parser.add_argument("--seq-len", type=int, default=None, help="2048 on GPU, 128 on CPU")
+    parser.add_argument("--micro-batch", type=int, default=8,
+                        help="largest per-device batch (recipe field; the Zephyr-7B recipe's is 8)")
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the rate")
+    parser.add_argument("--zero-stages", default="3,0",
+                        help="ZeRO stages to run, each in its own process; 0 = plain TRL")
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for each stage's process")
+    parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--port", type=int, default=29531, help=argparse.SUPPRESS)
+    parser.add_argument("--child-stage", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child_stage is not None:
+        args.zero_stage = args.child_stage
+        print(RESULT_PREFIX + json.dumps(one_stage(args)), flush=True)
+        return
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    args.layers = args.layers or (32 if cuda else 2)
+    args.seq_len = args.seq_len or (2048 if cuda else 128)
+    passed = ["--layers", str(args.layers), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+              "--global-batch", str(args.global_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    results = [r for stage in (int(s) for s in args.zero_stages.split(","))
+               if (r := run_stage(stage, passed, args.timeout)) is not None]
     measured_peak = matmul_tflops() if cuda else float("nan")
-    print(f"\n{torch.cuda.get_device_name() if cuda else 'CPU (smoke run)'}; torch {torch.__version__}; attention {init['attn_implementation']}; "
-          f"gradient checkpointing {fields['gradient_checkpointing']}; bf16 {fields['bf16']}")
-    print(f"Mistral-7B-shaped model, {args.layers} layers: {params / 1e9:.2f}B parameters; seq {args.seq_len}; "
-          f"micro batch {fields['per_device_train_batch_size']} x accumulation "
-          f"{fields['gradient_accumulation_steps']} = global {args.global_batch}")
-    print(f"steps {args.warmup + 1}-{args.steps}: {seconds / len(timed):.2f} s/step, {rate:,.0f} tokens/s; "
-          f"model FLOPs/token {per_token / 1e9:.1f} GFLOP -> {per_token * rate / 1e12:.0f} TFLOP/s")
-    print(f"MFU {mfu:.1%} of {args.peak_tflops:.0f} TFLOP/s peak; {per_token * rate / 1e12 / measured_peak:.1%} of "
-          f"the {measured_peak:.0f} TFLOP/s an 8192^3 bf16 matmul reaches here; peak GPU memory "
-          f"{torch.cuda.max_memory_allocated() / 2**30 if cuda else float('nan'):.1f} GiB")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"results": results, "matmul_tflops": measured_peak, "peak_tflops": args.peak_tflops}, out,
+                      indent=1)
+    if not results:
+        sys.exit("no stage finished")
+    first = results[0]
+    print(f"\n{first['device']}; torch {first['torch']}; attention {first['attention']}; weights {first['dtype']}; "
+          f"gradient checkpointing {first['gradient_checkpointing']}; bf16 {first['bf16']}; "
+          f"an 8192^3 bf16 matmul: {measured_peak:.0f} TFLOP/s")
+    print(f"Mistral-7B-shaped model, {args.layers} layers: {first['parameters'] / 1e9:.2f}B parameters; seq "
+          f"{args.seq_len}; micro batch {first['micro_batch']} x accumulation {first['accumulation']} = global "
+          f"{args.global_batch}; steps {args.warmup + 1}-{args.steps} timed")
+    baseline = next((r for r in results if r["zero_stage"] == 0), None)
+    print(f"{'trainer':<24}{'s/step':>8}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'of matmul':>11}"
+          f"{'peak GiB':>10}{'vs plain':>10}")
+    for r in results:
+        achieved = r["flops_per_token"] * r["tokens_per_s"] / 1e12
+        name = f"ZeRO-{r['zero_stage']} (DeepSpeed)" if r["zero_stage"] else "plain TRL (no DeepSpeed)"
+        ratio = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else float("nan")
+        peak = r["peak_allocated_gib"] if r["peak_allocated_gib"] is not None else float("nan")
+        print(f"{name:<24}{r['seconds_per_step']:>8.2f}{r['tokens_per_s']:>11,.0f}{achieved:>9.0f}"
+              f"{achieved / args.peak_tflops:>7.1%}{achieved / measured_peak:>11.1%}{peak:>10.1f}{ratio:>10.2f}")
 
 
 if __name__ == "__main__":
