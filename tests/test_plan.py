@@ -192,3 +192,23 @@ def test_evaluate_is_planned_with_every_set_and_every_model_it_asks(tmp_path):
     without = {s.stage: s for s in plan_of(SEVEN_B)}["evaluate"]
     assert with_gsm8k.work.startswith("80 MT-Bench questions x 2 turns + 1319 exact-match questions x 2 models")
     assert with_gsm8k.hours > without.hours and not with_gsm8k.problems
+
+
+def test_a_ranks_memory_is_its_model_states_plus_the_measured_activations(tmp_path):
+    """16 bytes a parameter over the ZeRO-3 ranks, plus activations scaled from bench/mfu.py's H200 run: one worker
+    of a 7B model does not fit an 80 GB A100, two do at micro batch 8, and not at micro batch 32."""
+    data = yaml.safe_load(SEVEN_B.read_text())
+
+    def train_sft(workers, micro_batch):
+        data["hardware"]["num_workers"] = workers
+        data["train_sft"]["max_per_device_batch_size"] = micro_batch
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return next(p for p in plan_of(path) if p.stage == "train_sft")
+
+    one, two, two_large = train_sft(1, 8), train_sft(2, 8), train_sft(2, 32)
+    assert one.memory.startswith("104.3 GiB model states per rank") and "8 x 2048 tokens" in one.memory
+    assert any("do not fit a 80 GiB A100" in problem for problem in one.problems), one.problems
+    assert two.memory.startswith("52.2 GiB model states per rank") and two.problems == []
+    assert "32 x 2048 tokens" in two_large.memory
+    assert any("lower max_per_device_batch_size" in problem for problem in two_large.problems), two_large.problems

@@ -19,12 +19,19 @@ from typing import Any
 
 import yaml
 
-from .config import DatasetSource, Engine, Hardware, Recipe
+from .config import DatasetSource, Engine, Hardware, Recipe, derive_batch
 
 # Each figure, and where it comes from. Change one and every estimate scales with it.
 ASSUMPTIONS: dict[str, tuple[float, str]] = {
-    "train_mfu": (0.35, "bench/mfu.py measured our SFT trainer at 40% MFU on one H200; 35% assumed for ZeRO-3 "
-                        "across nodes"),
+    "train_mfu": (0.35, "bench/mfu.py on one H200 (2026-12-04, 7B shape, micro batch 8): our SFT trainer 40.0% MFU "
+                        "without DeepSpeed, 35.4% under ZeRO-3 with one rank; across nodes its collectives add to "
+                        "that, which this figure does not count"),
+    "training_extra_gib_7b": (8.3, "bench/mfu.py on one H200 (2026-12-04): ZeRO-3's peak 116.2 GiB minus 107.9 GiB "
+                                   "of model states, 7.24B parameters, micro batch 8 x 2048 tokens, gradient "
+                                   "checkpointing: activations, logits and DeepSpeed's buffers; scaled by tokens per "
+                                   "micro batch and model size"),
+    "usable_gpu_memory_share": (0.9, "what PyTorch can allocate of a GPU (139.8 of 140.4 GiB on an H200) less "
+                                     "room for the allocator's fragmentation"),
     "attention_flops_factor": (1.06, "attention adds ~6% to 6 x parameters FLOPs per token at 2k context "
                                      "(45.9 vs 43.4 GFLOP per token for Mistral-7B)"),
     "dpo_cost_factor": (8 / 6, "DPO: policy forward and backward (6N) plus a reference forward (2N) per token"),
@@ -231,10 +238,22 @@ def _training(stage: str, rows: int, tokens_per_row: float, cost_factor: float, 
     per_parameter = 16 + (2 if reference else 0)  # DPO: the frozen reference's bf16 weights too
     states = per_parameter * params / (workers if training.zero_stage == 3 else 1) / 2**30
     plan.memory = f"{states:.1f} GiB model states per rank ({per_parameter} B/parameter / {workers}" \
-                  f"{', with the reference model' if reference else ''}), plus activations"
-    if states > 0.6 * cluster.gpu_memory_gib:
-        plan.problems.append(f"{states:.0f} GiB of model states per rank leave too little of a "
-                             f"{cluster.gpu_memory_gib:g} GiB {cluster.gpu_type} for activations")
+                  f"{', with the reference model' if reference else ''})"
+    usable = _a("usable_gpu_memory_share") * cluster.gpu_memory_gib
+    if training.gradient_checkpointing:
+        per_device, _ = derive_batch(training.global_batch_size, workers, training.max_per_device_batch_size)
+        sequences = per_device * (2 if reference else 1)  # DPO: each pair is a chosen and a rejected sequence
+        extra = _a("training_extra_gib_7b") * sequences * training.max_length / (8 * 2048) * params / 7.24e9
+        plan.memory += f" + {extra:.1f} GiB activations and buffers ({sequences} x {training.max_length} tokens)"
+        if states + extra > usable:
+            plan.problems.append(f"{states + extra:.0f} GiB per rank ({states:.0f} of model states) do not fit a "
+                                 f"{cluster.gpu_memory_gib:g} GiB {cluster.gpu_type}: add workers or lower "
+                                 f"max_per_device_batch_size")
+    else:
+        plan.memory += ", plus activations (not estimated without gradient checkpointing)"
+        if states > usable:
+            plan.problems.append(f"{states:.0f} GiB of model states per rank do not fit a "
+                                 f"{cluster.gpu_memory_gib:g} GiB {cluster.gpu_type}: add workers")
     checkpoint = (2 * params + 14 * params) / 2**30  # gathered bf16 weights + per-rank optimizer shards
     plan.disk_gib = checkpoint * (training.save_total_limit + 1)  # kept checkpoints + the export
     if workers > cluster.gpus:
