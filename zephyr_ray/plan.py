@@ -29,7 +29,10 @@ ASSUMPTIONS: dict[str, tuple[float, str]] = {
     "training_extra_gib_7b": (8.3, "bench/mfu.py on one H200 (2026-12-04): ZeRO-3's peak 116.2 GiB minus 107.9 GiB "
                                    "of model states, 7.24B parameters, micro batch 8 x 2048 tokens, gradient "
                                    "checkpointing: activations, logits and DeepSpeed's buffers; scaled by tokens per "
-                                   "micro batch and model size"),
+                                   "micro batch and model size (linearly: the cautious reading of two points)"),
+    "zero3_step_extra_gib": (6.4, "bench/mfu.py on one H200 (2026-12-04): ZeRO-3's peak at micro batch 2 and 4 alike, "
+                                  "114.3 GiB, 6.4 over the model states: the optimizer step's fp32 gradients of one "
+                                  "sub-group (DeepSpeed's sub_group_size, 1e9 parameters), whatever the batch"),
     "usable_gpu_memory_share": (0.9, "what PyTorch can allocate of a GPU (139.8 of 140.4 GiB on an H200) less "
                                      "room for the allocator's fragmentation"),
     "attention_flops_factor": (1.06, "attention adds ~6% to 6 x parameters FLOPs per token at 2k context "
@@ -244,6 +247,8 @@ def _training(stage: str, rows: int, tokens_per_row: float, cost_factor: float, 
         per_device, _ = derive_batch(training.global_batch_size, workers, training.max_per_device_batch_size)
         sequences = per_device * (2 if reference else 1)  # DPO: each pair is a chosen and a rejected sequence
         extra = _a("training_extra_gib_7b") * sequences * training.max_length / (8 * 2048) * params / 7.24e9
+        if training.zero_stage == 3:
+            extra = max(extra, _a("zero3_step_extra_gib") * min(params, 1e9) / 1e9)
         plan.memory += f" + {extra:.1f} GiB activations and buffers ({sequences} x {training.max_length} tokens)"
         if states + extra > usable:
             plan.problems.append(f"{states + extra:.0f} GiB per rank ({states:.0f} of model states) do not fit a "
