@@ -10,7 +10,8 @@ split by ``derive_batch``; under ZeRO-3 the model is built inside DeepSpeed's ``
 randomly initialised model of Mistral-7B's shape (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocab 32000), fed
 full-length rows of random token ids. Stage 0 is the baseline a user would pick instead: the same trainer in one plain
 process, no DeepSpeed. Prints, per stage, tokens/s over the steps after the warm-up, the peak GPU memory PyTorch
-allocated (a measurement, not a formula), and
+allocated (a measurement, not a formula), the share of the timed steps the GPU was running a kernel (NVML's
+utilisation, sampled every 0.1 s: what is missing is time the GPU waited on the host), and
 
     MFU = model FLOPs per token x tokens/s / peak bf16 FLOP/s,
 
@@ -27,7 +28,8 @@ Ray Train adds a worker process around the same trainer (``bench/training.py`` m
 the script runs itself on CPU with a 2-layer model of hidden size 256 (a smoke run: no MFU).
 
 Measured on one H200 (2026-12-04; docs/benchmarks.md "On a GPU" has the table): micro batch 8, ZeRO-3 35% MFU at
-116 GiB, 0.88x plain TRL's tokens/s (40% MFU, 58 GiB); smaller micro batches cost ZeRO-3 more (0.60x at 2).
+116 GiB, 0.88x plain TRL's tokens/s (40% MFU, 58 GiB); at micro batch 2, 0.60-0.69x, the GPU busy 70% of the time
+under ZeRO-3 against 96% without it (DeepSpeed's Python hooks hold it back).
 """
 
 from __future__ import annotations
@@ -94,12 +96,12 @@ def one_stage(args: argparse.Namespace) -> dict:
                               max_per_device_batch_size=args.micro_batch, max_length=args.seq_len,
                               zero_stage=args.zero_stage, packing=False)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    step_ends: list[float] = []
+    step_ends: list[float] = []  # time.time(): the parent matches them with its GPU utilisation samples
 
     class StepClock(TrainerCallback):
         def on_step_end(self, *_, **__):
             sync()
-            step_ends.append(time.perf_counter())
+            step_ends.append(time.time())
 
     with tempfile.TemporaryDirectory() as out:
         extra = prepare_training_process(hardware, os.path.join(out, "cache"), deepspeed=args.zero_stage > 0)
@@ -143,18 +145,53 @@ def one_stage(args: argparse.Namespace) -> dict:
         "parameters": params, "layers": args.layers, "seq_len": args.seq_len,
         "micro_batch": fields["per_device_train_batch_size"], "accumulation": fields["gradient_accumulation_steps"],
         "global_batch": args.global_batch, "steps_timed": len(timed), "seconds_per_step": seconds / len(timed),
+        "timed_window": [step_ends[args.warmup - 1], timed[-1]],
         "tokens_per_s": tokens / seconds, "flops_per_token": per_token, "train_seconds": train_seconds,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
     }
 
 
-def run_stage(stage: int, argv: list[str], timeout: float) -> dict | None:
+class GpuBusy:
+    """Samples the GPU's utilisation (the share of time a kernel ran, NVML's figure) every 0.1 s in a thread:
+    well under 100% over the timed steps means the GPU waited on the host (Python, launches, synchronisation)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import pynvml  # nvidia-ml-py: what torch.cuda.utilization reads too
+
+        pynvml.nvmlInit()
+        self.handle, self.nvml = pynvml.nvmlDeviceGetHandleByIndex(0), pynvml
+        self.samples: list[tuple[float, int]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        while not self.stopped.wait(0.1):
+            self.samples.append((time.time(), self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu))
+
+    def mean(self, start: float, end: float) -> float | None:
+        inside = [busy for at, busy in self.samples if start <= at <= end]
+        return sum(inside) / len(inside) / 100 if inside else None
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+def run_stage(stage: int, argv: list[str], timeout: float, gpu: bool) -> dict | None:
     """One stage in a child process, its output passed through as it comes; None (reason printed) when it fails."""
     import threading
 
     command = [sys.executable, os.path.abspath(__file__), *argv, "--child-stage", str(stage)]
     print(f"\n== ZeRO stage {stage}: {' '.join(command)}", flush=True)
+    try:
+        busy = GpuBusy() if gpu else None
+    except ImportError:
+        busy = None
+        print("no nvidia-ml-py (pynvml) here: the GPU's busy share is not measured", flush=True)
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     timer = threading.Timer(timeout, child.kill)
     timer.start()
@@ -166,6 +203,10 @@ def run_stage(stage: int, argv: list[str], timeout: float) -> dict | None:
             print(line, end="", flush=True)
     timed_out = not timer.is_alive()
     timer.cancel()
+    if busy is not None:
+        busy.stop()
+        if result is not None:
+            result["gpu_busy"] = busy.mean(*result["timed_window"])
     if result is None:
         reason = f"killed after {timeout:.0f} s" if timed_out else f"exit {child.wait()}"
         print(f"ZeRO stage {stage}: no result ({reason}); its output is above", flush=True)
@@ -203,7 +244,7 @@ def main() -> None:
     passed = ["--layers", str(args.layers), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
               "--global-batch", str(args.global_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     results = [r for stage in (int(s) for s in args.zero_stages.split(","))
-               if (r := run_stage(stage, passed, args.timeout)) is not None]
+               if (r := run_stage(stage, passed, args.timeout, cuda)) is not None]
     measured_peak = matmul_tflops() if cuda else float("nan")
     if args.json:
         with open(args.json, "w") as out:
@@ -220,14 +261,16 @@ def main() -> None:
           f"{args.global_batch}; steps {args.warmup + 1}-{args.steps} timed")
     baseline = next((r for r in results if r["zero_stage"] == 0), None)
     print(f"{'trainer':<24}{'s/step':>8}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'of matmul':>11}"
-          f"{'peak GiB':>10}{'vs plain':>10}")
+          f"{'peak GiB':>10}{'GPU busy':>10}{'vs plain':>10}")
     for r in results:
         achieved = r["flops_per_token"] * r["tokens_per_s"] / 1e12
         name = f"ZeRO-{r['zero_stage']} (DeepSpeed)" if r["zero_stage"] else "plain TRL (no DeepSpeed)"
         ratio = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else float("nan")
         peak = r["peak_allocated_gib"] if r["peak_allocated_gib"] is not None else float("nan")
+        busy = r.get("gpu_busy") if r.get("gpu_busy") is not None else float("nan")
         print(f"{name:<24}{r['seconds_per_step']:>8.2f}{r['tokens_per_s']:>11,.0f}{achieved:>9.0f}"
-              f"{achieved / args.peak_tflops:>7.1%}{achieved / measured_peak:>11.1%}{peak:>10.1f}{ratio:>10.2f}")
+              f"{achieved / args.peak_tflops:>7.1%}{achieved / measured_peak:>11.1%}{peak:>10.1f}{busy:>10.0%}"
+              f"{ratio:>10.2f}")
 
 
 if __name__ == "__main__":
