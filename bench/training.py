@@ -1,7 +1,7 @@
 """Training benchmark: the train_sft stage (Ray Train + DeepSpeed ZeRO-3, 2 workers; and ZeRO-2, and DDP) vs the
 same TRL SFTTrainer in one plain process, on the same data, global batch and model.
 
-    python bench/training.py [--models artifacts/tiny-models] [--epochs 6]
+    python bench/training.py [--models artifacts/tiny-models] [--epochs 6] [--global-batch 8]
 
 Prints, in one run:
 - tokens/s of each, measured as the *incremental* rate between E and 3E epochs (start-up of Ray Train, DeepSpeed
@@ -35,6 +35,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BYTES_PER_PARAM = 16  # fp32 weights, gradients, Adam m and v
 REPEAT = 4  # the corpus' dialogues, repeated, as training rows
+BATCH: dict[str, int] = {}  # --global-batch: the same global batch (split over 2 ranks) for every run
 
 
 def dialogues() -> list[dict]:
@@ -51,7 +52,7 @@ def dialogues() -> list[dict]:
 def recipe_for(models: Path, tmp: Path, name: str, **train_sft) -> Path:
     data = yaml.safe_load((REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text().replace(
         "./artifacts/tiny-models", str(models.resolve())))
-    data["train_sft"].update(save_steps=10_000, max_failures=0, **train_sft)
+    data["train_sft"].update(save_steps=10_000, max_failures=0, **BATCH, **train_sft)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -194,7 +195,11 @@ def main() -> None:
     parser.add_argument("--max-live-parameters", type=float, default=1e7,
                         help="one more ZeRO-3 memory run with DeepSpeed's stage3_max_live_parameters (default 1e9: "
                              "more than this model has, so every gathered layer stays gathered); 0 skips it")
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="every run's global batch (the tiny recipe's is 8: 4 per rank), half of it per rank")
     args = parser.parse_args()
+    if args.global_batch:
+        BATCH.update(global_batch_size=args.global_batch, max_per_device_batch_size=args.global_batch // 2)
     import ray
 
     epochs = [args.epochs, 3 * args.epochs]
