@@ -88,7 +88,11 @@ def test_the_demo_again_is_quiet_and_every_next_step_it_prints_works(demo_run, u
         replied = subprocess.run(["bash", "-c", curl_line], env=user_env, capture_output=True, text=True,
                                  timeout=120, check=True)
         answer = json.loads(replied.stdout)
-        assert answer["choices"][0]["message"]["content"], answer
+        # a chat completion the engine generated: the tiny model's answer to "Hello!" may be its stop token alone
+        # (an empty reply, seen on an AVX-512 machine); `zephyr-ray chat` above got words from the same model
+        (choice,) = answer["choices"]
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str), answer
+        assert choice["finish_reason"] in ("stop", "length") and answer["usage"]["completion_tokens"] >= 1, answer
     finally:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C
         try:
@@ -133,30 +137,44 @@ def test_the_readmes_ray_job_lines_work_after_ray_start_head(demo_run, user_env,
     assert auth == ["export RAY_AUTH_MODE=token", "ray get-auth-token --generate > /dev/null"], lines
     assert start == "ray start --head" and lines[-1] == "ray stop", lines
     assert submits and all(line.startswith("ray job submit ") for line in submits), lines
-    dashboard = free_port()
-    temp_dir = Path(tempfile.mkdtemp(prefix="zrf", dir="/tmp"))  # Ray's socket paths must stay short
-    ports = [f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-             f"--temp-dir={temp_dir}", "--disable-usage-stats", "--num-cpus=4",
-             *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                       "metrics-export-port", "runtime-env-agent-port"))]
-    env = {**user_env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
-    head_log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - closed below
-    head = subprocess.Popen(["bash", "-c", f"{' && '.join(auth)} && exec {start} --block {' '.join(ports)}"], env=user_env,
-                            cwd=REPO, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while subprocess.run(["bash", "-c", f"{lines[0]} && ray job list"], env=env, capture_output=True,
-                             check=False).returncode != 0:  # the head's job agent starts after `ray start` returns
-            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
-            time.sleep(3)
+        for attempt in (1, 2):  # a user whose `ray start` timed out runs it again (README says so); so does the test
+            dashboard = free_port()
+            temp_dir = Path(tempfile.mkdtemp(prefix="zrf", dir="/tmp"))  # Ray's socket paths must stay short
+            ports = [f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                     f"--temp-dir={temp_dir}", "--disable-usage-stats", "--num-cpus=4",
+                     *(f"--{name}={free_port()}" for name in (
+                         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                         "runtime-env-agent-port"))]
+            env = {**user_env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+            head_log_path = tmp_path / f"head-{attempt}.log"
+            head_log = open(head_log_path, "w")  # noqa: SIM115 - closed below
+            head = subprocess.Popen(["bash", "-c", f"{' && '.join(auth)} && exec {start} --block {' '.join(ports)}"],
+                                    env=user_env, cwd=REPO, stdout=head_log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            deadline = time.time() + 180
+            while subprocess.run(["bash", "-c", f"{lines[0]} && ray job list"], env=env, capture_output=True,
+                                 check=False).returncode != 0:  # the head's job agent starts after `ray start` returns
+                if head.poll() is not None:
+                    break
+                assert time.time() < deadline, head_log_path.read_text()[-3000:]
+                time.sleep(3)
+            if head.poll() is None:
+                break
+            # Ray gives its raylet 30 s to register (ray/_private/node.py); on a saturated machine that can run out
+            shown = head_log_path.read_text()
+            stop_ray_head(head)
+            head_log.close()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            assert attempt == 1 and "timed out during startup" in shown, shown[-3000:]
         # ...and a job goes through once its agent has registered (on a busy machine that can take longer than the
         # 10 s the head waits for one before it answers "No available agent to submit job, please try again later")
         while subprocess.run(["bash", "-c", f"{lines[0]} && ray job submit -- true"], env=env, capture_output=True,
                              check=False).returncode != 0:
-            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            assert head.poll() is None and time.time() < deadline, head_log_path.read_text()[-3000:]
             time.sleep(3)
         assert (Path(user_env["HOME"]) / ".ray" / "auth_token").is_file(), "no token: token auth is off"
-        assert "Token authentication is disabled" not in (tmp_path / "head.log").read_text()
+        assert "Token authentication is disabled" not in head_log_path.read_text()
         token = (Path(user_env["HOME"]) / ".ray" / "auth_token").read_text().strip()
         without_token = subprocess.run(["ray", "job", "list"], env=env, capture_output=True, text=True, check=False)
         assert without_token.returncode != 0, "the head took a job command from a shell without RAY_AUTH_MODE=token"

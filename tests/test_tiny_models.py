@@ -18,8 +18,8 @@ def digest(path) -> str:
 
 
 def test_build_is_deterministic_whatever_the_number_of_threads(tmp_path):
-    """The parallel build changes a process's threads mid-training when the other process finishes: the weights must
-    not depend on it."""
+    """A model's threads are the build's plan (``threads_for``: half the machine's for generator-2), not what the
+    calling process happens to have: on AVX-512 CPUs MKL gives other bytes with another thread count."""
     import torch
 
     first = build_tiny_models(tmp_path / "a", names=["generator-2"])["generator-2"]

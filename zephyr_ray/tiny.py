@@ -397,12 +397,23 @@ def _write_model(spec: TinySpec, tokenizer: Any, out: Path, start: Any = None,
     return model
 
 
-def _build_in_order(specs: list[TinySpec], tokenizer: Any, out: Path,
+def threads_for(spec: TinySpec, threads: int) -> int:
+    """The threads a model is built with, fixed by the plan and never by timing: on some CPUs (AVX-512, seen
+    2026-12-04) MKL's products give other bits with another thread count, so a model must not take threads when
+    another process happens to finish. Half the machine's threads, as the two build processes share it; the pairwise
+    judge, built last (the second process is done by then), all of them."""
+    return threads if spec.train_on == "pairwise" else max(1, threads // 2)
+
+
+def _build_in_order(specs: list[TinySpec], tokenizer: Any, out: Path, threads: int,
                     between_steps: Callable[[], None] | None = None) -> None:
-    """Build ``specs`` one after the other; one that starts from another model starts from it as built here, or
-    as found in ``out`` (built before)."""
+    """Build ``specs`` one after the other, each with ``threads_for`` its threads; one that starts from another
+    model starts from it as built here, or as found in ``out`` (built before)."""
+    import torch
+
     made: dict[str, Any] = {}
     for spec in specs:
+        torch.set_num_threads(threads_for(spec, threads))
         start = None
         if spec.starts_from:
             from transformers import MistralForCausalLM
@@ -423,7 +434,8 @@ def build_beside(out_dir: str, names: list[str], threads: int, log_path: str, sp
     """The parallel build's second process (``python -c``, not multiprocessing, which would import the caller's
     main module again): build ``names`` of the first process's specs (``specs_json``) in order, a model after the
     one it starts from, with ``threads`` threads; its own log lines on stdout for the first process to show, the
-    libraries' output in ``log_path``; Ctrl-C is the first process's."""
+    libraries' output in ``log_path``; Ctrl-C is the first process's. ``threads``: the machine's, which
+    ``threads_for`` shares out."""
     import signal
 
     global TINY_MODELS
@@ -436,9 +448,10 @@ def build_beside(out_dir: str, names: list[str], threads: int, log_path: str, sp
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     console.owns_process = True  # this process is ours: the command's terminal is the pipe to the first process
     console.quiet_console(Path(log_path))
-    torch.set_num_threads(threads)
     tokenizer = build_tokenizer()
-    _build_in_order([next(s for s in TINY_MODELS if s.name == name) for name in names], tokenizer, Path(out_dir))
+    _build_in_order([next(s for s in TINY_MODELS if s.name == name) for name in names], tokenizer, Path(out_dir),
+                    threads)
+    torch.set_num_threads(threads)
 
 
 def _start_second_process(out: Path, names: list[str], threads: int, log: Any) -> Any:
@@ -468,12 +481,12 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
 
     The teacher and the models that start from it (judge -> pairwise judge, ~3/4 of the work) are built here, the
     others (generator-0 before the reward model that starts from it) in a second Python process (``build_beside``)
-    at the same time, each with half the threads until the second process is done; then this one takes them all.
+    at the same time, each model with half the threads, the pairwise judge (last) with all (``threads_for``).
     At this size torch uses threads poorly (2 threads do a step 1.5x faster than 1, not 2x), so two one-thread builds
     side by side get more from 2 cores than one build after the other (all nine models on the 2-core CI machine, the
-    same hour: 204 s one after the other, 178 s side by side). The weights do not depend on the number of threads
-    (the same bytes with 1 and 2; a test keeps it so): when the second process finishes changes nothing that is
-    built.
+    same hour: 204 s one after the other, 178 s side by side). A model's threads come from that plan, never from
+    when the second process finishes: on AVX-512 CPUs the bytes depend on the thread count (on AVX2 ones they did
+    not), and a model built alone is the same bytes as in the parallel build (tests keep both so).
     """
     import queue
     import tempfile
@@ -501,7 +514,7 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
     chain = next((family for family in families.values() if len(family) > 1), [])
     beside = [s for s in todo if s not in chain]
     threads = torch.get_num_threads()
-    if not chain or threads < 2:  # nothing to overlap with: one process, as many threads as torch has
+    if not chain or threads < 2:  # nothing to overlap with: one process (each model still with threads_for)
         chain, beside = todo, []
     tokenizer = build_tokenizer()
     check_chat_template(tokenizer)
@@ -510,13 +523,12 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
     with tempfile.NamedTemporaryFile("a+", prefix="zephyr-ray-tiny-models-", suffix=".log") as second_log:
         try:
             if beside:
-                second = _start_second_process(out, [s.name for s in beside], threads // 2, second_log)
+                second = _start_second_process(out, [s.name for s in beside], threads, second_log)
                 reader = threading.Thread(target=_read_lines, args=(second.stdout, lines), daemon=True)
                 reader.start()
-                torch.set_num_threads(threads - threads // 2)
 
             def show_finished() -> None:
-                """The second process's lines so far; once it has ended, every thread is this one's again."""
+                """The second process's lines so far; its failure, once it has ended."""
                 nonlocal second
                 ended = second is not None and second.poll() is not None
                 if ended:
@@ -530,10 +542,9 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
                         raise RuntimeError(f"building {[s.name for s in beside]} failed (exit status "
                                            f"{second.returncode}):\n{second_log.read()[-4000:]}")
                     second = None
-                    torch.set_num_threads(threads)
 
             with torch.random.fork_rng():
-                _build_in_order(chain, tokenizer, out, show_finished)
+                _build_in_order(chain, tokenizer, out, threads, show_finished)
             if second is not None:
                 second.wait()
                 show_finished()
