@@ -397,29 +397,49 @@ def _write_model(spec: TinySpec, tokenizer: Any, out: Path, start: Any = None,
     return model
 
 
-def threads_for(spec: TinySpec, threads: int) -> int:
-    """The threads a model is built with, fixed by the plan and never by timing: on some CPUs (AVX-512, seen
-    2026-12-04) MKL's products give other bits with another thread count, so a model must not take threads when
-    another process happens to finish. Half the machine's threads, as the two build processes share it; the pairwise
-    judge, built last (the second process is done by then), all of them."""
-    return threads if spec.train_on == "pairwise" else max(1, threads // 2)
+def threads_for(spec: TinySpec, threads: int, step: int = 0) -> int:
+    """The threads a model is built with at a training step, fixed by the plan and never by timing: on some CPUs
+    (AVX-512, seen 2026-12-04) MKL's products give other bits with another thread count, so a model must not take
+    threads when another process happens to finish. Half the machine's threads, as the two build processes share it;
+    the judge from half its steps on (the parallel build waits there for the second process, which is done by then
+    on the machines measured), and the pairwise judge, built last, all of them."""
+    if spec.train_on == "pairwise" or (spec.train_on == "judge" and step >= spec.train_steps // 2):
+        return threads
+    return max(1, threads // 2)
 
 
 def _build_in_order(specs: list[TinySpec], tokenizer: Any, out: Path, threads: int,
-                    between_steps: Callable[[], None] | None = None) -> None:
-    """Build ``specs`` one after the other, each with ``threads_for`` its threads; one that starts from another
-    model starts from it as built here, or as found in ``out`` (built before)."""
+                    between_steps: Callable[[], None] | None = None,
+                    before_more_threads: Callable[[], None] | None = None) -> None:
+    """Build ``specs`` one after the other, each step with ``threads_for`` its threads (``before_more_threads`` runs
+    before a model takes more); one that starts from another model starts from it as built here, or as found in
+    ``out`` (built before)."""
     import torch
 
     made: dict[str, Any] = {}
     for spec in specs:
-        torch.set_num_threads(threads_for(spec, threads))
+        step = 0
+
+        def take_threads(at: int) -> None:
+            wanted = threads_for(spec, threads, at)  # noqa: B023 - called for this spec only, while it is built
+            if wanted > torch.get_num_threads() and before_more_threads:
+                before_more_threads()
+            torch.set_num_threads(wanted)
+
+        def after_step() -> None:
+            nonlocal step
+            step += 1
+            if between_steps:
+                between_steps()
+            take_threads(step)
+
+        take_threads(0)
         start = None
         if spec.starts_from:
             from transformers import MistralForCausalLM
 
             start = made.get(spec.starts_from) or MistralForCausalLM.from_pretrained(out / spec.starts_from)
-        made[spec.name] = _write_model(spec, tokenizer, out, start, between_steps)
+        made[spec.name] = _write_model(spec, tokenizer, out, start, after_step)
 
 
 def _family(spec: TinySpec) -> str:
@@ -481,7 +501,8 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
 
     The teacher and the models that start from it (judge -> pairwise judge, ~3/4 of the work) are built here, the
     others (generator-0 before the reward model that starts from it) in a second Python process (``build_beside``)
-    at the same time, each model with half the threads, the pairwise judge (last) with all (``threads_for``).
+    at the same time, each model with half the threads, the judge from half its steps on (once the second process
+    is done) and the pairwise judge with all (``threads_for``).
     At this size torch uses threads poorly (2 threads do a step 1.5x faster than 1, not 2x), so two one-thread builds
     side by side get more from 2 cores than one build after the other (all nine models on the 2-core CI machine, the
     same hour: 204 s one after the other, 178 s side by side). A model's threads come from that plan, never from
@@ -543,8 +564,13 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
                                            f"{second.returncode}):\n{second_log.read()[-4000:]}")
                     second = None
 
+            def second_done() -> None:
+                if second is not None:
+                    second.wait()
+                    show_finished()
+
             with torch.random.fork_rng():
-                _build_in_order(chain, tokenizer, out, threads, show_finished)
+                _build_in_order(chain, tokenizer, out, threads, show_finished, second_done)
             if second is not None:
                 second.wait()
                 show_finished()
