@@ -401,8 +401,8 @@ def threads_for(spec: TinySpec, threads: int, step: int = 0) -> int:
     """The threads a model is built with at a training step, fixed by the plan and never by timing: on some CPUs
     (AVX-512, seen 2026-12-04) MKL's products give other bits with another thread count, so a model must not take
     threads when another process happens to finish. Half the machine's threads, as the two build processes share it;
-    the judge from half its steps on (the parallel build waits there for the second process if it is not done: a
-    few seconds on the machines measured), and the pairwise judge, built last, all of them."""
+    the judge from half its steps on (the parallel build waits there for the second process if it is not
+    done), and the pairwise judge, built last, all of them."""
     if spec.train_on == "pairwise" or (spec.train_on == "judge" and step >= spec.train_steps // 2):
         return threads
     return max(1, threads // 2)
