@@ -203,12 +203,13 @@ def run_stage(stage: int, argv: list[str], timeout: float, gpu: bool) -> dict | 
             print(line, end="", flush=True)
     timed_out = not timer.is_alive()
     timer.cancel()
+    code = child.wait()
     if busy is not None:
         busy.stop()
         if result is not None:
             result["gpu_busy"] = busy.mean(*result["timed_window"])
     if result is None:
-        reason = f"killed after {timeout:.0f} s" if timed_out else f"exit {child.wait()}"
+        reason = f"killed after {timeout:.0f} s" if timed_out else f"exit {code}"
         print(f"ZeRO stage {stage}: no result ({reason}); its output is above", flush=True)
     return result
 

@@ -234,12 +234,16 @@ def free_port() -> int:
 
 def stop_ray_head(head: subprocess.Popen, grace_s: float = 16) -> None:
     """Stop a `ray start --head --block` started in a session of its own as `ray stop` does: SIGTERM, then after
-    its default grace period (16 s) SIGKILL to whatever of the head's process group is left."""
-    os.killpg(head.pid, signal.SIGTERM)
+    its default grace period (16 s) SIGKILL to whatever of the head's process group is left (nothing, when a head
+    that failed to start took its processes with it)."""
     try:
+        os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=grace_s)
+    except ProcessLookupError:
+        head.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
 
 

@@ -422,9 +422,10 @@ def _build_in_order(specs: list[TinySpec], tokenizer: Any, out: Path, threads: i
 
         def take_threads(at: int) -> None:
             wanted = threads_for(spec, threads, at)  # noqa: B023 - called for this spec only, while it is built
-            if wanted > torch.get_num_threads() and before_more_threads:
-                before_more_threads()
-            torch.set_num_threads(wanted)
+            if wanted != torch.get_num_threads():
+                if wanted > torch.get_num_threads() and before_more_threads:
+                    before_more_threads()
+                torch.set_num_threads(wanted)
 
         def after_step() -> None:
             nonlocal step
@@ -453,15 +454,12 @@ def _family(spec: TinySpec) -> str:
 def build_beside(out_dir: str, names: list[str], threads: int, log_path: str, specs_json: str) -> None:
     """The parallel build's second process (``python -c``, not multiprocessing, which would import the caller's
     main module again): build ``names`` of the first process's specs (``specs_json``) in order, a model after the
-    one it starts from, with ``threads`` threads; its own log lines on stdout for the first process to show, the
-    libraries' output in ``log_path``; Ctrl-C is the first process's. ``threads``: the machine's, which
-    ``threads_for`` shares out."""
+    one it starts from, each with ``threads_for`` its share of ``threads`` (the machine's); its own log lines on
+    stdout for the first process to show, the libraries' output in ``log_path``; Ctrl-C is the first process's."""
     import signal
 
     global TINY_MODELS
     TINY_MODELS = tuple(TinySpec(**spec) for spec in json.loads(specs_json))
-
-    import torch
 
     from . import console
 
@@ -471,7 +469,6 @@ def build_beside(out_dir: str, names: list[str], threads: int, log_path: str, sp
     tokenizer = build_tokenizer()
     _build_in_order([next(s for s in TINY_MODELS if s.name == name) for name in names], tokenizer, Path(out_dir),
                     threads)
-    torch.set_num_threads(threads)
 
 
 def _start_second_process(out: Path, names: list[str], threads: int, log: Any) -> Any:
@@ -565,15 +562,14 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
                     second = None
 
             def second_done() -> None:
+                """Wait for the second process, then show (or raise) what it left."""
                 if second is not None:
                     second.wait()
                     show_finished()
 
             with torch.random.fork_rng():
                 _build_in_order(chain, tokenizer, out, threads, show_finished, second_done)
-            if second is not None:
-                second.wait()
-                show_finished()
+            second_done()
         finally:
             if second is not None:  # this process failed or was interrupted
                 second.kill()
