@@ -10,25 +10,29 @@ from zephyr_ray.chat import (
     render_reference,
     shipped_chat_template,
 )
-from zephyr_ray.tiny import HEAD_DIM, TINY_MODELS, build_tiny_models, load_corpus
+from zephyr_ray.tiny import HEAD_DIM, TINY_MODELS, build_tiny_models, load_corpus, set_torch_threads
 
 
 def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_build_is_deterministic_whatever_the_number_of_threads(tmp_path):
+def test_build_is_deterministic_whatever_the_number_of_threads(tmp_path, monkeypatch):
     """A model's threads are the build's plan (``threads_for``: half the machine's for generator-2), not what the
-    calling process happens to have: on AVX-512 CPUs MKL gives other bytes with another thread count."""
+    calling process happens to have: on AVX-512 CPUs MKL gives other bytes with another thread count. Also after an
+    in-process vLLM CPU engine made ``torch.set_num_threads`` do nothing (its worker replaces it so, as below): CI,
+    2026-12-04, where a test worker had run such an engine before building a model."""
     import torch
 
-    first = build_tiny_models(tmp_path / "a", names=["generator-2"])["generator-2"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1 if threads > 1 else 2)
     try:
+        set_torch_threads(1)
+        first = build_tiny_models(tmp_path / "a", names=["generator-2"])["generator-2"]
+        set_torch_threads(2)
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # what vllm/v1/worker/cpu_worker.py does
         second = build_tiny_models(tmp_path / "b", names=["generator-2"])["generator-2"]
     finally:
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert digest(first / name) == digest(second / name), name
 
@@ -54,12 +58,12 @@ def test_models_built_in_the_second_process_are_the_ones_built_alone(tmp_path, m
     monkeypatch.setattr(tiny, "_start_second_process",
                         lambda out, names, *rest: sent.extend(names) or start(out, names, *rest))
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # a second process needs two threads to share
+    set_torch_threads(2)  # a second process needs two threads to share
     try:
         with caplog.at_level(logging.INFO, logger="zephyr_ray.tiny"):
             together = build_tiny_models(tmp_path / "together")
     finally:
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)
     assert torch.get_num_threads() == threads and sent == ["generator-0", "reward", "generator-2"]
     shown = [r.getMessage() for r in caplog.records]
     assert all(any(line.startswith(f"built {name} ") for line in shown) for name in sent), shown
@@ -113,13 +117,13 @@ def test_a_failed_second_process_fails_the_build_with_its_error(tmp_path, monkey
     monkeypatch.setattr(tiny, "TINY_MODELS", (dataclasses.replace(specs["teacher"], train_steps=8),
                                               dataclasses.replace(specs["judge"], train_steps=1), unknown_there))
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    set_torch_threads(2)
     try:
         failed = r"(?s)building \['generator-9'\] failed \(exit status 1\).*KeyError: 'its-own'"
         with pytest.raises(RuntimeError, match=failed):
             build_tiny_models(tmp_path)
     finally:
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)
     assert not (tmp_path / "generator-9").exists()
 
 

@@ -408,6 +408,15 @@ def threads_for(spec: TinySpec, threads: int, step: int = 0) -> int:
     return max(1, threads // 2)
 
 
+def set_torch_threads(threads: int) -> None:
+    """``torch.set_num_threads`` as torch defines it: an in-process vLLM CPU engine replaces the module's function with
+    one that does nothing (vllm/v1/worker/cpu_worker.py, after it binds its threads), and a tiny model built in such a
+    process afterwards would take the engine's thread count, so other bytes on AVX-512 CPUs (CI, 2026-12-04)."""
+    import torch
+
+    torch._C.set_num_threads(threads)
+
+
 def _build_in_order(specs: list[TinySpec], tokenizer: Any, out: Path, threads: int,
                     between_steps: Callable[[], None] | None = None,
                     before_more_threads: Callable[[], None] | None = None) -> None:
@@ -425,7 +434,7 @@ def _build_in_order(specs: list[TinySpec], tokenizer: Any, out: Path, threads: i
             if wanted != torch.get_num_threads():
                 if wanted > torch.get_num_threads() and before_more_threads:
                     before_more_threads()
-                torch.set_num_threads(wanted)
+                set_torch_threads(wanted)
 
         def after_step() -> None:
             nonlocal step
@@ -576,5 +585,5 @@ def build_tiny_models(out_dir: str | Path, names: list[str] | None = None, overw
                 second.wait()
                 reader.join()
                 second.stdout.close()
-            torch.set_num_threads(threads)
+            set_torch_threads(threads)
     return {s.name: out / s.name for s in specs}
