@@ -226,6 +226,43 @@ def few_prompts_of_tiny_run(tiny_run: Path, into: Path, stages: tuple[str, ...],
     return copy
 
 
+def tiny_recipe(tmp: Path, tiny_models: dict, **changes) -> Path:
+    """tiny-cpu.yaml with the model paths pointing at the test's tiny models, ``changes`` applied per section."""
+    import yaml
+
+    text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
+    text = text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent))
+    text = text.replace("./jobs/data", str(REPO / "jobs" / "data"))
+    data = yaml.safe_load(text)
+    for section, values in changes.items():
+        data[section].update(values)
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def completions(run_dir: Path) -> list[dict]:
+    """Every pool model's completions of a run."""
+    import pyarrow.parquet as pq
+
+    return [row for model in sorted((run_dir / "complete" / "models").iterdir()) if model.is_dir()
+            for row in pq.read_table(model).to_pylist()]
+
+
+def rejudge(run_dir: Path, recipe, other: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """Judge ``run_dir``'s completions again in ``other`` with ``recipe``'s judge: (all, judgeable, scored) rows."""
+    import pyarrow.parquet as pq
+
+    from zephyr_ray.stages import run_stage
+
+    shutil.copytree(run_dir / "complete", other / "complete")
+    result = run_stage("judge", recipe, other)
+    judgments = pq.read_table(other / "judge" / "judgments").to_pylist()
+    assert result.counts["judgments"] == len(judgments)
+    judgeable = [r for r in judgments if not (r["judge_error"] or "").startswith("not judged")]
+    return judgments, judgeable, [r for r in judgeable if r["judge_error"] is None]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -307,7 +344,8 @@ def render_page(url: str, screenshot: Path, **context: object) -> list[tuple[str
 @pytest.fixture(scope="session")
 def judge_server(tiny_models, tmp_path_factory):
     """The tiny judge behind vLLM's OpenAI-compatible server, on a free port, with an API key: one server for the
-    session (the feedback and the evaluation judges both call it; each test's run directory is its own)."""
+    session (the feedback and the evaluation judges both call it; each test's run directory is its own). Its tests
+    are in one file (test_evaluate.py), so that one test process starts it."""
     port, key = free_port(), "zr-test-" + secrets.token_hex(12)
     log_path = tmp_path_factory.mktemp("judge-server") / "vllm-server.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["judge"]),

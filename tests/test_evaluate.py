@@ -10,13 +10,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import record_reliability
+from conftest import completions, few_prompts_of_tiny_run, free_port, record_reliability, rejudge, tiny_recipe
 from typer.testing import CliRunner
 
 from zephyr_ray.cli import app
 from zephyr_ray.config import MT_BENCH_TEMPERATURES, DatasetSource, load_recipe
 from zephyr_ray.data import InstructionRow, PromptRow, load, validated_once
 from zephyr_ray.evaluate.sets import training_screen
+from zephyr_ray.feedback.judge import ASPECTS
 from zephyr_ray.report import write_report
 from zephyr_ray.stages import run_stage
 
@@ -274,6 +275,52 @@ def test_the_judge_behind_an_openai_compatible_server(evaluated, tiny_models, ju
     record_reliability("security", "the evaluation judge's API key planted in the environment",
                        f"MT-Bench grading and win rate through the endpoint; the key in none of the {len(files)} "
                        "files of the run directory (answers, judgments, results, metrics, report.html)", "nothing")
+
+
+@pytest.mark.engine
+@pytest.mark.reliability(
+    "security",
+    "a judge endpoint's API key planted in the environment; a wrong key; the endpoint down")
+def test_openai_judge_scores_through_a_local_openai_compatible_server(tiny_run, tiny_models, judge_server, tmp_path,
+                                                                      monkeypatch, caplog):
+    """The feedback stage's `openai` judge kind on the demo's completions of 16 prompts (here beside the evaluation's
+    endpoint test, so that one test process starts the server for both)."""
+    run_dir = few_prompts_of_tiny_run(tiny_run, tmp_path / "few", ("complete",))
+    url, key = judge_server
+    monkeypatch.setenv("ZR_TEST_JUDGE_KEY", key)
+
+    def judge_with(name: str, **endpoint_changes) -> list[dict]:
+        endpoint = {"base_url": url, "model": "tiny-judge", "api_key_env": "ZR_TEST_JUDGE_KEY", "qps": 50,
+                    "max_retries": 1, "structured_output": "regex", "max_in_flight": 4, **endpoint_changes}
+        recipe = load_recipe(tiny_recipe(tmp_path / name, tiny_models, judge={"kind": "openai", "engine": None,
+                                                                               "endpoint": endpoint}))
+        judgments, judgeable, _ = rejudge(run_dir, recipe, tmp_path / name / "run")
+        assert len(judgments) == len(completions(run_dir))
+        return judgeable
+
+    (tmp_path / "ok").mkdir()
+    judged = judge_with("ok")
+    scored = [r for r in judged if r["judge_error"] is None]
+    assert len(scored) >= 0.8 * len(judged) > 0
+    assert all(1 <= r["overall"] <= 10 and all(1 <= r[a] <= 5 for a in ASPECTS) for r in scored)
+    assert all(r["judge"].startswith(f"tiny-judge @ {url}") for r in scored)
+
+    # a wrong key and an endpoint that is down: every row says why, nothing crashes, the key shows nowhere
+    monkeypatch.setenv("ZR_TEST_JUDGE_KEY", "wrong-" + key)
+    (tmp_path / "denied").mkdir()
+    denied = judge_with("denied")
+    assert denied and all(r["judge_error"].startswith("judge failed: HTTP 401") for r in denied)
+    (tmp_path / "down").mkdir()
+    down = judge_with("down", base_url=f"http://127.0.0.1:{free_port()}/v1")
+    assert down and all("APIConnectionError" in r["judge_error"] for r in down)
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    for path in files:
+        assert key.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+    assert key not in caplog.text
+    record_reliability("security", "a judge endpoint's API key planted in the environment; a wrong key; the "
+                       "endpoint down", f"judged with the key; wrong key: every row `judge failed: HTTP 401`; down: "
+                       f"every row `APIConnectionError`; the key found in none of {len(files)} files of the run "
+                       "directories, nor in the logs", "nothing: every completion has a judgment row")
 
 
 def planted_training_prompts(path: Path) -> int:

@@ -15,7 +15,15 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import copy_of_tiny_run, few_prompts_of_tiny_run, free_port, record_reliability
+from conftest import (
+    completions,
+    copy_of_tiny_run,
+    few_prompts_of_tiny_run,
+    free_port,
+    record_reliability,
+    rejudge,
+    tiny_recipe,
+)
 
 from zephyr_ray.config import load_recipe
 from zephyr_ray.data import PreferenceRow, prompt_id_of
@@ -36,19 +44,6 @@ def rows(path: Path) -> list[dict]:
 PROJECT_PROMPTS = {"prompt": None, "system_prompt": None}
 
 
-def tiny_recipe(tmp: Path, tiny_models: dict, **changes) -> Path:
-    """tiny-cpu.yaml with the model paths pointing at the test's tiny models."""
-    text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
-    text = text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent))
-    text = text.replace("./jobs/data", str(REPO / "jobs" / "data"))
-    data = yaml.safe_load(text)
-    for section, values in changes.items():
-        data[section].update(values)
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 @pytest.fixture(scope="module")
 def pipeline(tiny_run, ray_local, tmp_path_factory):
     """The data half of the tiny recipe as the demo ran it (``tiny_run``, copied): each stage run again here finds
@@ -67,11 +62,6 @@ def few(tiny_run, tmp_path_factory):
     the tests that run a stage again (other judges, a killed engine or job, a lost node) run it on these."""
     run_dir = few_prompts_of_tiny_run(tiny_run, tmp_path_factory.mktemp("few"), ("complete", "judge", "binarize"))
     return load_recipe(run_dir / "recipe.yaml"), run_dir
-
-
-def completions(run_dir: Path) -> list[dict]:
-    return [row for model in sorted((run_dir / "complete" / "models").iterdir()) if model.is_dir()
-            for row in rows(model)]
 
 
 def prompts_answered(run_dir: Path) -> int:
@@ -172,16 +162,6 @@ def test_the_report_shows_the_funnel_and_judge_scores_in_a_browser(pipeline, tmp
     keep = REPO / "artifacts" / "screenshots"
     keep.mkdir(parents=True, exist_ok=True)
     shutil.copy(tmp_path / "report.png", keep / "report-feedback.png")  # for a person to look at
-
-
-def rejudge(run_dir: Path, recipe, other: Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """Judge the fixture's completions again in ``other`` with ``recipe``'s judge: (all, judgeable, scored) rows."""
-    shutil.copytree(run_dir / "complete", other / "complete")
-    result = run_stage("judge", recipe, other)
-    judgments = rows(other / "judge" / "judgments")
-    assert result.counts["judgments"] == len(judgments)
-    judgeable = [r for r in judgments if not (r["judge_error"] or "").startswith("not judged")]
-    return judgments, judgeable, [r for r in judgeable if r["judge_error"] is None]
 
 
 @pytest.fixture(scope="module")
@@ -348,49 +328,6 @@ def test_reward_model_judge_on_the_same_completions(few, tiny_models, tmp_path):
         assert row["overall"] == pytest.approx(expected, abs=1e-3)
     run_stage("binarize", recipe, other)
     check_preferences(other, prompts_answered(run_dir))
-
-
-@pytest.mark.reliability(
-    "security",
-    "a judge endpoint's API key planted in the environment; a wrong key; the endpoint down")
-def test_openai_judge_scores_through_a_local_openai_compatible_server(few, tiny_models, judge_server, tmp_path,
-                                                                      monkeypatch, caplog):
-    _, run_dir = few
-    url, key = judge_server
-    monkeypatch.setenv("ZR_TEST_JUDGE_KEY", key)
-
-    def judge_with(name: str, **endpoint_changes) -> list[dict]:
-        endpoint = {"base_url": url, "model": "tiny-judge", "api_key_env": "ZR_TEST_JUDGE_KEY", "qps": 50,
-                    "max_retries": 1, "structured_output": "regex", "max_in_flight": 4, **endpoint_changes}
-        recipe = load_recipe(tiny_recipe(tmp_path / name, tiny_models, judge={"kind": "openai", "engine": None,
-                                                                               "endpoint": endpoint}))
-        judgments, judgeable, _ = rejudge(run_dir, recipe, tmp_path / name / "run")
-        assert len(judgments) == len(completions(run_dir))
-        return judgeable
-
-    (tmp_path / "ok").mkdir()
-    judged = judge_with("ok")
-    scored = [r for r in judged if r["judge_error"] is None]
-    assert len(scored) >= 0.8 * len(judged) > 0
-    assert all(1 <= r["overall"] <= 10 and all(1 <= r[a] <= 5 for a in ASPECTS) for r in scored)
-    assert all(r["judge"].startswith(f"tiny-judge @ {url}") for r in scored)
-
-    # a wrong key and an endpoint that is down: every row says why, nothing crashes, the key shows nowhere
-    monkeypatch.setenv("ZR_TEST_JUDGE_KEY", "wrong-" + key)
-    (tmp_path / "denied").mkdir()
-    denied = judge_with("denied")
-    assert denied and all(r["judge_error"].startswith("judge failed: HTTP 401") for r in denied)
-    (tmp_path / "down").mkdir()
-    down = judge_with("down", base_url=f"http://127.0.0.1:{free_port()}/v1")
-    assert down and all("APIConnectionError" in r["judge_error"] for r in down)
-    files = [path for path in tmp_path.rglob("*") if path.is_file()]
-    for path in files:
-        assert key.encode() not in path.read_bytes(), f"the API key leaked into {path}"
-    assert key not in caplog.text
-    record_reliability("security", "a judge endpoint's API key planted in the environment; a wrong key; the "
-                       "endpoint down", f"judged with the key; wrong key: every row `judge failed: HTTP 401`; down: "
-                       f"every row `APIConnectionError`; the key found in none of {len(files)} files of the run "
-                       "directories, nor in the logs", "nothing: every completion has a judgment row")
 
 
 @pytest.mark.fault

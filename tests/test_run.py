@@ -105,7 +105,7 @@ def test_the_recipe_as_a_ray_job_with_token_auth_survives_a_stop_during_training
     dialogues.write_text("".join(json.dumps({"prompt": chat[0]["content"], "messages": chat}) + "\n"
                                  for chat in chats))
     recipe["synthesize"] = {"dataset": {"path": str(dialogues)}}
-    recipe["train_sft"].update(num_epochs=12, save_steps=8)
+    recipe["train_sft"].update(num_epochs=8, save_steps=8)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run_dir = tmp_path / "run"
     command = ["--working-dir", ".", "--no-wait", "--", sys.executable, "jobs/run.py", str(tmp_path / "recipe.yaml"),

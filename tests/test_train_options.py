@@ -134,7 +134,7 @@ def test_lora_with_packing_and_assistant_only_loss_under_zero3(tiny_models, ray_
                          schema=DialogueRow.arrow_schema())
     text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
     data = yaml.safe_load(text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent)))
-    data["train_sft"].update(num_epochs=6, learning_rate=5e-3, packing=True, assistant_only_loss=True,
+    data["train_sft"].update(num_epochs=3, learning_rate=5e-3, packing=True, assistant_only_loss=True,
                              lora={"r": 8, "alpha": 16, "dropout": 0.0}, report_to=["tensorboard"], max_failures=0)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
     result = run_stage("train_sft", load_recipe(tmp_path / "recipe.yaml"), run_dir)
