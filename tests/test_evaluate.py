@@ -1,6 +1,7 @@
 """The evaluate stage with real vLLM engines on Ray Data: MT-Bench-style grading of the shipped question set, the
-pairwise win rate of a model against itself, the judge behind an OpenAI-compatible server; and decontamination of
-training prompts against the evaluation set, through the stages that read them."""
+pairwise win rate of a model against itself, the judge behind an OpenAI-compatible server (and the feedback stage's
+`openai` judge kind, here so that one test process starts that server for both); and decontamination of training
+prompts against the evaluation set, through the stages that read them."""
 
 import json
 import re
