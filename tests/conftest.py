@@ -226,14 +226,21 @@ def few_prompts_of_tiny_run(tiny_run: Path, into: Path, stages: tuple[str, ...],
     return copy
 
 
-def tiny_recipe(tmp: Path, tiny_models: dict, **changes) -> Path:
-    """tiny-cpu.yaml with the model paths pointing at the test's tiny models, ``changes`` applied per section."""
+def tiny_recipe_data(tiny_models: dict) -> dict:
+    """tiny-cpu.yaml as a dict, its relative model and data paths pointing at the test's tiny models and the
+    checkout's data (a test runs from anywhere)."""
     import yaml
 
     text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
     text = text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent))
-    text = text.replace("./jobs/data", str(REPO / "jobs" / "data"))
-    data = yaml.safe_load(text)
+    return yaml.safe_load(text.replace("./jobs/data", str(REPO / "jobs" / "data")))
+
+
+def tiny_recipe(tmp: Path, tiny_models: dict, **changes) -> Path:
+    """tiny-cpu.yaml on the test's tiny models (``tiny_recipe_data``), ``changes`` applied per section."""
+    import yaml
+
+    data = tiny_recipe_data(tiny_models)
     for section, values in changes.items():
         data[section].update(values)
     path = tmp / "recipe.yaml"

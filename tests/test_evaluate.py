@@ -11,7 +11,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import completions, few_prompts_of_tiny_run, free_port, record_reliability, rejudge, tiny_recipe
+from conftest import (
+    completions,
+    few_prompts_of_tiny_run,
+    free_port,
+    record_reliability,
+    rejudge,
+    tiny_recipe,
+    tiny_recipe_data,
+)
 from typer.testing import CliRunner
 
 from zephyr_ray.cli import app
@@ -28,9 +36,7 @@ QUESTIONS = [json.loads(line) for line in (REPO / "jobs" / "data" / "tiny_mt_ben
 
 def recipe_file(tmp: Path, tiny_models: dict, evaluate: dict | None = None, **sections) -> Path:
     """tiny-cpu.yaml on the test's tiny models, with its evaluate section changed by ``evaluate``."""
-    text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
-    text = text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent))
-    data = yaml.safe_load(text.replace("./jobs/data", str(REPO / "jobs" / "data")))
+    data = tiny_recipe_data(tiny_models)
     # these tests read the project's own prompts on the tiny judge, every answer held to the structured output (the
     # tiny world's pairwise judge, its prompts and free verdicts are the demo's)
     for key in ("prompts", "structured_output"):

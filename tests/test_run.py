@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import free_port, record_reliability, stop_ray_head
+from conftest import free_port, record_reliability, stop_ray_head, tiny_recipe_data
 
 from zephyr_ray.tiny import load_corpus
 
@@ -96,8 +96,7 @@ def test_the_recipe_as_a_ray_job_with_token_auth_survives_a_stop_during_training
     """`ray job submit` of `jobs/run.py` to a real head with token auth: a wrong token is refused; the job is
     stopped while train_sft trains (after its first checkpoint), submitted again, and finishes: synthesize is not
     redone, training resumes from the checkpoint, the manifest and the job's logs say so."""
-    data = yaml.safe_load((REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text().replace(
-        "./artifacts/tiny-models", str(tiny_models["teacher"].parent)))
+    data = tiny_recipe_data(tiny_models)
     recipe = {key: data[key] for key in ("name", "hardware", "train_sft")}
     # an existing dialogue set instead of synthesis (as with ultrachat_200k): no engine to start, CI minutes saved
     dialogues = tmp_path / "dialogues.jsonl"

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_recipe_data
 
 from zephyr_ray.config import Hardware, TrainSFTConfig, load_recipe
 from zephyr_ray.data import DialogueRow, prompt_id_of, write_parquet_atomic
 from zephyr_ray.stages import run_stage
 from zephyr_ray.tiny import load_corpus
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = Hardware(accelerator="cpu", num_workers=1)
 
 
@@ -132,8 +132,7 @@ def test_lora_with_packing_and_assistant_only_loss_under_zero3(tiny_models, ray_
             for chat in chats(40, offset=8)]
     write_parquet_atomic(ray.data.from_items(rows), run_dir / "synthesize" / "dialogues",
                          schema=DialogueRow.arrow_schema())
-    text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
-    data = yaml.safe_load(text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent)))
+    data = tiny_recipe_data(tiny_models)
     data["train_sft"].update(num_epochs=3, learning_rate=5e-3, packing=True, assistant_only_loss=True,
                              lora={"r": 8, "alpha": 16, "dropout": 0.0}, report_to=["tensorboard"], max_failures=0)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
