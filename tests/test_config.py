@@ -182,6 +182,19 @@ def test_cli_validate_accepts_the_shipped_recipes(tiny_models):
         result = cli("validate", f"jobs/configs/{name}")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().endswith(")") and ": ok (" in result.stdout
+    # each note under its own key: this run's models are not taken for the hub id or dataset noted before them
+    assert "note: evaluate.model.model: train_dpo is this run's train_dpo model" in result.stdout
+    assert "evaluate.model: model" not in result.stdout and "pairwise.baseline: dataset" not in result.stdout
+
+
+def test_a_missing_model_is_one_error_under_its_own_key(tiny_models, tmp_path):
+    recipe = yaml.safe_load((REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text())
+    recipe["judge"]["engine"]["model"] = "./artifacts/tiny-models/jduge"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = cli("validate", str(tmp_path / "recipe.yaml"))
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: {tmp_path / 'recipe.yaml'}: judge.engine.model: ./artifacts/tiny-models/jduge: no such model "
+        "directory"], result.stderr
 
 
 def test_cli_help_lists_commands():

@@ -876,6 +876,7 @@ def check_recipe_paths(recipe: Recipe, file: str) -> tuple[list[str], list[str]]
             target, kind = value.path, "dataset"
         elif isinstance(value, EvalModel) and value.model in RUN_MODELS:
             notes.append(f"{key}.model: {value.model} is this run's {value.model} model")
+            continue
         elif isinstance(value, PolicyEngine):
             notes.append(f"{key}.model: each round's policy (the dSFT model, then the previous round's dDPO model)")
             continue
