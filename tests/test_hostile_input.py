@@ -223,7 +223,8 @@ def test_every_line_of_any_bytes_becomes_a_row_or_a_decode_error():
         data = b"\n".join(lines)
         (table,) = list(_jsonl_rows({"path": ["data.jsonl"], "bytes": [data]}))
         rows = table.to_pylist()
-        assert len(rows) == sum(1 for line in data.split(b"\n") if line.strip())  # nothing dropped
+        lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # a leading byte-order mark is not a row's
+        assert len(rows) == sum(1 for line in lines if line.strip())  # nothing dropped
         for row in rows:
             if row["_decode_error"] is None:
                 tally.add(assert_one_outcome(row["_raw"], "prompt"))
@@ -234,6 +235,20 @@ def test_every_line_of_any_bytes_becomes_a_row_or_a_decode_error():
     any_lines()
     record_reliability("hostile input", "JSONL files of any bytes (invalid UTF-8, blank and broken lines)", str(tally),
                        "nothing: every non-blank line is a row or a counted decode error")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row():
+    """What Windows editors write first: a JSONL file's row 1 and a JSON list (AlpacaEval's format) read as
+    without it."""
+    row = {"instruction": "How do bees make honey?", "dataset": "helpful_base"}
+    bom = b"\xef\xbb\xbf"
+    files = {"data.jsonl": bom + (json.dumps(row) + "\n" + json.dumps(row) + "\n").encode(),
+             "data.json": bom + json.dumps([row, row]).encode()}
+    for name, data in files.items():
+        (table,) = list(_jsonl_rows({"path": [name], "bytes": [data]}))
+        rows = table.to_pylist()
+        assert [(r["_row"], json.loads(r["_raw"]), r["_decode_error"]) for r in rows] == [(1, row, None),
+                                                                                          (2, row, None)], name
 
 
 @pytest.mark.reliability(

@@ -100,9 +100,19 @@ def test_explicit_replicas_that_leave_gpus_idle_are_a_problem(tmp_path):
 
 
 @pytest.mark.parametrize(("model", "expected"), [("meta-llama/Llama-2-13b-chat-hf", 13e9),
-                                                 ("mistralai/Mistral-7B-v0.1", 7e9), ("some/model", None)])
+                                                 ("mistralai/Mistral-7B-v0.1", 7e9), ("some/model", None),
+                                                 ("mistralai/Mixtral-8x7B-Instruct-v0.1", 56e9)])
 def test_model_sizes_come_from_the_name_when_no_config_is_here(model, expected):
     assert model_parameters(model) == expected
+
+
+def test_a_mixture_of_experts_counts_every_expert(tmp_path):
+    """Mixtral-8x7B's config.json (its published values): 46.7B parameters, not the 7B its name suggests."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "vocab_size": 32000}))
+    assert model_parameters(str(tmp_path)) == pytest.approx(46.7e9, rel=0.01)
 
 
 def test_a_local_models_size_comes_from_its_config(tiny_models):
@@ -134,6 +144,85 @@ def cluster_from_default():
     from zephyr_ray.plan import default_cluster
 
     return default_cluster(Hardware(accelerator="cpu", num_workers=2))
+
+
+def test_node_types_without_max_workers_grow_to_the_clusters_max_workers_as_rays_autoscaler_reads_them(tmp_path):
+    """Ray fills a node type's missing max_workers with the cluster's (default 2) and caps every type there."""
+    shipped = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    (gpu_type,) = [name for name, t in shipped["available_node_types"].items() if t["resources"].get("GPU")]
+    per_node = shipped["available_node_types"][gpu_type]["resources"]["GPU"]
+    del shipped["available_node_types"][gpu_type]["max_workers"]
+    for cluster_max, nodes in ((4, 4), (1, 1), (None, 2)):
+        if cluster_max is None:
+            shipped.pop("max_workers")
+        else:
+            shipped["max_workers"] = cluster_max
+        (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(shipped))
+        assert cluster_from_yaml(tmp_path / "cluster.yaml").gpus == per_node * nodes
+
+
+def test_model_states_per_rank_follow_the_zero_stage(tmp_path):
+    """Bytes a parameter on each of 16 ranks: ZeRO-3 shards all 16, ZeRO-2 the gradients and optimizer (2 + 14/16),
+    ZeRO-1 the optimizer (4 + 12/16), ZeRO-0 nothing; more workers help only what the stage shards."""
+    data = yaml.safe_load(SEVEN_B.read_text())
+    memory = {}
+    for stage in (3, 2, 1, 0):
+        data["train_sft"]["zero_stage"] = stage
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+        memory[stage] = next(p for p in plan_of(tmp_path / "recipe.yaml") if p.stage == "train_sft")
+    for stage, per_parameter in ((3, 1.0), (2, 2.875), (1, 4.75), (0, 16)):
+        assert memory[stage].memory.startswith(f"{per_parameter * 7e9 / 2**30:.1f} GiB model states per rank ("
+                                               f"{per_parameter:.3g} B/parameter at ZeRO-{stage} over 16 ranks"), \
+            memory[stage].memory
+    assert not memory[2].problems and not memory[3].problems
+    assert any("use zero_stage 3" in p and "add workers" not in p for p in memory[0].problems), memory[0].problems
+
+
+def test_a_dpo_pair_is_two_sequences_each_cut_at_max_length(tmp_path):
+    """TRL's DPO trains on prompt + chosen and prompt + rejected, each at most max_length tokens."""
+    data = yaml.safe_load(SEVEN_B.read_text())
+    work = {}
+    for max_length in (1024, 600):
+        data["train_dpo"].update(max_length=max_length, max_prompt_length=256)
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+        work[max_length] = next(p for p in plan_of(tmp_path / "recipe.yaml") if p.stage == "train_dpo").work
+    assert "rows x 1,400 tokens" in work[1024] and "rows x 1,200 tokens" in work[600], work
+
+
+def plan_cli(recipe) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "plan", str(recipe)], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+def test_prompts_in_every_layout_the_stage_reads_are_counted(tmp_path):
+    """A folder of JSONL files, a JSON list saved with a byte-order mark, a local copy of a hub dataset (its
+    data/<split>-*.parquet): counted as the stage reads them; a CSV file is one clear error naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = json.dumps({"prompt": "How do bees make honey?"})
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.jsonl").write_text(f"{row}\n{row}\n")
+    (tmp_path / "folder" / "b.jsonl").write_text(f"{row}\n\n{row}\n{row}\n")
+    (tmp_path / "list.json").write_bytes(b"\xef\xbb\xbf" + f"[{row}, {row}]".encode())
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    (tmp_path / "hub" / "README.md").write_text("---\nconfigs: [{config_name: default}]\n---\n")
+    table = pa.table({"prompt": ["x"] * 7})
+    pq.write_table(table, tmp_path / "hub" / "data" / "train_prefs-00000-of-00001.parquet")
+    pq.write_table(table.slice(0, 3), tmp_path / "hub" / "data" / "test_prefs-00000-of-00001.parquet")
+    (tmp_path / "prompts.csv").write_text("prompt\nHow do bees make honey?\n")
+    data = yaml.safe_load(SEVEN_B.read_text())
+    for prompts, expected in ((tmp_path / "folder", "5 prompts"), (tmp_path / "list.json", "2 prompts"),
+                              (tmp_path / "hub", "7 prompts")):
+        data["complete"]["prompts"] = {"path": str(prompts), "split": "train_prefs"}
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+        complete = next(p for p in plan_of(tmp_path / "recipe.yaml") if p.stage == "complete")
+        assert complete.work.startswith(expected), complete.work
+    data["complete"]["prompts"] = {"path": str(tmp_path / "prompts.csv")}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    shown = plan_cli(tmp_path / "recipe.yaml")
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr, shown.stderr
+    assert f"{tmp_path / 'prompts.csv'}: not a .jsonl, .json or .parquet file" in shown.stderr, shown.stderr
 
 
 def test_a_cluster_file_without_gpus_is_one_clear_error(tmp_path):

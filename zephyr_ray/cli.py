@@ -339,7 +339,10 @@ def plan(
         target = cluster_from_yaml(cluster) if cluster else default_cluster(loaded.hardware)
     except (OSError, ValueError, KeyError, TypeError) as err:
         _fail(f"{cluster}: {err}")
-    plans = plan_recipe(loaded, target)
+    try:
+        plans = plan_recipe(loaded, target)
+    except (OSError, ValueError) as err:  # a dataset the stage could not read either: say which, as the stage would
+        _fail(str(err))
     if as_json:
         echo(json.dumps(plan_json(plans), indent=2))
     elif markdown:

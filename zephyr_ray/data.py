@@ -10,6 +10,7 @@ Counts always add up: rows in = accepted + rejected.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -495,6 +496,8 @@ def is_hub_id(path: str) -> bool:
 
 def _local_files(path: Path) -> tuple[str, list[Path]]:
     if path.is_file():
+        if path.suffix not in _DATA_SUFFIXES:
+            raise ValueError(f"{path}: not a .jsonl, .json or .parquet file (convert it, e.g. with `datasets`)")
         files = [path]
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _DATA_SUFFIXES
@@ -510,6 +513,7 @@ def _local_files(path: Path) -> tuple[str, list[Path]]:
 def _jsonl_rows(batch: dict[str, Any]) -> Any:
     """Split JSONL files into raw rows, line by line: a line that is not UTF-8 becomes a decode error, not a crash."""
     for file, data in zip(batch["path"], batch["bytes"]):
+        data = data.removeprefix(codecs.BOM_UTF8)  # what Windows editors write first: not part of row 1
         if file.endswith(".json") and data.lstrip()[:1] == b"[":
             yield _raw_table(file, _json_array_rows(data))
             continue
@@ -586,6 +590,29 @@ def read_raw(path: str, split: str = "train", name: str | None = None, limit: in
         ds = ray.data.from_items([{"path": str(f)} for f in files]).map_batches(
             _parquet_rows, batch_size=1, batch_format="numpy")
     return ds.limit(limit) if limit else ds
+
+
+def local_row_count(path: str, split: str = "train") -> int | None:
+    """Rows of a local dataset as ``read_raw`` reads it, counted without reading rows into Ray (a JSONL line, a JSON
+    list's item, a Parquet row; a hub-layout copy's ``data/<split>-*.parquet``); None where that is not known
+    without loading it (a hub-layout copy in another format)."""
+    import pyarrow.parquet as pq
+
+    local = Path(path).expanduser()
+    if _is_hub_layout(local):
+        files = sorted((local / "data").glob(f"{split}-*.parquet")) if (local / "data").is_dir() else []
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files) if files else None
+    kind, files = _local_files(local)
+    if kind == "parquet":
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    rows = 0
+    for file in files:
+        data = file.read_bytes().removeprefix(codecs.BOM_UTF8)
+        if file.suffix == ".json" and data.lstrip()[:1] == b"[":
+            rows += len(_json_array_rows(data))
+        else:
+            rows += sum(1 for line in data.split(b"\n") if line.strip())
+    return rows
 
 
 def _is_hub_layout(path: Path) -> bool:

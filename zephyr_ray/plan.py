@@ -10,7 +10,6 @@ in the model's name ("13b").
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from .config import DatasetSource, Engine, Hardware, Recipe, derive_batch
+from .data import local_row_count
 
 # Each figure, and where it comes from. Change one and every estimate scales with it.
 ASSUMPTIONS: dict[str, tuple[float, str]] = {
@@ -49,7 +49,9 @@ ASSUMPTIONS: dict[str, tuple[float, str]] = {
     "completion_tokens": (350.0, "UltraFeedback completions: ~350 tokens (at most the pool's max_tokens)"),
     "judge_prompt_tokens": (1200.0, "a rubric judge prompt with one completion"),
     "judge_generated_tokens": (150.0, "a rubric judgment"),
-    "pair_tokens": (1200.0, "a preference pair: prompt + chosen + rejected"),
+    "dpo_sequence_tokens": (700.0, "one of a preference pair's two sequences, the prompt and one answer "
+                            "(UltraFeedback: ~200 + ~500); TRL's DPO trains on prompt + chosen and prompt + rejected, "
+                            "each cut at max_length"),
     "weights_share_of_gpu": (0.9 * 0.8, "vLLM takes gpu_memory_utilization 0.9 of a GPU (its default); weights past "
                                        "80% of that leave too small a KV cache for batched generation"),
     "rows_when_unknown": (10000.0, "a dataset whose size is not known here (a hub id not in KNOWN_ROWS)"),
@@ -113,10 +115,17 @@ def cluster_from_yaml(path: Path) -> Cluster:
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
     types = config.get("available_node_types") or {}
     head = types.get(config.get("head_node_type"), {})
+    # as Ray's autoscaler reads it: a node type without max_workers may grow to the cluster's max_workers (Ray's
+    # default 2), and no type beyond it
+    cluster_max = int(config.get("max_workers", 2))
+
+    def max_workers(node_type: dict) -> int:
+        return min(int(node_type.get("max_workers", cluster_max)), cluster_max)
+
     gpu_types = {name: t for name, t in types.items() if (t.get("resources") or {}).get("GPU", 0) > 0}
     if not gpu_types:
         raise ValueError(f"{path}: no node type with GPUs in available_node_types")
-    name, node = max(gpu_types.items(), key=lambda item: item[1]["resources"]["GPU"] * item[1].get("max_workers", 0))
+    name, node = max(gpu_types.items(), key=lambda item: item[1]["resources"]["GPU"] * max_workers(item[1]))
     per_node = int(node["resources"]["GPU"])
     instance = (node.get("node_config") or {}).get("InstanceType", "")
     known = INSTANCE_TYPES.get(instance)
@@ -124,8 +133,8 @@ def cluster_from_yaml(path: Path) -> Cluster:
                        known[1] if known else "A100")
     head_instance = (head.get("node_config") or {}).get("InstanceType", "")
     cpu_workers = tuple(n for n, t in types.items() if n != config.get("head_node_type") and n not in gpu_types
-                        and t.get("max_workers", 0) > 0)
-    return Cluster(gpus=per_node * int(node.get("max_workers", 0)), gpu_type=accelerator,
+                        and max_workers(t) > 0)
+    return Cluster(gpus=per_node * max_workers(node), gpu_type=accelerator,
                    gpu_memory_gib=known[2] if known else 80.0, gpus_per_node=per_node,
                    gpu_node_usd_per_hour=known[3] if known else None,
                    always_on_usd_per_hour=INSTANCE_TYPES.get(head_instance, (0, None, 0, 0.0))[3],
@@ -134,8 +143,9 @@ def cluster_from_yaml(path: Path) -> Cluster:
 
 
 def model_parameters(model: str) -> float | None:
-    """Parameters of a model: from its local config.json (hidden size, layers, vocabulary), else the size in its
-    name ("Llama-2-13b" -> 13e9); None when neither says."""
+    """Parameters of a model: from its config.json where it is at hand (hidden size, layers, vocabulary, experts),
+    else from its name ("Llama-2-13b" -> 13e9; "Mixtral-8x7B" -> 8 x 7e9, an upper bound: experts share the
+    attention); None when neither says."""
     from .engines import _model_config
 
     config = _model_config(model, fetch=False)
@@ -143,11 +153,12 @@ def model_parameters(model: str) -> float | None:
         h, layers, vocab = (config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size"))
         inter = config.get("intermediate_size") or 4 * (h or 0)
         heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
-        if all(isinstance(v, int) for v in (h, layers, vocab, inter, heads)):
+        experts = config.get("num_local_experts") or config.get("num_experts") or 1
+        if all(isinstance(v, int) for v in (h, layers, vocab, inter, heads, experts)):
             kv_dim = h * (kv or heads) // heads
-            return float(layers * (2 * h * h + 2 * h * kv_dim + 3 * h * inter) + 2 * vocab * h)
-    found = re.search(r"(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", Path(model).name)
-    return float(found.group(1)) * 1e9 if found else None
+            return float(layers * (2 * h * h + 2 * h * kv_dim + 3 * h * inter * experts) + 2 * vocab * h)
+    found = re.search(r"(?:(\d+)\s*x\s*)?(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", Path(model).name)
+    return int(found.group(1) or 1) * float(found.group(2)) * 1e9 if found else None
 
 
 def dataset_rows(source: DatasetSource | None) -> tuple[int, str]:
@@ -156,16 +167,9 @@ def dataset_rows(source: DatasetSource | None) -> tuple[int, str]:
         return 0, "none"
     path = Path(source.path).expanduser()
     rows, how = None, ""
-    if path.is_file() and path.suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        rows = len(json.loads(text)) if path.suffix == ".json" and text.lstrip().startswith("[") else \
-            sum(1 for line in text.splitlines() if line.strip())
-        how = f"{path.name}"
-    elif path.exists():
-        import pyarrow.dataset as pads
-
-        rows, how = pads.dataset(str(path), format="parquet").count_rows(), path.name
-    elif (source.path, source.split) in KNOWN_ROWS:
+    if path.exists():  # counted as the stage will read it (raises, naming the path, where it cannot)
+        rows, how = local_row_count(str(path), source.split), path.name
+    if rows is None and (source.path, source.split) in KNOWN_ROWS:
         rows, how = KNOWN_ROWS[(source.path, source.split)], f"{source.path} ({source.split}, its dataset card)"
     if rows is None:
         rows, how = int(ASSUMPTIONS["rows_when_unknown"][0]), f"{source.path}: size unknown here, assumed"
@@ -237,11 +241,17 @@ def _training(stage: str, rows: int, tokens_per_row: float, cost_factor: float, 
     flops_per_token = 6 * params * _a("attention_flops_factor") * cost_factor
     speed = _a("train_mfu") * GPU_TFLOPS.get(cluster.gpu_type, 312.0) * 1e12 / flops_per_token
     plan.hours = tokens / (speed * workers) / 3600
-    # ZeRO-3: bf16 weights and gradients (2 + 2 bytes), fp32 master weights and Adam moments (12 bytes), sharded
-    per_parameter = 16 + (2 if reference else 0)  # DPO: the frozen reference's bf16 weights too
-    states = per_parameter * params / (workers if training.zero_stage == 3 else 1) / 2**30
-    plan.memory = f"{states:.1f} GiB model states per rank ({per_parameter} B/parameter / {workers}" \
-                  f"{', with the reference model' if reference else ''})"
+    # bf16 weights and gradients (2 + 2 bytes), fp32 master weights and Adam moments (12 bytes): ZeRO-1 shards the
+    # optimizer's 12 over the ranks, ZeRO-2 the gradients too, ZeRO-3 everything (the DPO reference's bf16 weights
+    # with it; below ZeRO-3 each rank holds the whole reference)
+    ranks, stage = workers, training.zero_stage
+    per_parameter = (2 / ranks if stage == 3 else 2) + (2 / ranks if stage >= 2 else 2) + (
+        12 / ranks if stage >= 1 else 12) + ((2 / ranks if stage == 3 else 2) if reference else 0)
+    states = per_parameter * params / 2**30
+    more_ranks = "add workers" if stage == 3 else "use zero_stage 3 (it shards the weights too)" + (
+        " or add workers" if stage else "")  # below ZeRO-3 more ranks shrink only what the stage shards
+    plan.memory = f"{states:.1f} GiB model states per rank ({per_parameter:.3g} B/parameter at ZeRO-{stage} over " \
+                  f"{ranks} ranks{', with the reference model' if reference else ''})"
     usable = _a("usable_gpu_memory_share") * cluster.gpu_memory_gib
     if training.gradient_checkpointing:
         per_device, _ = derive_batch(training.global_batch_size, workers, training.max_per_device_batch_size)
@@ -252,13 +262,13 @@ def _training(stage: str, rows: int, tokens_per_row: float, cost_factor: float, 
         plan.memory += f" + {extra:.1f} GiB activations and buffers ({sequences} x {training.max_length} tokens)"
         if states + extra > usable:
             plan.problems.append(f"{states + extra:.0f} GiB per rank ({states:.0f} of model states) do not fit a "
-                                 f"{cluster.gpu_memory_gib:g} GiB {cluster.gpu_type}: add workers or lower "
+                                 f"{cluster.gpu_memory_gib:g} GiB {cluster.gpu_type}: {more_ranks} or lower "
                                  f"max_per_device_batch_size")
     else:
         plan.memory += ", plus activations (not estimated without gradient checkpointing)"
         if states > usable:
             plan.problems.append(f"{states:.0f} GiB of model states per rank do not fit a "
-                                 f"{cluster.gpu_memory_gib:g} GiB {cluster.gpu_type}: add workers")
+                                 f"{cluster.gpu_memory_gib:g} GiB {cluster.gpu_type}: {more_ranks}")
     checkpoint = (2 * params + 14 * params) / 2**30  # gathered bf16 weights + per-rank optimizer shards
     plan.disk_gib = checkpoint * (training.save_total_limit + 1)  # kept checkpoints + the export
     if workers > cluster.gpus:
@@ -337,8 +347,8 @@ def plan_recipe(recipe: Recipe, cluster: Cluster) -> list[StagePlan]:
     if (cfg := recipe.train_dpo) is not None:
         plan = new("train_dpo")
         base = cfg.model or (recipe.train_sft.model if recipe.train_sft else "") or ""
-        _training("train_dpo", pairs, min(_a("pair_tokens"), cfg.max_length), _a("dpo_cost_factor"), cfg, base,
-                  hardware, cluster, plan, reference=True)
+        _training("train_dpo", pairs, 2 * min(_a("dpo_sequence_tokens"), cfg.max_length), _a("dpo_cost_factor"), cfg,
+                  base, hardware, cluster, plan, reference=True)
     if (cfg := recipe.evaluate) is not None:
         plan = new("evaluate")
         # what run_evaluate asks: the evaluated model and the pairwise baseline answer every set (MT-Bench in two
