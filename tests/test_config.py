@@ -174,6 +174,11 @@ def test_cli_validate_checks_local_paths(tmp_path):
     assert f"error: {path}: synthesize.seeds.path: no such file or directory: ./no/such/prompts.jsonl" in result.stderr
     assert f"error: {path}: synthesize.teacher.model: ./no/such/model: no such model directory" in result.stderr
     assert "train_sft: model mistralai/Mistral-7B-v0.1 is a hub id" in result.stdout
+    (tmp_path / "prompts.csv").write_text("prompt\nHow do bees make honey?\n")  # a format the stages do not read
+    path.write_text(path.read_text().replace("./no/such/prompts.jsonl", str(tmp_path / "prompts.csv")))
+    result = cli("validate", str(path))
+    assert f"error: {path}: synthesize.seeds.path: not a .jsonl, .json or .parquet file: {tmp_path / 'prompts.csv'}" \
+        in result.stderr
     assert "judge.endpoint.api_key_env: ZR_SURELY_UNSET_KEY is not set here" in result.stdout
 
 

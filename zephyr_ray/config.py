@@ -863,7 +863,7 @@ def _walk(value: Any, path: tuple = ()):
 
 def check_recipe_paths(recipe: Recipe, file: str) -> tuple[list[str], list[str]]:
     """Check every dataset and model a recipe names: (problems, notes). Hub ids are noted, not fetched."""
-    from .data import is_hub_id
+    from .data import DATA_SUFFIXES, is_hub_id
     from .engines import check_model_dir, engine_problems
 
     problems: list[str] = [f"{file}: {p}" for p in engine_problems(recipe, "", recipe.hardware, fetch=False)]
@@ -887,8 +887,11 @@ def check_recipe_paths(recipe: Recipe, file: str) -> tuple[list[str], list[str]]
         if is_hub_id(target):
             notes.append(f"{key}: {kind} {target} is a hub id (fetched when the stage runs)")
         elif kind == "dataset":
-            if not Path(target).expanduser().exists():
+            local = Path(target).expanduser()
+            if not local.exists():
                 problems.append(f"{file}: {key}.path: no such file or directory: {target}")
+            elif local.is_file() and local.suffix not in DATA_SUFFIXES:
+                problems.append(f"{file}: {key}.path: not a .jsonl, .json or .parquet file: {target}")
         else:
             problems += [f"{file}: {key}.model: {p}" for p in check_model_dir(target)]
     return problems, notes

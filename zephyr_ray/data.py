@@ -37,7 +37,7 @@ DEFAULT_MAX_CHARS = 100_000
 RAW_PREVIEW_CHARS = 2_000
 HUB_BLOCK_ROWS = 10_000
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def prompt_id_of(prompt: str) -> str:
@@ -490,17 +490,17 @@ def is_hub_id(path: str) -> bool:
         not path.startswith((".", "/", "~"))
         and not Path(path).exists()
         and bool(_HUB_ID.match(path))
-        and not path.endswith(_DATA_SUFFIXES)
+        and not path.endswith(DATA_SUFFIXES)
     )
 
 
 def _local_files(path: Path) -> tuple[str, list[Path]]:
     if path.is_file():
-        if path.suffix not in _DATA_SUFFIXES:
+        if path.suffix not in DATA_SUFFIXES:
             raise ValueError(f"{path}: not a .jsonl, .json or .parquet file (convert it, e.g. with `datasets`)")
         files = [path]
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _DATA_SUFFIXES
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES
                        and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
     kinds = {"parquet" if p.suffix == ".parquet" else "jsonl" for p in files}
     if not files:
