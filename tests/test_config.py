@@ -425,6 +425,32 @@ def test_a_recipe_with_a_base_is_its_base_with_its_own_keys_laid_over(tmp_path):
         load_recipe(missing)
 
 
+def test_a_mistake_in_a_base_is_reported_in_the_base_and_the_variants_own_in_the_variant(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("name: b\ntrain_sft:\n  model: m\n  learning_rate: 1.0e-5\n  global_batch_size: 16\n"
+                    "  num_epoch: 2\n")
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("base: base.yaml\nname: v\ntrain_dpo: {learning_rate: 1.0e-6, global_batch_size: 16, beta: -1}\n")
+    assert problems(variant) == [f"{variant}:3: train_dpo.beta: Input should be greater than 0 (got -1)",
+                                 f"{base}:6: train_sft.num_epoch: unknown key"]
+
+
+def test_a_key_given_twice_is_an_error_not_a_silent_loss(tmp_path):
+    """YAML keeps the last of two equal keys: a second train_sft section would drop the first without a word."""
+    path = write(tmp_path, """\
+        name: x
+        train_sft: {model: m, learning_rate: 1.0e-5}
+        train_dpo: {beta: 0.1}
+        train_sft: {num_epochs: 2}
+        """)
+    assert problems(path) == [f"{path}:4: train_sft: duplicate key (also at line 2; only one of them would count)"]
+    base = tmp_path / "base.yaml"
+    base.write_text("name: b\ntrain_dpo: {beta: 0.1, beta: 0.2}\n")
+    (tmp_path / "variant.yaml").write_text("base: base.yaml\nname: v\n")
+    assert problems(tmp_path / "variant.yaml") == [
+        f"{base}:2: train_dpo.beta: duplicate key (also at line 2; only one of them would count)"]
+
+
 @pytest.mark.parametrize(("rounds", "message"), [
     ({"count": 2, "samples": 1}, "rounds: samples: with pool: replace"),
     ({"count": 2, "dpo": {"num_epochs": [1, 2, 3]}}, "give one value per round (2), got 3"),

@@ -723,17 +723,38 @@ class RecipeError(ValueError):
         super().__init__("\n".join(problems))
 
 
-def _key_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
-    """Map every key path in a YAML document to its 1-based line, to point errors at the right place."""
-    lines = {path: node.start_mark.line + 1}
+def _key_places(node: yaml.Node, file: str, duplicates: list[str], path: tuple = ()) -> dict[tuple, tuple[str, int]]:
+    """Map every key path in a YAML document to (file, 1-based line), to point errors at the right place; a key
+    repeated in one mapping goes to ``duplicates`` (YAML keeps the last silently, so the first would be lost)."""
+    places = {path: (file, node.start_mark.line + 1)}
     if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
         for key, value in node.value:
-            lines[path + (key.value,)] = key.start_mark.line + 1
-            lines.update({k: v for k, v in _key_lines(value, path + (key.value,)).items() if k != path + (key.value,)})
+            line = key.start_mark.line + 1
+            if key.value in first:
+                duplicates.append(f"{file}:{line}: {'.'.join(str(p) for p in path + (key.value,))}: duplicate key "
+                                  f"(also at line {first[key.value]}; only one of them would count)")
+            first.setdefault(key.value, line)
+            places.update(_key_places(value, file, duplicates, path + (key.value,)))
+            places[path + (key.value,)] = (file, line)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            lines.update(_key_lines(item, path + (i,)))
-    return lines
+            places.update(_key_places(item, file, duplicates, path + (i,)))
+    return places
+
+
+def _recipe_key_places(path: Path) -> dict[tuple, tuple[str, int]]:
+    """``_key_places`` over a recipe and its ``base:`` chain: a key is where the file that sets it last has it."""
+    places: dict[tuple, tuple[str, int]] = {}
+    duplicates: list[str] = []
+    files = recipe_files(path)
+    for file in reversed(files):
+        node = yaml.compose(file.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        if node is not None:
+            places.update(_key_places(node, str(path) if file == files[0] else str(file), duplicates))
+    if duplicates:
+        raise RecipeError(duplicates)
+    return places
 
 
 def _clean_loc(loc: tuple) -> tuple:
@@ -741,14 +762,14 @@ def _clean_loc(loc: tuple) -> tuple:
     return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or p.startswith("function-"))))
 
 
-def _line_of(loc: tuple, lines: dict[tuple, int]) -> int | None:
+def _place_of(loc: tuple, places: dict[tuple, tuple[str, int]]) -> tuple[str, int] | None:
     loc = _clean_loc(loc)
-    return next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+    return next((places[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in places), None)
 
 
-def _format_error(file: str, error: dict[str, Any], lines: dict[tuple, int]) -> str:
+def _format_error(file: str, error: dict[str, Any], places: dict[tuple, tuple[str, int]]) -> str:
     loc = _clean_loc(tuple(error["loc"]))
-    line = _line_of(loc, lines)
+    place = _place_of(loc, places)
     key = ".".join(str(p) for p in loc) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
@@ -757,7 +778,7 @@ def _format_error(file: str, error: dict[str, Any], lines: dict[tuple, int]) -> 
         message = "missing required key"
     elif error["type"] not in ("missing",) and "input" in error and not isinstance(error["input"], (dict, list)):
         message += f" (got {error['input']!r})"
-    where = f"{file}:{line}" if line else file
+    where = f"{place[0]}:{place[1]}" if place else file
     return f"{where}: {key}: {message}"
 
 
@@ -782,7 +803,6 @@ def _load_recipe(path: str | Path) -> Recipe:
     except UnicodeDecodeError as err:
         raise RecipeError([f"{file}: not UTF-8 text ({err.reason} at byte {err.start})"]) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -791,10 +811,10 @@ def _load_recipe(path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError([f"{file}: a recipe is a mapping of sections, got {type(data).__name__}"])
     data = _with_base(data, Path(path))
+    places = _recipe_key_places(Path(path))  # raises on a duplicate key, here or in a base
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        lines = _key_lines(node) if node is not None else {}
         errors = [e for e in err.errors() if e["loc"]]
         # whole-recipe checks raise "key.path: message"; point them at their key. The batch check is redone below
         # on the raw data, because pydantic skips whole-recipe checks when a field is invalid.
@@ -804,8 +824,10 @@ def _load_recipe(path: str | Path) -> Recipe:
                 errors.append({"loc": tuple(key.split(".")), "msg": message, "type": "value_error"})
         errors += [{"loc": tuple(key.split(".")), "msg": message, "type": "value_error"}
                    for key, message in batch_problems(data)]
-        problems = [(_line_of(e["loc"], lines), _format_error(file, e, lines)) for e in errors]
-        raise RecipeError([text for _, text in sorted(problems, key=lambda p: p[0] or 0)]) from None
+        problems = [(_place_of(e["loc"], places) or (file, 0), _format_error(file, e, places)) for e in errors]
+        # the recipe's own problems first, then its bases', each file's in line order
+        problems.sort(key=lambda p: (p[0][0] != file, p[0]))
+        raise RecipeError([text for _, text in problems]) from None
 
 
 def recipe_files(path: str | Path) -> list[Path]:
