@@ -1,7 +1,10 @@
 """`ray job submit` entrypoint for one stage of a recipe.
 
-    ray job submit --working-dir . -- python jobs/stage.py complete jobs/configs/tiny-cpu.yaml --run-dir runs/tiny
+    ray job submit --working-dir . -- \\
+        python jobs/stage.py evaluate "$PWD/runs/tiny-cpu/recipe.yaml" --run-dir "$PWD/runs/tiny-cpu"
 
+Paths absolute (as in the README): a job runs in Ray's copy of the working directory, without what .gitignore
+lists (runs/, artifacts/), so a relative --run-dir would write into that copy.
 Inside a job, Ray sets RAY_ADDRESS, so the stage runs on the cluster the job was submitted to.
 """
 

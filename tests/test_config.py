@@ -202,6 +202,17 @@ def test_a_missing_model_is_one_error_under_its_own_key(tiny_models, tmp_path):
         "directory"], result.stderr
 
 
+def test_stage_run_and_evaluate_share_one_default_run_dir(tmp_path):
+    """`zephyr-ray stage X recipe` then `zephyr-ray evaluate recipe` (no --run-dir either time) work on one run:
+    runs/<recipe name> (stage's default was runs/latest)."""
+    write(tmp_path, "name: one-run\nhardware: {accelerator: cpu, num_workers: 1}\n")
+    shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "stage", "binarize", "recipe.yaml"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert shown.returncode == 2 and "recipe 'one-run' has no `binarize` section" in shown.stderr, shown.stderr
+    assert [p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*")] == [
+        "runs/one-run", "runs/one-run/logs", "runs/one-run/logs/stage-binarize.log"]
+
+
 def test_cli_help_lists_commands():
     result = cli("--help")
     assert result.returncode == 0
@@ -430,7 +441,8 @@ def test_a_mistake_in_a_base_is_reported_in_the_base_and_the_variants_own_in_the
     base.write_text("name: b\ntrain_sft:\n  model: m\n  learning_rate: 1.0e-5\n  global_batch_size: 16\n"
                     "  num_epoch: 2\n")
     variant = tmp_path / "variant.yaml"
-    variant.write_text("base: base.yaml\nname: v\ntrain_dpo: {learning_rate: 1.0e-6, global_batch_size: 16, beta: -1}\n")
+    variant.write_text("base: base.yaml\nname: v\n"
+                       "train_dpo: {learning_rate: 1.0e-6, global_batch_size: 16, beta: -1}\n")
     assert problems(variant) == [f"{variant}:3: train_dpo.beta: Input should be greater than 0 (got -1)",
                                  f"{base}:6: train_sft.num_epoch: unknown key"]
 

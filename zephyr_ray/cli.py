@@ -156,7 +156,8 @@ STAGES = ("synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo
 def stage(
     name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")],
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
-    run_dir: Annotated[Path, typer.Option(help="where the run's outputs go")] = Path("runs/latest"),
+    run_dir: Annotated[Path | None, typer.Option(help="where the run's outputs go (default: runs/<recipe name>, "
+                                                 "as for run and evaluate)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: a running cluster, else a local one)")] = None,
     verbose: VERBOSE = False,
 ) -> None:
@@ -166,6 +167,7 @@ def stage(
     if name not in STAGES:
         _fail(f"unknown stage '{name}'; choose from {', '.join(STAGES)}")
     loaded = _recipe_or_fail(recipe)
+    run_dir = run_dir or Path("runs") / loaded.name
     _quiet(log_path_for(run_dir, f"stage-{name}"), verbose)
     try:
         result = run_stage(name, loaded, run_dir, address=address)
