@@ -40,6 +40,8 @@ def test_question_rows_read_fastchat_and_the_hub_copy_alike():
     assert reject == {"field": "turns", "reason": "turns is empty"}
     _, reject = check_row(json.dumps({"question_id": 1, "category": "math", "turns": ["ok", " "]}), None, QuestionRow)
     assert reject["field"] == "turns" and "turns[1] is empty" in reject["reason"]
+    _, reject = check_row(json.dumps({"category": "math", "turns": ["ok"]}), None, QuestionRow)
+    assert reject == {"field": "question_id", "reason": "missing field"}
     answer = {"question_id": 81, "model_id": "gpt-4", "choices": [{"index": 0, "turns": ["r1", "r2"]}]}
     assert check_row(json.dumps(answer), None, ReferenceAnswerRow)[0] == {"question_id": "81", "turns": ["r1", "r2"]}
     alpaca = {"instruction": "Say hi", "output": "Hi!", "generator": "gpt4_turbo", "dataset": "helpful_base"}

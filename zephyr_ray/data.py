@@ -271,7 +271,8 @@ class QuestionRow(Row):
             row["turns"] = row.pop("prompt")
         if "question_id" not in row and "prompt_id" in row:
             row["question_id"] = row.pop("prompt_id")
-        row["question_id"] = _question_id(row.get("question_id"))
+        if "question_id" in row:  # else a missing field, reported as one
+            row["question_id"] = _question_id(row["question_id"])
         if row.get("reference") == []:  # the hub copy gives every question a reference list, empty when none
             row["reference"] = None
         return row
