@@ -69,14 +69,19 @@ def test_turn_two_is_judged_with_turn_one_and_the_references_of_both_turns():
     ("[[3]] or [[9]]", None, "several different ratings in the judge's answer: [3.0, 9.0]"),
     ("Rating: [[11]]", None, "rating 11 is outside 1-10"),
     ("[" * 100_000, None, "no [[rating]] in the judge's answer"),  # hostile endpoint output is a failure, not a crash
-    ('{"rating": 1' + "0" * 5000 + "}", None, "no [[rating]] in the judge's answer"),
+    ('{"rating": 1' + "0" * 5000 + "}", None, "the judge's JSON rating <a number of 5001 characters> is no rating"),
+    # a JSON answer is read by its field: brackets its explanation quotes are not ratings
+    ('{"explanation": "It returns [3] instead of [1, 2, 3].", "rating": 8}', 8.0, None),
+    ('{"explanation": "arr[0] is off by one", "rating": 4}', 4.0, None),
+    ('{"explanation": "fine", "rating": "high"}', None, "the judge's JSON rating 'high' is no rating"),
 ])
 def test_ratings_parse_or_say_why_not(text, rating, error):
     assert parse_rating(text) == (rating, error)
 
 
 @pytest.mark.parametrize(("text", "verdict"), [("B is better. [[A]]", "first"), ("[[B]]", "second"),
-                                               ("[[C]]", "tie"), ('{"verdict": "B"}', "second")])
+                                               ("[[C]]", "tie"), ('{"verdict": "B"}', "second"),
+                                               ('{"explanation": "B quotes [[A]] wrongly", "verdict": "B"}', "second")])
 def test_verdicts_parse(text, verdict):
     assert parse_verdict(text) == (verdict, None)
 
@@ -84,6 +89,7 @@ def test_verdicts_parse(text, verdict):
 def test_unclear_verdicts_are_failures_with_a_reason():
     assert parse_verdict("both fine")[1] == "no [[A]], [[B]] or [[C]] verdict in the judge's answer"
     assert parse_verdict("[[A]] no, [[B]]")[1].startswith("several different verdicts")
+    assert parse_verdict('{"explanation": "x", "verdict": "D"}')[1] == "the judge's JSON verdict 'D' is not A, B or C"
 
 
 def test_the_constrained_output_fits_the_judges_token_budget_and_parses():

@@ -85,6 +85,10 @@ def grade_prompt(question: dict[str, Any], answers: list[str], turn: int, use_re
 
 
 
+def _preview(value: Any) -> str:
+    return repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+
+
 def _ratings(pattern: re.Pattern, text: str) -> set[float]:
     return {value for found in pattern.findall(text) if (value := rating(found)) is not None}
 
@@ -93,10 +97,16 @@ def _ratings(pattern: re.Pattern, text: str) -> set[float]:
 def parse_rating(text: str) -> tuple[float | None, str | None]:
     """The judge's ``[[n]]`` rating (1-10): (rating, None) or (None, why not). Any text gives one or the other
     (``untrusted``: a number of more digits than any rating, or JSON nested too deep, is no rating)."""
-    found = _ratings(RATING, text) or _ratings(RATING_BACKUP, text)
-    if not found:
-        value = rating(json_field(text, "rating"))
-        found = set() if value is None else {value}
+    # a JSON-schema answer is read by its field alone: its explanation may quote brackets ("returns [3] instead of
+    # [1, 2, 3]"), which the [[n]] / [n] search would take for the rating
+    answered = json_field(text, "rating")
+    if answered is not None:
+        value = rating(answered)
+        found = {value} if value is not None else set()
+        if not found:
+            return None, f"the judge's JSON rating {_preview(answered)} is no rating"
+    else:
+        found = _ratings(RATING, text) or _ratings(RATING_BACKUP, text)
     if not found:
         return None, "no [[rating]] in the judge's answer"
     if len(found) > 1:
@@ -110,10 +120,13 @@ def parse_rating(text: str) -> tuple[float | None, str | None]:
 
 def parse_verdict(text: str) -> tuple[str | None, str | None]:
     """'first', 'second' or 'tie' from ``[[A]]``, ``[[B]]``, ``[[C]]``: (verdict, None) or (None, why not)."""
-    found = set(VERDICT.findall(text))
-    if not found:
-        value = json_field(text, "verdict")
-        found = {value} if isinstance(value, str) and value in VERDICT_WINNER else set()
+    answered = json_field(text, "verdict")  # a JSON-schema answer: its field alone (as for ratings)
+    if answered is not None:
+        if not (isinstance(answered, str) and answered in VERDICT_WINNER):
+            return None, f"the judge's JSON verdict {_preview(answered)} is not A, B or C"
+        found = {answered}
+    else:
+        found = set(VERDICT.findall(text))
     if not found:
         return None, "no [[A]], [[B]] or [[C]] verdict in the judge's answer"
     if len(found) > 1:
