@@ -76,6 +76,18 @@ def test_rubric_answers_parse_even_when_cut_short():
     assert parse_rubric("[1, 2]")[1] == "judge answered list, not a JSON object"
 
 
+def test_rubric_answers_that_are_not_json_keep_their_ratings_as_written():
+    """What a chat endpoint without a schema writes: fenced JSON, a trailing comma, two objects. A rating of 8.5 is
+    refused as in valid JSON (ratings are whole), never read as 8; two different overall ratings are refused."""
+    aspects = '"instruction_following": 4, "honesty": 5, "truthfulness": 3, "helpfulness": 4, '
+    scores, error = parse_rubric('```json\n{' + aspects + '"overall": 8,}\n```')
+    assert error is None and scores["overall"] == 8.0 and scores["truthfulness"] == 3.0
+    assert parse_rubric('```json\n{' + aspects + '"overall": 8.5,}\n```')[1] == parse_rubric(
+        '{' + aspects + '"overall": 8.5}')[1] == "no valid `overall` rating (1-10) in the judge's answer"
+    assert parse_rubric('{' + aspects + '"overall": 7} {"overall": 3}')[1] == \
+        "several different `overall` ratings in the judge's answer"
+
+
 def test_logprob_score_is_the_probability_weighted_mean():
     top = [{1: {"decoded_token": "2", "logprob": math.log(0.6)}, 2: {"decoded_token": "4", "logprob": math.log(0.2)},
             3: {"decoded_token": "x", "logprob": math.log(0.2)}}]

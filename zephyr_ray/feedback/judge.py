@@ -105,8 +105,12 @@ def parse_rubric(text: str) -> tuple[dict[str, Any], str | None]:
     if not isinstance(text, str) or not text.strip():
         return {}, "the judge's answer is empty"
     data = read_json(text)
-    if data is NOT_JSON:
-        data = {k: v for k, v in re.findall(r'"(\w+)"\s*:\s*([0-9]+)', text)}
+    if data is NOT_JSON:  # fenced, cut off, a trailing comma: read the ratings as written (8.5 stays 8.5)
+        written = re.findall(r'"(\w+)"\s*:\s*"?([0-9]+(?:\.[0-9]+)?)', text)
+        data = dict(written)
+        twice = sorted(k for k in data if len({v for key, v in written if key == k}) > 1)
+        if twice:
+            return {}, f"several different `{twice[0]}` ratings in the judge's answer"
         found = re.search(r'"rationale"\s*:\s*"((?:[^"\\]|\\.)*)', text)
         data["rationale"] = found.group(1) if found else None
     if not isinstance(data, dict):
