@@ -126,15 +126,17 @@ def test_win_rate_interval_and_failures():
                                                        "model": "dpo", "opponent": "sft", "model_chars": 1,
                                                        "opponent_chars": 1, "verdict": None}},
                          {"generated_text": "no idea", "generation_error": None})
-    result = pairwise_results([*judgments, failed], samples=2000, confidence=0.95)
+    unanswered = {**failed, "question_id": "21", "verdict": None,
+                  "judge_error": "not judged: no answer from the model"}  # its generation failed
+    result = pairwise_results([*judgments, failed, unanswered], samples=2000, confidence=0.95)
     assert (result["wins"], result["ties"], result["losses"]) == (12, 0, 8)
-    assert result["win_rate"] == 0.6 and result["instructions"] == 21 and result["compared"] == 20
-    assert result["judge_failures"] == 1 and result["position_consistency"] == 1.0
+    assert result["win_rate"] == 0.6 and result["instructions"] == 22 and result["compared"] == 20
+    assert result["judge_failures"] == 1 and result["unanswered"] == 1 and result["position_consistency"] == 1.0
     low, high = result["interval"]
     assert 0.35 < low < 0.6 < high < 0.85
     assert bootstrap_interval([0, 1] * 10, 2000, 0.95) == bootstrap_interval([0, 1] * 10, 2000, 0.95)
     # the same judgments in another order (another engine batching, another writer): the same interval
-    assert pairwise_results([failed, *reversed(judgments)], samples=2000, confidence=0.95) == result
+    assert pairwise_results([unanswered, failed, *reversed(judgments)], samples=2000, confidence=0.95) == result
 
 
 def test_length_control_discounts_wins_that_only_come_with_length():
@@ -163,7 +165,7 @@ def test_grading_results_count_every_turn():
                 "judge_error": error, "question_id": "1", "verdict": None}
 
     results = grading_results([judgment(1, "math", 8.0), judgment(2, "math", 6.0), judgment(1, "writing", 4.0),
-                               judgment(2, "writing", None, "not judged: no answer (empty answer)"),
+                               judgment(2, "writing", None, "not judged: no answer (the engine returned no row)"),
                                judgment(1, "stem", None, "no [[rating]] in the judge's answer")])
     assert results["dpo"] == {"score": 6.0, "turns": {"1": 6.0, "2": 6.0},
                               "categories": {"math": 7.0, "stem": None, "writing": 4.0},
@@ -209,9 +211,15 @@ def test_pairwise_against_reference_outputs_asks_both_orders_and_settles_missing
         {"instruction": "Name a color.", "instruction_id": "i1", "output": "Blue.", "generator": "gpt4",
          "dataset": "helpful_base"},
         {"instruction": "Say hi.", "instruction_id": "i2", "output": None, "generator": None, "dataset": "oasst"}])
+    sets.instructions.append({"instruction": "Name a fruit.", "instruction_id": "i3", "output": "Apple.",
+                              "generator": "gpt4", "dataset": "helpful_base"})
     answers = {"dpo": [{"set": "pairwise", "question_id": "i1", "answers": ["Red, I think."]},
-                       {"set": "pairwise", "question_id": "i2", "answers": ["Hi!"]}]}
+                       {"set": "pairwise", "question_id": "i2", "answers": ["Hi!"]},
+                       {"set": "pairwise", "question_id": "i3", "answers": [""]}]}  # an empty reply: judged
     requests, settled = pairwise_requests(cfg, sets, answers, judge="j")
+    assert [json.loads(r["key"]) for r in requests[2:]] == [["pair", "i3", "model_first"],
+                                                            ["pair", "i3", "baseline_first"]]
+    requests = requests[:2]
     assert [json.loads(r["key"]) for r in requests] == [["pair", "i1", "model_first"], ["pair", "i1", "baseline_first"]]
     first, second = (r["prompt"] for r in requests)
     assert first.index("Red, I think.") < first.index("Blue.") and second.index("Blue.") < second.index("Red, I think.")

@@ -127,8 +127,10 @@ def answer_side_by_side(groups: list[tuple[list[EvalModel], Engine, list[dict[st
                  for _, batch in asked for r in batch if r["key"] not in returned]
         for row in rows:
             s = state[tuple(json.loads(row["key"]))]
-            failed = row["generation_error"] or (None if (row["generated_text"] or "").strip() else "empty answer")
-            s["answers"].append(None if failed else row["generated_text"])
+            # an empty reply is the model's answer, judged as FastChat judges it (the judge rates it, usually
+            # low); only a failed generation is no answer (left out of the scores, counted)
+            failed = row["generation_error"]
+            s["answers"].append(None if failed else row["generated_text"] or "")
             s["errors"].append(failed)
             s["finish"].append(row["finish_reason"])
             s["tokens"].append(int(row["num_generated_tokens"] or 0))

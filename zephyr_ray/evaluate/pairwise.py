@@ -76,7 +76,11 @@ def pairwise_results(judgments: list[dict[str, Any]], samples: int, confidence: 
     result: dict[str, Any] = {
         "model": rows[0]["model"], "opponent": rows[0]["opponent"], "instructions": len(by_instruction),
         "compared": len(scores), "judgments": len(rows),
-        "judge_failures": sum(1 for j in rows if j["verdict"] is None),
+        # a judgment is missing because an answer is (a failed generation: not the judge's doing), or the judge's
+        # answer had no verdict
+        "unanswered": sum(1 for j in rows if (j["judge_error"] or "").startswith("not judged")),
+        "judge_failures": sum(1 for j in rows if j["verdict"] is None
+                              and not (j["judge_error"] or "").startswith("not judged")),
         "wins": sum(s > 0.5 for s in scores), "ties": sum(s == 0.5 for s in scores),
         "losses": sum(s < 0.5 for s in scores),
         "position_consistency": consistent / judged_both if judged_both else None,

@@ -141,9 +141,13 @@ def evaluation_summary(results: dict[str, Any]) -> str:
                      f"{pairwise['losses']} losses); length-controlled {pairwise['length_controlled_win_rate']:.1%}"
                      + (" [{:.1%}, {:.1%}]; ".format(*pairwise["length_controlled_interval"])
                         if pairwise.get("length_controlled_interval") else "; ")
-                     + f"judge position consistency {pairwise['position_consistency'] or 0:.0%}")
+                     + f"judge position consistency {pairwise['position_consistency'] or 0:.0%}"
+                     + (f"; judgments left out: {pairwise.get('unanswered', 0)} with an answer missing, "
+                        f"{pairwise['judge_failures']} judge failures"
+                        if pairwise.get("unanswered") or pairwise["judge_failures"] else ""))
     elif pairwise:
-        lines.append(f"win rate: no instruction compared ({pairwise['judge_failures']} judge failures)")
+        lines.append(f"win rate: no instruction compared ({pairwise.get('unanswered', 0)} judgments with an answer "
+                     f"missing, {pairwise['judge_failures']} judge failures)")
     for model, r in (results.get("exact_match") or {}).items():
         shown = "-" if r["accuracy"] is None else \
             f"{r['accuracy']:.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}]"
