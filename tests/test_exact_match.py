@@ -37,6 +37,10 @@ def test_the_reference_is_gsm8ks_final_answer_or_a_plain_value():
     ("Answer: blue. Final answer: Red", r"(?i)final answer:\s*(\w+)", "Red"),
     ("Answer: blue.", r"Answer: \w+", "Answer: blue"),
     (None, "last_number", None),
+    ("#### .5", "gsm8k", ".5"),                                    # a leading point is part of the number
+    ("#### \u22127", "gsm8k", "\u22127"),                            # the Unicode minus is a sign
+    ("In 2023-2024 it grew by 8", "last_number", "8"),
+    ("The seasons 2023-2024", "last_number", "2024"),              # a hyphen between numbers is no sign
 ])
 def test_each_rule_takes_the_final_answer_out_of_a_reply(reply, rule, expected):
     assert extract_answer(reply, rule) == expected
@@ -45,6 +49,9 @@ def test_each_rule_takes_the_final_answer_out_of_a_reply(reply, rule, expected):
 def test_numbers_compare_as_numbers_and_text_as_folded_text():
     assert same_answer("$1,234", "1234") and same_answer("72.0", "72") and same_answer("72.", "72")
     assert not same_answer("71", "72") and same_answer(" paris", "Paris") and not same_answer("Lyon", "Paris")
+    # exactly: no tolerance that makes a large neighbour equal; the Unicode minus reads as one
+    assert not same_answer("10000001", "10000000") and same_answer("3.50", "3.5") and same_answer("\u22127", "-7")
+    assert not same_answer(".5", "5") and same_answer(".5", "0.5")
 
 
 def test_a_pattern_is_a_rule_or_a_regex_that_compiles():

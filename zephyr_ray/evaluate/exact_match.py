@@ -11,12 +11,14 @@ agree), else as text, trimmed and case-folded.
 from __future__ import annotations
 
 import re
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ..statistics import bootstrap_interval
 
 GSM8K_MARKER = "####"
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+# a sign only where it cannot be a hyphen ("2023-2024" is two numbers), the Unicode minus too; ".5" is a number
+NUMBER = re.compile(r"(?<![\w.])[-\u2212]?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 def reference_answer(answer: str) -> str:
@@ -45,18 +47,20 @@ def extract_answer(reply: str | None, rule: str) -> str | None:
     return (last.group(1) if last.re.groups else last.group(0)).strip() or None
 
 
-def as_number(value: str) -> float | None:
-    text = value.strip().replace(",", "").replace("$", "").rstrip(".")
+def as_number(value: str) -> Decimal | None:
+    """A number as written, exactly (a float would make 10000001 equal 10000000 within a tolerance)."""
+    text = value.strip().replace(",", "").replace("$", "").replace("\u2212", "-").rstrip(".")
     try:
-        return float(text)
-    except ValueError:
+        number = Decimal(text)
+    except InvalidOperation:
         return None
+    return number if number.is_finite() else None
 
 
 def same_answer(predicted: str, reference: str) -> bool:
     left, right = as_number(predicted), as_number(reference)
     if left is not None and right is not None:
-        return abs(left - right) <= 1e-6 * max(1.0, abs(right))
+        return left == right  # 72 == 72.0, 3.5 == 3.50
     return predicted.strip().casefold() == reference.strip().casefold()
 
 
