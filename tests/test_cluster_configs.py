@@ -109,6 +109,77 @@ def test_the_rayjob_runs_every_stage_on_an_autoscaling_gpu_group():
     assert groups["cpu"]["minReplicas"] == 0 and "nvidia.com/gpu" not in cpu and int(cpu["cpu"]) > 0
 
 
+def nodes_launched_for(autoscaling_config: dict, resources: dict, node_group: str | None = None) -> list[str]:
+    """What Ray's autoscaler (v2, the one `ray up` and KubeRay run) decides to start on an empty cluster for one
+    task asking ``resources`` (and the ``ray.io/node-group`` label the recipe's cpu_node_group puts on CPU work)."""
+    import logging
+
+    from ray.autoscaler._private.event_summarizer import EventSummarizer
+    from ray.autoscaler.v2.event_logger import AutoscalerEventLogger
+    from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
+    from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
+    from ray.core.generated.autoscaler_pb2 import ResourceRequest, ResourceRequestByCount
+    from ray.core.generated.common_pb2 import LabelSelector, LabelSelectorConstraint, LabelSelectorOperator
+
+    selectors = [] if node_group is None else [LabelSelector(label_constraints=[LabelSelectorConstraint(
+        label_key="ray.io/node-group", operator=LabelSelectorOperator.LABEL_OPERATOR_IN, label_values=[node_group])])]
+    request = ResourceRequest(resources_bundle=resources, label_selectors=selectors)
+    config = AutoscalingConfig(autoscaling_config, skip_content_hash=True)
+    logging.getLogger("ray.autoscaler").setLevel(logging.ERROR)
+    reply = ResourceDemandScheduler(AutoscalerEventLogger(EventSummarizer())).schedule(SchedulingRequest(
+        disable_launch_config_check=True, node_type_configs=config.get_node_type_configs(),
+        max_num_nodes=autoscaling_config["max_workers"] + 1,
+        resource_requests=[ResourceRequestByCount(request=request, count=1)]))
+    return [launch.instance_type for launch in reply.to_launch for _ in range(launch.count)]
+
+
+def rayjob_autoscaling_config() -> dict:
+    """The autoscaling config KubeRay's autoscaler derives from the RayJob's cluster (Ray's own code for it)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    job = yaml.safe_load((REPO / "k8s" / "rayjob-zephyr-7b.yaml").read_text())
+    return _derive_autoscaling_config_from_ray_cr({"metadata": {"name": "zephyr-7b", "namespace": "default"},
+                                                   "spec": job["spec"]["rayClusterSpec"]})
+
+
+@pytest.mark.parametrize("source", ["cluster.yaml", "k8s/rayjob-zephyr-7b.yaml"])
+def test_the_autoscaler_starts_a_cpu_node_for_cpu_work_and_a_gpu_node_for_an_engine(source):
+    """Scaled from zero as Ray's autoscaler decides: the stages' CPU work (label ray.io/node-group: cpu) starts a
+    `cpu` node, never a GPU one; an engine's GPU starts a GPU node. Without the node types' `labels:`, the CPU work
+    found no node type at all (nothing started: the stage waited forever)."""
+    config = launcher_check(yaml.safe_load((REPO / source).read_text())) if source == "cluster.yaml" \
+        else rayjob_autoscaling_config()
+    assert nodes_launched_for(config, {"CPU": 1}, node_group="cpu") == ["cpu"]
+    assert nodes_launched_for(config, {"GPU": 1}) == ["a100"]
+    unlabelled = copy.deepcopy(config)
+    unlabelled["available_node_types"]["cpu"].pop("labels")
+    assert nodes_launched_for(unlabelled, {"CPU": 1}, node_group="cpu") == []
+
+
+def test_every_node_starts_ray_with_token_auth_and_the_job_needs_its_keys():
+    """The launcher: RAY_AUTH_MODE=token in every `ray start`, the token file mounted on every node, the checkout
+    synced without what .gitignore lists; KubeRay: authOptions token on both clusters, and the RayJob's pods need
+    the hub token and the judge's key (missing, the job stops before any GPU hour, not at the judge stage)."""
+    config = launcher_check(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts), starts
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert ".gitignore" in config["rsync_filter"] and "**/.git" in config["rsync_exclude"]
+    assert not any("${" in command for command in config["initialization_commands"]), "runs on the node, not here"
+    job = yaml.safe_load((REPO / "k8s" / "rayjob-zephyr-7b.yaml").read_text())
+    service = yaml.safe_load((REPO / "k8s" / "rayservice-zephyr-7b.yaml").read_text())
+    for cluster in (job["spec"]["rayClusterSpec"], service["spec"]["rayClusterConfig"]):
+        assert cluster["authOptions"] == {"mode": "token"}
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    envs = {pod.get("groupName", "head"): {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
+            for pod in pods}
+    assert {"HF_TOKEN", "OPENAI_API_KEY"} <= set(envs["head"]) and "HF_TOKEN" in envs["a100"]
+    for group, env in envs.items():
+        for name in {"HF_TOKEN", "OPENAI_API_KEY"} & set(env):
+            assert not env[name]["valueFrom"]["secretKeyRef"].get("optional"), (group, name)
+
+
 def test_the_rayservice_embeds_the_gpu_serve_config_and_takes_the_key_from_a_secret():
     from ray.serve.schema import ServeDeploySchema
 
