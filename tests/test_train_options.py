@@ -26,15 +26,15 @@ def chats(n: int, offset: int = 0) -> list[list[dict]]:
 def sft_trainer(student: Path, tmp_path: Path, rows: list[list[dict]], **options):
     """TRL's SFTTrainer in this process with the arguments train_sft generates (no DeepSpeed: zero_stage 0)."""
     import datasets
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    from zephyr_ray.train.loop import load_tokenizer, trainer_arguments
+    from zephyr_ray.train.loop import load_tokenizer
+    from zephyr_ray.train.sft import sft_config
 
-    training = TrainSFTConfig(learning_rate=1e-3, global_batch_size=2, max_length=256, zero_stage=0, **options)
+    training = TrainSFTConfig(**{"learning_rate": 1e-3, "global_batch_size": 2, "max_length": 256, "zero_stage": 0,
+                                 **options})
     tokenizer = load_tokenizer(str(student), training)
-    fields = trainer_arguments(training, CPU, str(tmp_path / "out"), {"use_cpu": True})
-    args = SFTConfig(**fields, packing=training.packing, assistant_only_loss=training.assistant_only_loss,
-                     eos_token=tokenizer.eos_token)
+    args = sft_config(training, CPU, str(tmp_path / "out"), {"use_cpu": True}, tokenizer)
     train = datasets.Dataset.from_list([{"messages": chat} for chat in rows])
     return SFTTrainer(model=str(student), args=args, train_dataset=train, processing_class=tokenizer), tokenizer
 
@@ -104,6 +104,36 @@ def test_packing_keeps_packed_dialogues_from_attending_to_each_other(tiny_models
             alone = model(input_ids=pack["input_ids"][:, a:b]).logits[0]
             torch.testing.assert_close(packed[a:b], alone, atol=1e-4, rtol=1e-4)
     assert sum(1 for label in pack["labels"][0].tolist() if label != -100) > 0
+
+
+def test_packing_keeps_every_token_of_a_dialogue_longer_than_max_length(tiny_models, tmp_path):
+    """The recipe's default packing (bfd_split) splits a long dialogue over packed rows; TRL's own default (bfd)
+    cut it at max_length and dropped the rest, its last turns and end-of-turn tokens with them."""
+    longest = max(chats(64), key=lambda chat: sum(len(m["content"]) for m in chat))
+    tokens = {}
+    for strategy, max_length in (("whole", 1024), ("bfd_split", 16), ("bfd", 16)):
+        options = {"packing": False} if strategy == "whole" else {"packing": True, "packing_strategy": strategy}
+        trainer, _ = sft_trainer(tiny_models["student"], tmp_path / strategy, [longest], max_length=max_length,
+                                 **options)
+        tokens[strategy] = sum(len(row["input_ids"]) for row in trainer.train_dataset)
+    assert tokens["whole"] > 16 and tokens["bfd_split"] == tokens["whole"] and tokens["bfd"] == 16, tokens
+
+
+def test_trl_args_win_over_the_fields_a_stage_sets_itself(tiny_models, tmp_path):
+    """`trl_args` may name what train_sft and train_dpo pass themselves (packing, beta, ...): it wins, instead of a
+    TypeError for a keyword given twice."""
+    from trl import DPOConfig
+
+    from zephyr_ray.config import TrainDPOConfig
+    from zephyr_ray.train.dpo import dpo_arguments
+    from zephyr_ray.train.loop import trainer_arguments
+
+    trainer, _ = sft_trainer(tiny_models["student"], tmp_path, chats(2), packing=True,
+                             trl_args={"packing": False, "eos_token": "</s>"})
+    assert trainer.args.packing is False
+    dpo = TrainDPOConfig(learning_rate=1e-6, global_batch_size=2, zero_stage=0, beta=0.1, trl_args={"beta": 0.3})
+    args = DPOConfig(**trainer_arguments(dpo, CPU, str(tmp_path / "dpo"), {"use_cpu": True}, **dpo_arguments(dpo)))
+    assert args.beta == 0.3
 
 
 def tensorboard_scalars(directory: Path) -> dict[str, list[float]]:
@@ -187,3 +217,42 @@ def test_dpo_pairs_whose_prompt_is_too_long_go_to_the_rejects_and_only_they(tiny
     assert [r["prompt"] for r in rejects] == [prompts[1]]
     assert rejects[0]["reason"].endswith("tokens, over max_prompt_length 64") and "reason" not in kept[0]
     assert json.loads((tmp_path / "kept" / "_SUCCESS").read_text())["rows"] == 3
+
+
+def test_flash_attention_only_where_the_model_trains_in_bf16(monkeypatch):
+    """With the flash-attn extra installed (stood in for here: no GPU), a GPU recipe trains with FlashAttention-2 in
+    bf16 and with SDPA when the model loads in fp32 (`bf16: false`), where FlashAttention's kernels would fail."""
+    import importlib.util
+
+    from zephyr_ray.train.loop import model_init_kwargs
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else found(name, *a))
+    gpu = Hardware(accelerator="gpu", num_workers=1)
+    for bf16, dtype, kernel in ((True, "bfloat16", "flash_attention_2"), (False, "float32", "sdpa")):
+        kwargs = model_init_kwargs(TrainSFTConfig(learning_rate=1e-5, global_batch_size=8, bf16=bf16), gpu)
+        assert (kwargs["dtype"], kwargs["attn_implementation"]) == (dtype, kernel)
+    on_cpu = model_init_kwargs(TrainSFTConfig(learning_rate=1e-5, global_batch_size=8), CPU)
+    assert on_cpu["attn_implementation"] == "sdpa"
+
+
+def test_a_model_saved_in_shards_is_exported_whole(tiny_models, tmp_path):
+    """A model over transformers' shard size (50 GB: a 13B in bf16, say) is saved as model-0000i-of-0000n files with
+    an index; the export takes every shard (it took model.safetensors only, and failed with no weights)."""
+    import torch
+    from ray.train import Checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zephyr_ray.train.loop import export_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint, max_shard_size="500KB")
+    AutoTokenizer.from_pretrained(tiny_models["student"]).save_pretrained(checkpoint)
+    shards = sorted(p.name for p in checkpoint.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2 and (checkpoint / "model.safetensors.index.json").is_file()
+    export_model(Checkpoint.from_directory(str(checkpoint)), tmp_path / "model", card="# test\n")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    for (name, ours), (_, theirs) in zip(exported.state_dict().items(), model.state_dict().items(), strict=True):
+        torch.testing.assert_close(ours, theirs, msg=name)

@@ -171,6 +171,10 @@ class TrainSFTConfig(Training):
     """dSFT with TRL's SFTTrainer."""
 
     packing: bool = True
+    packing_strategy: Literal["bfd_split", "bfd", "wrapped"] = Field(
+        default="bfd_split", description="TRL's packing: bfd_split splits a dialogue longer than max_length over "
+        "packed rows (every token trained on, as the Zephyr recipe's packing did); TRL's own default, bfd, cuts it "
+        "at max_length and drops the rest (its last turns and end-of-turn token); wrapped cuts across dialogues")
     assistant_only_loss: bool = False
     lora: Lora | None = None
 

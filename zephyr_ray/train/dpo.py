@@ -42,7 +42,7 @@ def dpo_worker(config: dict[str, Any]) -> None:
     recipe: Recipe = config["recipe"]
     cfg = recipe.train_dpo
     extra, tokenizer, train = worker_inputs(config, cfg)
-    args = DPOConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra), **dpo_arguments(cfg))
+    args = DPOConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra, **dpo_arguments(cfg)))
     reference = None
     if cfg.reference:  # loaded as TRL loads its default reference (after DPOConfig: under ZeRO-3 it is sharded)
         from trl.trainer.utils import create_model_from_path

@@ -76,11 +76,12 @@ def worker_inputs(config: dict[str, Any], training: Training) -> tuple[dict[str,
     return extra, tokenizer, rows
 
 
-def attention_implementation(hardware: Hardware) -> str:
-    """FlashAttention-2 on GPU when the ``flash-attn`` extra is installed, else PyTorch's SDPA (CPU: always SDPA)."""
+def attention_implementation(hardware: Hardware, bf16: bool = True) -> str:
+    """FlashAttention-2 on GPU when the ``flash-attn`` extra is installed and the model trains in bf16 (its kernels
+    take no fp32), else PyTorch's SDPA (CPU: always SDPA)."""
     import importlib.util
 
-    if hardware.accelerator == "gpu" and importlib.util.find_spec("flash_attn") is not None:
+    if hardware.accelerator == "gpu" and bf16 and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -89,12 +90,14 @@ def model_init_kwargs(training: Training, hardware: Hardware) -> dict[str, Any]:
     """How the TRL trainers load the model (and DPO's reference): bf16 on GPU when the recipe asks, fp32 on CPU;
     the attention kernel; never remote code, never pickled weights."""
     bf16 = training.bf16 and hardware.accelerator == "gpu"
-    return {"dtype": "bfloat16" if bf16 else "float32", "attn_implementation": attention_implementation(hardware),
+    return {"dtype": "bfloat16" if bf16 else "float32", "attn_implementation": attention_implementation(hardware, bf16),
             "trust_remote_code": False, "use_safetensors": True}
 
 
-def trainer_arguments(training: Training, hardware: Hardware, output_dir: str, extra: dict[str, Any]) -> dict:
-    """TrainingArguments fields for TRL's SFTConfig/DPOConfig from a recipe section; ``trl_args`` win."""
+def trainer_arguments(training: Training, hardware: Hardware, output_dir: str, extra: dict[str, Any],
+                      **stage_args: Any) -> dict:
+    """TrainingArguments fields for TRL's SFTConfig/DPOConfig from a recipe section and the stage's own fields
+    (``stage_args``: SFT's packing, DPO's beta, ...); ``trl_args`` win over all of them."""
     from ..engines import deepspeed_config
 
     per_device, accumulation = derive_batch(training.global_batch_size, hardware.num_workers,
@@ -109,6 +112,7 @@ def trainer_arguments(training: Training, hardware: Hardware, output_dir: str, e
                 save_only_model=False, report_to=list(training.report_to), disable_tqdm=True, dataloader_num_workers=0,
                 model_init_kwargs=model_init_kwargs(training, hardware),
                 deepspeed=deepspeed_config(training, hardware) if training.zero_stage else None, **extra)
+    args.update(stage_args)
     args.update(training.trl_args)
     return args
 
@@ -329,7 +333,8 @@ def export_model(checkpoint: Any, out: Path, card: str) -> None:
             (out.parent / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
         if (source / "adapter_config.json").is_file():
             merge_adapter(source, tmp)
-        for name in MODEL_FILES:
+        # a model over transformers' shard size (50 GB) comes as model-0000i-of-0000n.safetensors with an index
+        for name in [*MODEL_FILES, *sorted(p.name for p in source.glob("model-*-of-*.safetensors"))]:
             if (source / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(source / name, tmp / name)
     if not any(tmp.glob("*.safetensors")):

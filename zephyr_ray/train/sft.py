@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..config import Recipe
+from ..config import Hardware, Recipe, TrainSFTConfig
 from ..data import is_complete, read_contract
 from ..stage import StageResult, Timer, already_done, stage_section
 from .loop import (
@@ -28,15 +28,23 @@ from .loop import (
 logger = logging.getLogger(__name__)
 
 
+def sft_config(cfg: TrainSFTConfig, hardware: Hardware, output_dir: str, extra: dict[str, Any], tokenizer: Any) -> Any:
+    """TRL's SFTConfig for a recipe's train_sft section (the recipe's ``trl_args`` win over every field)."""
+    from trl import SFTConfig
+
+    return SFTConfig(**trainer_arguments(cfg, hardware, output_dir, extra, packing=cfg.packing,
+                                         packing_strategy=cfg.packing_strategy,
+                                         assistant_only_loss=cfg.assistant_only_loss, eos_token=tokenizer.eos_token))
+
+
 def sft_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: TRL's SFTTrainer on the dialogues' ``messages``."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     recipe: Recipe = config["recipe"]
     cfg = recipe.train_sft
     extra, tokenizer, train = worker_inputs(config, cfg)
-    args = SFTConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra), packing=cfg.packing,
-                     assistant_only_loss=cfg.assistant_only_loss, eos_token=tokenizer.eos_token)
+    args = sft_config(cfg, recipe.hardware, config["output_dir"], extra, tokenizer)
     peft_config = None
     if cfg.lora is not None:
         from peft import LoraConfig
