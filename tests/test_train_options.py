@@ -256,3 +256,17 @@ def test_a_model_saved_in_shards_is_exported_whole(tiny_models, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     for (name, ours), (_, theirs) in zip(exported.state_dict().items(), model.state_dict().items(), strict=True):
         torch.testing.assert_close(ours, theirs, msg=name)
+
+
+def test_a_rank_that_cannot_see_the_run_dir_says_it_needs_shared_storage(tmp_path):
+    """On 2 nodes with a run directory on local disk, the second node's ranks do not find the stage's input: the
+    error says what is wrong (the run directory is not shared) and what to do, naming the file."""
+    from zephyr_ray.train.loop import check_run_dir_is_shared
+
+    present = tmp_path / "part-0.parquet"
+    present.write_bytes(b"")
+    check_run_dir_is_shared([str(present)])
+    with pytest.raises(FileNotFoundError, match=r"not found on .*: this stage's run directory must be on storage "
+                                                r"every node mounts") as caught:
+        check_run_dir_is_shared([str(present), str(tmp_path / "elsewhere.parquet")])
+    assert str(tmp_path / "elsewhere.parquet") in str(caught.value)

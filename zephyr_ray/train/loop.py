@@ -66,6 +66,7 @@ def worker_inputs(config: dict[str, Any], training: Training) -> tuple[dict[str,
     from ..engines import prepare_training_process
 
     recipe: Recipe = config["recipe"]
+    check_run_dir_is_shared(config["data_files"])
     config["rss_before_model_mib"] = resident_mib()  # the rank's memory record (attempt_log_callback) starts here
     extra = prepare_training_process(recipe.hardware, config["cache_dir"], deepspeed=training.zero_stage > 0)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", config["tensorboard_dir"])
@@ -74,6 +75,18 @@ def worker_inputs(config: dict[str, Any], training: Training) -> tuple[dict[str,
     if "prompt_id" in rows.column_names:  # Ray Data writes rows in no fixed order: one order, so a seed is one model
         rows = rows.sort("prompt_id")
     return extra, tokenizer, rows
+
+
+def check_run_dir_is_shared(data_files: list[str]) -> None:
+    """Every rank reads the stage's input from the run directory and writes its checkpoint shards there: on a node
+    that does not see the files the driver's node wrote, say so, instead of a bare FileNotFoundError."""
+    missing = [f for f in data_files if not Path(f).exists()]
+    if missing:
+        import socket
+
+        raise FileNotFoundError(
+            f"{missing[0]} (and {len(missing) - 1} more) not found on {socket.gethostname()}: this stage's run "
+            "directory must be on storage every node mounts (NFS, EFS, a shared volume); pass such a --run-dir")
 
 
 def attention_implementation(hardware: Hardware, bf16: bool = True) -> str:
