@@ -44,3 +44,34 @@ def test_recipes_cannot_construct_python_objects(tmp_path):
     with pytest.raises(RecipeError, match="could not determine a constructor"):
         load_recipe(path)
     assert not marker.exists()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_before_the_app_reads_it(caplog):
+    """The Serve ingress's body limit (``serving.body_limit_middleware``, outermost) on an ASGI app: a chunked body
+    (no Content-Length) over the limit gets 413 and the endpoint never runs (stopped mid-read, it logged the
+    client's disconnect as an error with a traceback); one under the limit reaches it whole; a stated length
+    passes through to the guard that checks it after the API key."""
+    import logging
+
+    from fastapi import FastAPI, Request
+    from fastapi.testclient import TestClient
+
+    from zephyr_ray.serving import body_limit_middleware
+
+    app, seen = FastAPI(), []
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict:
+        seen.append(await request.body())
+        return {"bytes": len(seen[-1])}
+
+    app.add_middleware(body_limit_middleware(100))
+    client = TestClient(app)
+    with caplog.at_level(logging.DEBUG):
+        refused = client.post("/echo", content=iter([b"x" * 60, b"x" * 60]))
+        assert refused.status_code == 413 and "over 100 bytes" in refused.json()["error"]["message"]
+        assert seen == [] and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        whole = client.post("/echo", content=iter([b"x" * 40, b"y" * 40]))
+        assert whole.status_code == 200 and seen == [b"x" * 40 + b"y" * 40]
+        stated = client.post("/echo", content=b"z" * 30)  # Content-Length: 30
+        assert stated.status_code == 200 and seen[-1] == b"z" * 30

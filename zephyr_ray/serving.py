@@ -182,41 +182,37 @@ def chat_page() -> str:
 
 
 def body_limit_middleware(max_bytes: int) -> Any:
-    """An ASGI middleware that counts request body bytes as they arrive and answers 413 past ``max_bytes``.
+    """An ASGI middleware that reads the request body before the app does and answers 413 past ``max_bytes``.
 
-    The guard below refuses an over-long ``Content-Length`` at once; a chunked body states no length, so this one
-    counts. Past the limit it sends the 413 itself and tells the app the client left (``http.disconnect``), dropping
-    whatever the app then tries to send: an exception raised from the body stream would reach FastAPI wrapped by
-    the middlewares' task groups and come out as a generic 400."""
+    The guard below refuses an over-long ``Content-Length`` at once (after the API key); a chunked body states no
+    length, so this one counts it: it holds such a body (at most ``max_bytes``) and hands it to the app only when it
+    is whole, so the app never starts on a body that will be refused (stopped mid-read, the app logged the client's
+    disconnect as an error with its traceback, for a request that got its 413)."""
 
     class BodyLimit:
         def __init__(self, app: Any) -> None:
             self.app = app
 
         async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
+            if scope["type"] != "http" or any(name == b"content-length" for name, _ in scope["headers"]):
                 return await self.app(scope, receive, send)
-            received, refused = 0, False
-
-            async def counted() -> dict:
-                nonlocal received, refused
-                if refused:
-                    return {"type": "http.disconnect"}
+            held, received = [], 0
+            while True:
                 message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > max_bytes:
-                        refused = True
-                        await openai_error(413, f"request body over {max_bytes} bytes", param="body")(
-                            scope, receive, send)
-                        return {"type": "http.disconnect"}
-                return message
+                if message["type"] != "http.request":  # the client left before its body was whole
+                    return None
+                received += len(message.get("body", b""))
+                if received > max_bytes:
+                    return await openai_error(413, f"request body over {max_bytes} bytes", param="body")(
+                        scope, receive, send)
+                held.append(message)
+                if not message.get("more_body"):
+                    break
 
-            async def unless_refused(message: dict) -> None:
-                if not refused:
-                    await send(message)
+            async def replayed() -> dict:  # the body as it came, then the client's own messages (a disconnect)
+                return held.pop(0) if held else await receive()
 
-            return await self.app(scope, counted, unless_refused)
+            return await self.app(scope, replayed, send)
 
     return BodyLimit
 
