@@ -477,6 +477,18 @@ def test_rounds_are_checked_when_the_recipe_loads(tmp_path, rounds, message):
     assert message in "\n".join(err.value.problems), err.value.problems
 
 
+def test_joined_pool_completions_cannot_take_the_policys_sample_names(tmp_path):
+    recipe = tmp_path / "rounds.yaml"
+    pool = [{"name": name, "engine": {"model": "m"}} for name in ("policy-2", "other")]
+    recipe.write_text(yaml.safe_dump({"base": str(REPO / "jobs" / "configs" / "tiny-cpu.yaml"), "name": "r",
+                                      "complete": {"models": pool},
+                                      "rounds": {"count": 2, "pool": "join", "samples": 2}}))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe)
+    assert "rounds.pool: pool completions named ['policy-2'] would share the policy's samples' names" in \
+        "\n".join(err.value.problems), err.value.problems
+
+
 @pytest.mark.parametrize("pool", ["join", "replace"])
 def test_a_rounds_recipe_samples_the_previous_rounds_model_beside_the_pool_or_alone(tmp_path, pool):
     """Round 2's recipe as `rounds.round_recipe` derives it (its prompts already drawn): the policy is round 1's

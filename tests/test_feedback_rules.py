@@ -123,6 +123,20 @@ def test_reward_model_reads_the_user_turns_and_the_completion_and_scores_the_raw
     out = to_judgment({**request, "classifier_logits": None, "generation_error": "prompt too long"},
                       "reward_model", "rm")
     assert out["judge_error"] == "judge failed: prompt too long"
+    for overflowed in (math.nan, math.inf):  # no score (a NaN made binarize crash, or call a pair a tie)
+        out = to_judgment({**request, "classifier_logits": [overflowed], "generation_error": None}, "reward_model",
+                          "rm")
+        assert out["overall"] is None and out["judge_error"].startswith("the reward model's score is not a number")
+
+
+def test_the_same_text_is_never_its_own_rejected():
+    """Two models (or samples) writing the same reply, scored differently by a judge that is not deterministic:
+    not a preference. Another lower one is drawn; with none left, the prompt is a reject with the reason."""
+    same = [judged("a", 9), {**judged("b", 5), "completion": "answer of a"}]
+    pair, reject = binarize_prompt([*same, judged("c", 3)], BinarizeConfig(score="overall"))
+    assert reject is None and pair["rejected_model"] == "c"
+    pair, reject = binarize_prompt(same, BinarizeConfig(score="overall"))
+    assert pair is None and reject["reason"] == "every lower-scored completion repeats the chosen text"
 
 
 def test_endpoint_requests_carry_the_structured_output_the_endpoint_takes():
@@ -260,6 +274,31 @@ def test_a_model_with_several_samples_answers_each_prompt_that_often_with_the_sa
     assert to_completion({**requests[1], **generated}, "policy")["model"] == "policy-2"
     assert PoolModel(name="one", engine=Engine(model="m")).sample_names() == ["one"]
     CompleteConfig(models=[policy])  # one model with several samples is a pool to compare
+    with pytest.raises(ValueError, match=r"would share a name: \['policy-2'\]"):  # rows of two models merged
+        CompleteConfig(models=[policy, PoolModel(name="policy-2", engine=Engine(model="m"))])
+
+
+def test_principles_are_drawn_as_ultrafeedback_draws_them_unless_the_recipe_says_otherwise():
+    """UltraFeedback's mix for UltraChat/ShareGPT prompts by default (verbalized calibration ~2%, helpfulness ~60%);
+    `uniform`: each principle as often, the draw of every earlier run (the tiny recipe's)."""
+    import random
+    from collections import Counter
+
+    from zephyr_ray.config import CompleteConfig, Engine, PoolModel
+    from zephyr_ray.feedback.complete import PRINCIPLES, completion_requests, stable_seed
+
+    model = PoolModel(name="m", engine=Engine(model="m"))
+    rows = [{"prompt": f"Question {i}?", "prompt_id": f"p{i}"} for i in range(4000)]
+    def drawn(mix) -> Counter:
+        return Counter(completion_requests(row, model, True, 0, mix=mix)["principle"] for row in rows)
+
+    ultrafeedback, uniform = drawn(CompleteConfig().principle_mix), drawn("uniform")
+    assert 0.55 < ultrafeedback["helpfulness"] / 4000 < 0.65 and ultrafeedback["verbalized_calibration"] / 4000 < 0.04
+    assert all(0.2 < n / 4000 < 0.3 for n in uniform.values())
+    old_draw = random.Random(stable_seed(0, "p7", "m")).choice(sorted(PRINCIPLES))
+    assert completion_requests(rows[7], model, True, 0, mix="uniform")["principle"] == old_draw
+    with pytest.raises(ValueError, match="unknown principles"):
+        CompleteConfig(principle_mix={"kindness": 1.0})
     with pytest.raises(ValueError, match="at least 2 completions per prompt"):
         CompleteConfig(models=[PoolModel(name="one", engine=Engine(model="m"))])
 

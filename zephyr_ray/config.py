@@ -191,16 +191,35 @@ class PoolModel(_Section):
         return [self.name] if self.samples == 1 else [f"{self.name}-{i}" for i in range(1, self.samples + 1)]
 
 
+ULTRAFEEDBACK_PRINCIPLE_MIX = {"helpfulness": 0.6, "truthfulness": 0.2, "honesty": 0.18, "verbalized_calibration": 0.02}
+
+
 class CompleteConfig(_Section):
     """Every prompt gets ``samples`` completions (default one) from each model of the pool."""
 
     prompts: DatasetSource | None = None
     models: list[PoolModel] = Field(default_factory=list)
     principles: bool = Field(default=True, description="draw an UltraFeedback principle system prompt per completion")
+    principle_mix: dict[str, float] | Literal["uniform"] = Field(
+        default_factory=lambda: dict(ULTRAFEEDBACK_PRINCIPLE_MIX),
+        description="how often each principle is drawn: weights by name, or `uniform`; the default is "
+        "UltraFeedback's for its UltraChat and ShareGPT prompts (main_vllm.py's sample_principle: helpfulness 3 in "
+        "5, truthfulness 1 in 5, honesty 1 in 5 of which a tenth becomes verbalized calibration)")
     principles_as: Literal["system", "user", "auto"] = Field(
         default="auto", description="where the principle goes: a system message, or the start of the first user turn "
         "(for chat templates that refuse a system role); auto: system unless the model's template refuses it")
     seed: int = 0
+
+    @field_validator("principle_mix")
+    @classmethod
+    def _mix(cls, mix: dict[str, float] | str) -> dict[str, float] | str:
+        if isinstance(mix, dict):
+            unknown = sorted(set(mix) - set(ULTRAFEEDBACK_PRINCIPLE_MIX))
+            if unknown:
+                raise ValueError(f"unknown principles {unknown}; known: {sorted(ULTRAFEEDBACK_PRINCIPLE_MIX)}")
+            if any(w < 0 for w in mix.values()) or not sum(mix.values()) > 0:
+                raise ValueError("weights must be >= 0 with a positive sum")
+        return mix
 
     @field_validator("models")
     @classmethod
@@ -212,6 +231,11 @@ class CompleteConfig(_Section):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"pool model names must be unique, repeated: {duplicated}")
+        written = [n for m in models for n in m.sample_names()]  # what the completions are named: <name>-<i>
+        clashing = sorted({n for n in written if written.count(n) > 1})
+        if clashing:
+            raise ValueError(f"completions of two pool models would share a name: {clashing} (a model with samples "
+                             "is written as <name>-1, <name>-2, ...): rename one")
         return models
 
 
@@ -651,8 +675,11 @@ class Recipe(_Section):
                                  "train_dpo from the dSFT model)")
             if self.complete.prompts is None:
                 raise ValueError("rounds: complete.prompts are the prompts the rounds draw from")
-            if self.rounds.pool == "join" and "policy" in {m.name for m in self.complete.models}:
-                raise ValueError("rounds.pool: a pool model is named 'policy', the name of the policy's samples")
+            policy = {"policy"} | {f"policy-{i}" for i in range(1, self.rounds.samples + 1)}
+            taken = sorted(policy & {n for m in self.complete.models for n in m.sample_names()})
+            if self.rounds.pool == "join" and taken:
+                raise ValueError(f"rounds.pool: pool completions named {taken} would share the policy's samples' "
+                                 "names (policy, policy-<i>): rename the pool model")
             if self.rounds.evaluate and self.evaluate is None:
                 raise ValueError("rounds.evaluate: the recipe has no `evaluate` section to evaluate each round with")
         return self

@@ -58,6 +58,11 @@ def binarize_prompt(rows: list[dict[str, Any]], cfg: BinarizeConfig) -> tuple[di
     lower = [(s, r) for s, r in scored if s < best]
     if not lower:
         return None, {**reject, "reason": "all scored completions tie"}
+    # the same text scored twice (two models, or samples, writing it; a judge that is not deterministic scoring it
+    # differently) is no preference: never its own rejected
+    lower = [(s, r) for s, r in lower if r["completion"].strip() != chosen["completion"].strip()]
+    if not lower:
+        return None, {**reject, "reason": "every lower-scored completion repeats the chosen text"}
     if cfg.rejected == "lowest":
         worst = min(s for s, _ in lower)
         lower = [(s, r) for s, r in lower if s == worst]

@@ -51,7 +51,7 @@ def stable_seed(*parts: Any) -> int:
 
 
 def completion_requests(row: dict[str, Any], model: PoolModel, use_principles: bool, seed: int,
-                        principle_role: str = "system") -> dict[str, Any]:
+                        principle_role: str = "system", mix: dict[str, float] | str = "uniform") -> dict[str, Any]:
     """One prompt row -> the chat and sampling parameters for ``model``; the principle drawn is seeded per row.
 
     ``principle_role`` "user": the principle opens the user turn instead of a system message (templates that refuse
@@ -60,7 +60,9 @@ def completion_requests(row: dict[str, Any], model: PoolModel, use_principles: b
     principle = None
     messages = [{"role": "user", "content": row["prompt"]}]
     if use_principles:
-        principle = random.Random(stable_seed(seed, row["prompt_id"], model.name)).choice(sorted(PRINCIPLES))
+        rng, names = random.Random(stable_seed(seed, row["prompt_id"], model.name)), sorted(PRINCIPLES)
+        principle = rng.choice(names) if mix == "uniform" else rng.choices(
+            names, weights=[mix.get(name, 0.0) for name in names])[0]
         messages.insert(0, {"role": "system", "content": PRINCIPLES[principle]})
     sampling = model.sampling.model_dump()
     if sampling["seed"] is None:
@@ -73,12 +75,12 @@ def completion_requests(row: dict[str, Any], model: PoolModel, use_principles: b
 
 
 def sampled_requests(row: dict[str, Any], model: PoolModel, use_principles: bool, seed: int,
-                     principle_role: str = "system") -> list[dict[str, Any]]:
+                     principle_role: str = "system", mix: dict[str, float] | str = "uniform") -> list[dict[str, Any]]:
     """``model.samples`` requests for one prompt row: the same conversation and principle (so the judge compares the
     samples on the same instruction), a seed of its own per sample, each named by ``PoolModel.sample_names``."""
     requests = []
     for index, name in enumerate(model.sample_names(), start=1):
-        request = completion_requests(row, model, use_principles, seed, principle_role)
+        request = completion_requests(row, model, use_principles, seed, principle_role, mix)
         request["sampling_params"]["seed"] = stable_seed(request["sampling_params"]["seed"], index)
         requests.append({**request, "sample_name": name})
     return requests
@@ -144,7 +146,8 @@ def run_complete(recipe: Recipe, run_dir: Path) -> StageResult:
             role = principle_role(model, cfg.principles_as) if cfg.principles else "system"
             if role == "user":  # models whose template refuses a system message (named in the log)
                 result.counts["principles_in_user_turn"] = result.counts.get("principles_in_user_turn", 0) + 1
-            options = {"model": model, "use_principles": cfg.principles, "seed": cfg.seed, "principle_role": role}
+            options = {"model": model, "use_principles": cfg.principles, "seed": cfg.seed, "principle_role": role,
+                       "mix": cfg.principle_mix}
             requests = (accepted.flat_map(sampled_requests, fn_kwargs=options) if model.samples > 1
                         else accepted.map(completion_requests, fn_kwargs=options))
             rows = generate(requests, model.engine, recipe.hardware, sharing=len(models))

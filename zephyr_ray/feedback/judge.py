@@ -198,6 +198,8 @@ def to_judgment(row: dict[str, Any], kind: str, judge: str) -> dict[str, Any]:
         out["overall"], out["judge_error"] = logprob_score(row.get("generated_logprobs"))
     elif not logits or len(logits) != 1:
         out["judge_error"] = f"a reward model has one output; this one gave {0 if not logits else len(logits)}"
+    elif not math.isfinite(logits[0]):  # a reward head that overflowed: no score, not a NaN that sorts anywhere
+        out["judge_error"] = f"the reward model's score is not a number ({logits[0]})"
     else:
         out["overall"] = logits[0]
     return out
