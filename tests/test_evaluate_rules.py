@@ -183,6 +183,27 @@ def test_the_screen_finds_shared_ngrams_whatever_the_case_and_punctuation():
     assert screen.match("hi there, how are you?") is None  # under MIN_WORDS: not an n-gram to screen with
 
 
+def test_every_user_turn_of_a_training_row_is_screened():
+    """A dialogue (ultrachat_200k's rows) or a multi-turn preference pair whose later user turn is an evaluation
+    question is caught, named by its field; assistant turns are not screened (they answer, they do not ask)."""
+    from zephyr_ray.data import CONTRACTS, check_row, screened
+
+    screen = Screen.build([("81", "Compose an engaging travel blog post about a recent trip to Hawaii.")], n=8)
+    turns = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Now compose an engaging travel blog post about a recent trip to Hawaii"},
+             {"role": "assistant", "content": "Aloha..."}]
+    dialogue, _ = check_row(json.dumps({"prompt": "Hi!", "messages": turns}), None, CONTRACTS["dialogue"])
+    field, hit = screened(screen, dialogue)
+    assert (field, hit.item) == ("messages[2].content", "81")
+    pair = {"prompt": "Hi!", "chosen": turns, "rejected": [*turns[:3], {"role": "assistant", "content": "No."}],
+            "score_chosen": 8.0, "score_rejected": 2.0}
+    preference, _ = check_row(json.dumps(pair), None, CONTRACTS["preference"])
+    assert screened(screen, preference)[0] in ("messages[2].content", "chosen[2].content")
+    answer_only = [turns[0], {"role": "assistant", "content": turns[2]["content"]}]
+    clean, _ = check_row(json.dumps({"prompt": "Hi!", "messages": answer_only}), None, CONTRACTS["dialogue"])
+    assert screened(screen, clean) is None
+
+
 def test_evaluate_sections_are_checked_at_load(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("name: x\nevaluate:\n  judge: {engine: {model: j}, endpoint: {base_url: http://x/v1, model: m}}\n")

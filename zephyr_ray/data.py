@@ -677,15 +677,30 @@ def _checked_schema(contract: type[Row]) -> pa.Schema:
     return pa.schema(list(contract.arrow_schema()) + list(REJECT_SCHEMA) + [("contaminated_by", pa.string())])
 
 
+def user_texts(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, text) of what a row asks: its prompt and every user turn of its conversations (a dialogue's later
+    questions, a multi-turn preference pair's), which the decontamination screen reads."""
+    texts = [("prompt", row["prompt"])] if row.get("prompt") else []
+    for key in ("messages", "chosen", "rejected"):
+        texts += [(f"{key}[{i}].content", m["content"]) for i, m in enumerate(row.get(key) or [])
+                  if m.get("role") == "user" and m.get("content") != row.get("prompt")]
+    return texts
+
+
+def screened(screen: Any, row: dict[str, Any]) -> tuple[str, Any] | None:
+    """The first (field, hit) of ``row``'s user texts on the evaluation prompts' n-grams; None when clean."""
+    return next(((field, hit) for field, text in user_texts(row) if (hit := screen.match(text)) is not None), None)
+
+
 def _check_batch(batch: pa.Table, contract: type[Row], screen: Any = None) -> pa.Table:
     out = []
     for row in batch.to_pylist():
         accepted, reject = check_row(row["_raw"], row["_decode_error"], contract)
-        hit = screen.match(accepted["prompt"]) if screen is not None and accepted is not None else None
-        contaminated_by = None if hit is None else f"evaluation prompt {hit.item}: '{hit.words}'"
-        if hit is not None and screen.drop:
-            accepted, reject = None, {"field": "prompt", "reason": f"contaminated: shares {len(hit.words.split())} "
-                                      f"words with {contaminated_by}"}
+        found = screened(screen, accepted) if screen is not None and accepted is not None else None
+        contaminated_by = None if found is None else f"evaluation prompt {found[1].item}: '{found[1].words}'"
+        if found is not None and screen.drop:
+            accepted, reject = None, {"field": found[0], "reason": f"contaminated: shares "
+                                      f"{len(found[1].words.split())} words with {contaminated_by}"}
         if accepted is not None:
             out.append({**accepted, "source": row["_source"], "row": row["_row"], "contaminated_by": contaminated_by})
         else:

@@ -25,6 +25,7 @@ from .data import (
     count_values,
     is_complete,
     read_contract,
+    screened,
     split_by_reason,
     text_problem,
     validated_once,
@@ -97,10 +98,16 @@ def _turn_problem(row: dict[str, Any], what: str) -> str | None:
     return None
 
 
-def _finish(row: dict[str, Any], cfg: Any) -> dict[str, Any]:
+def _finish(row: dict[str, Any], cfg: Any, screen: Any = None) -> dict[str, Any]:
     dialogue = list(row["dialogue"])
     chars = sum(len(m["content"]) for m in dialogue)
     problem = row["problem"]
+    # the seeds were screened; the user simulator's turns are new text: screened as well, dropped where the recipe
+    # drops contaminated rows
+    if problem is None and screen is not None and screen.drop and (
+            found := screened(screen, {"prompt": row["prompt"], "messages": dialogue})) is not None:
+        problem = f"contaminated: {found[0]} shares {len(found[1].words.split())} words with evaluation prompt " \
+                  f"{found[1].item}: '{found[1].words}'"
     if problem is None and chars < cfg.min_chars:
         problem = f"shorter than min_chars ({cfg.min_chars})"
     if problem is None and chars > cfg.max_chars:
@@ -155,7 +162,7 @@ def run_synthesize(recipe: Recipe, run_dir: Path) -> StageResult:
                                         expected_rows=written_rows(previous))
             log_rate(f"synthesize[{name}]", rows, pass_timer.seconds)
         ds, previous = read_contract(pass_dir), pass_dir
-    finished = ds.map(_finish, fn_kwargs={"cfg": cfg})
+    finished = ds.map(_finish, fn_kwargs={"cfg": cfg, "screen": training_screen(recipe, run_dir)})
     checked = finished.groupby("dialogue_key").map_groups(_first_of_duplicates, batch_format="pyarrow").materialize()
     accepted, rejected = split_by_reason(checked, DialogueRow.arrow_schema().names, SYNTH_REJECT_SCHEMA.names)
     kept = write_parquet_atomic(accepted, out, schema=DialogueRow.arrow_schema())
