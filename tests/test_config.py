@@ -477,6 +477,18 @@ def test_rounds_are_checked_when_the_recipe_loads(tmp_path, rounds, message):
     assert message in "\n".join(err.value.problems), err.value.problems
 
 
+def test_split_rounds_put_each_prompt_in_one_round_and_refuse_an_empty_round_up_front():
+    from zephyr_ray.rounds import split_for_rounds
+
+    rows = [{"prompt_id": f"p{i}"} for i in range(12)]
+    parts = split_for_rounds(rows, seed=0, count=3)
+    assert sorted(r["prompt_id"] for part in parts for r in part) == sorted(r["prompt_id"] for r in rows)
+    ids = lambda split: [sorted(r["prompt_id"] for r in part) for part in split]  # noqa: E731
+    assert ids(parts) == ids(split_for_rounds(rows[::-1], seed=0, count=3)), "a prompt's round: its id alone"
+    with pytest.raises(ValueError, match=r"would have no prompts \(2 prompts split 4 ways"):
+        split_for_rounds(rows[:2], seed=0, count=4)
+
+
 def test_joined_pool_completions_cannot_take_the_policys_sample_names(tmp_path):
     recipe = tmp_path / "rounds.yaml"
     pool = [{"name": name, "engine": {"model": "m"}} for name in ("policy-2", "other")]

@@ -53,6 +53,22 @@ def round_stages(recipe: Recipe) -> list[tuple[int, str]]:
     return [(r, stage) for r in range(1, cfg.count + 1) for stage in stages]
 
 
+def split_for_rounds(rows: list[dict[str, Any]], seed: int, count: int) -> list[list[dict[str, Any]]]:
+    """``rounds.prompts: split``: each prompt in one round, by a seeded hash of its id (so a prompt's round does not
+    depend on the others). Checked whole when round 1 draws its part: a round left with no prompt is an error
+    before any round trains, not when that round starts."""
+    from .feedback.complete import stable_seed
+
+    parts: list[list[dict[str, Any]]] = [[] for _ in range(count)]
+    for row in rows:
+        parts[stable_seed(seed, row["prompt_id"]) % count].append(row)
+    empty = [r for r, part in enumerate(parts, start=1) if not part]
+    if empty:
+        raise ValueError(f"rounds: round(s) {empty} would have no prompts ({len(rows)} prompts split {count} ways by "
+                         "a hash of their ids): give more prompts, fewer rounds, or prompts: resample")
+    return parts
+
+
 def round_prompts(recipe: Recipe, run_dir: Path, round_number: int) -> Path:
     """The round's prompts, ``rounds/<r>/prompts.jsonl`` (written once): of the ``complete`` prompts (validated and
     screened as ``complete`` does, into ``rounds/prompts``), a disjoint part per round (``split``, by a seeded hash
@@ -68,7 +84,7 @@ def round_prompts(recipe: Recipe, run_dir: Path, round_number: int) -> Path:
                    run_dir / "rounds" / "prompt_rejects", screen=training_screen(recipe, run_dir))
     rows = sorted(read_rows(run_dir / "rounds" / "prompts"), key=lambda row: row["prompt_id"])
     if cfg.prompts == "split":
-        chosen = [row for row in rows if stable_seed(cfg.seed, row["prompt_id"]) % cfg.count == round_number - 1]
+        chosen = split_for_rounds(rows, cfg.seed, cfg.count)[round_number - 1]
     else:
         drawn = random.Random(stable_seed(cfg.seed, round_number)).sample(rows, cfg.prompts_a_round(len(rows)))
         chosen = sorted(drawn,
