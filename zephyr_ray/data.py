@@ -514,19 +514,23 @@ def _local_files(path: Path) -> tuple[str, list[Path]]:
 def _jsonl_rows(batch: dict[str, Any]) -> Any:
     """Split JSONL files into raw rows, line by line: a line that is not UTF-8 becomes a decode error, not a crash."""
     for file, data in zip(batch["path"], batch["bytes"]):
-        data = data.removeprefix(codecs.BOM_UTF8)  # what Windows editors write first: not part of row 1
-        if file.endswith(".json") and data.lstrip()[:1] == b"[":
-            yield _raw_table(file, _json_array_rows(data))
+        yield _raw_table(file, _file_rows(file, data))
+
+
+def _file_rows(file: str, data: bytes) -> list[tuple[int, str | None, str | None]]:
+    """(row number, raw text, decode error) of one JSONL file, or of a ``.json`` file holding a JSON list."""
+    data = data.removeprefix(codecs.BOM_UTF8)  # what Windows editors write first: not part of row 1
+    if file.endswith(".json") and data.lstrip()[:1] == b"[":
+        return _json_array_rows(data)
+    rows = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
             continue
-        rows = []
-        for number, line in enumerate(data.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((number, line.decode("utf-8"), None))
-            except UnicodeDecodeError as err:
-                rows.append((number, line.decode("utf-8", "backslashreplace"), f"not valid UTF-8 ({err.reason} at byte {err.start} of the line)"))
-        yield _raw_table(file, rows)
+        try:
+            rows.append((number, line.decode("utf-8"), None))
+        except UnicodeDecodeError as err:
+            rows.append((number, line.decode("utf-8", "backslashreplace"), f"not valid UTF-8 ({err.reason} at byte {err.start} of the line)"))
+    return rows
 
 
 def _json_array_rows(data: bytes) -> list[tuple[int, str | None, str | None]]:
@@ -606,14 +610,7 @@ def local_row_count(path: str, split: str = "train") -> int | None:
     kind, files = _local_files(local)
     if kind == "parquet":
         return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    rows = 0
-    for file in files:
-        data = file.read_bytes().removeprefix(codecs.BOM_UTF8)
-        if file.suffix == ".json" and data.lstrip()[:1] == b"[":
-            rows += len(_json_array_rows(data))
-        else:
-            rows += sum(1 for line in data.split(b"\n") if line.strip())
-    return rows
+    return sum(len(_file_rows(str(file), file.read_bytes())) for file in files)
 
 
 def _is_hub_layout(path: Path) -> bool:
@@ -692,15 +689,24 @@ def screened(screen: Any, row: dict[str, Any]) -> tuple[str, Any] | None:
     return next(((field, hit) for field, text in user_texts(row) if (hit := screen.match(text)) is not None), None)
 
 
+def contaminating(hit: Any) -> str:
+    """The evaluation prompt a screen ``hit`` names, and the words shared with it."""
+    return f"evaluation prompt {hit.item}: '{hit.words}'"
+
+
+def contamination_reason(hit: Any) -> str:
+    """A contaminated row's reject reason (the same for read rows and synthesized dialogues)."""
+    return f"contaminated: shares {len(hit.words.split())} words with {contaminating(hit)}"
+
+
 def _check_batch(batch: pa.Table, contract: type[Row], screen: Any = None) -> pa.Table:
     out = []
     for row in batch.to_pylist():
         accepted, reject = check_row(row["_raw"], row["_decode_error"], contract)
         found = screened(screen, accepted) if screen is not None and accepted is not None else None
-        contaminated_by = None if found is None else f"evaluation prompt {found[1].item}: '{found[1].words}'"
+        contaminated_by = None if found is None else contaminating(found[1])
         if found is not None and screen.drop:
-            accepted, reject = None, {"field": found[0], "reason": f"contaminated: shares "
-                                      f"{len(found[1].words.split())} words with {contaminated_by}"}
+            accepted, reject = None, {"field": found[0], "reason": contamination_reason(found[1])}
         if accepted is not None:
             out.append({**accepted, "source": row["_source"], "row": row["_row"], "contaminated_by": contaminated_by})
         else:

@@ -22,6 +22,7 @@ from .config import Recipe
 from .data import (
     DialogueRow,
     PromptRow,
+    contamination_reason,
     count_values,
     is_complete,
     read_contract,
@@ -106,8 +107,7 @@ def _finish(row: dict[str, Any], cfg: Any, screen: Any = None) -> dict[str, Any]
     # drops contaminated rows
     if problem is None and screen is not None and screen.drop and (
             found := screened(screen, {"prompt": row["prompt"], "messages": dialogue})) is not None:
-        problem = f"contaminated: {found[0]} shares {len(found[1].words.split())} words with evaluation prompt " \
-                  f"{found[1].item}: '{found[1].words}'"
+        problem = f"{contamination_reason(found[1])} ({found[0]})"
     if problem is None and chars < cfg.min_chars:
         problem = f"shorter than min_chars ({cfg.min_chars})"
     if problem is None and chars > cfg.max_chars:

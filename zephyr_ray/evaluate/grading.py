@@ -25,6 +25,13 @@ from .prompts import (
 )
 from .sets import EvaluationSets
 
+NOT_JUDGED = "not judged"  # a judgment settled without the judge: an answer is missing (a failed generation)
+
+
+def unanswered(judgment: dict[str, Any]) -> bool:
+    """Whether ``judgment`` is missing because an answer is, not because the judge's answer had no rating."""
+    return (judgment["judge_error"] or "").startswith(NOT_JUDGED)
+
 JUDGMENT_SCHEMA = pa.schema([
     ("set", pa.string()), ("question_id", pa.string()), ("category", pa.string()), ("turn", pa.int64()),
     ("model", pa.string()), ("opponent", pa.string()), ("order", pa.string()), ("judge", pa.string()),
@@ -103,7 +110,7 @@ def grading_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[st
                                  turn=turn, model=model, judge=judge, reference_used=use_reference,
                                  model_chars=len(row["answers"][turn - 1] or ""))
                 if row["answers"][turn - 1] is None:
-                    settled.append({**base, "judge_error": f"not judged: no answer ({row['errors'][turn - 1]})"})
+                    settled.append({**base, "judge_error": f"{NOT_JUDGED}: no answer ({row['errors'][turn - 1]})"})
                     continue
                 request = {"key": json.dumps(["grade", model, row["question_id"], turn]), "kind": "grade"}
                 if fastchat is not None:  # FastChat's prompts, where FastChat uses each
@@ -149,7 +156,7 @@ def pairwise_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[s
                              opponent_chars=len(other or ""))
             if mine is None or other is None:
                 missing = "the model" if mine is None else f"{opponent}"
-                settled.append({**base, "judge_error": f"not judged: no answer from {missing}"})
+                settled.append({**base, "judge_error": f"{NOT_JUDGED}: no answer from {missing}"})
                 continue
             a, b = (mine, other) if order == "model_first" else (other, mine)
             request = {"key": json.dumps(["pair", key, order]), "kind": "pair"}
@@ -184,7 +191,7 @@ def grading_results(judgments: list[dict[str, Any]]) -> dict[str, Any]:
     for model in sorted({j["model"] for j in judgments if j["set"] == "mt_bench"}):
         rows = [j for j in judgments if j["set"] == "mt_bench" and j["model"] == model]
         rated = [j for j in rows if j["rating"] is not None]
-        failures = Counter("no answer" if (j["judge_error"] or "").startswith("not judged") else "judge"
+        failures = Counter("no answer" if unanswered(j) else "judge"
                            for j in rows if j["rating"] is None)
         results[model] = {
             "score": mean([j["rating"] for j in rated]),

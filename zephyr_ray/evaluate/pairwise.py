@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..statistics import bootstrap_interval, mean
+from .grading import unanswered
 
 
 def length_controlled(scores: list[float], length_differences: list[float], ridge: float = 1e-3) -> float:
@@ -78,9 +79,8 @@ def pairwise_results(judgments: list[dict[str, Any]], samples: int, confidence: 
         "compared": len(scores), "judgments": len(rows),
         # a judgment is missing because an answer is (a failed generation: not the judge's doing), or the judge's
         # answer had no verdict
-        "unanswered": sum(1 for j in rows if (j["judge_error"] or "").startswith("not judged")),
-        "judge_failures": sum(1 for j in rows if j["verdict"] is None
-                              and not (j["judge_error"] or "").startswith("not judged")),
+        "unanswered": sum(1 for j in rows if unanswered(j)),
+        "judge_failures": sum(1 for j in rows if j["verdict"] is None and not unanswered(j)),
         "wins": sum(s > 0.5 for s in scores), "ties": sum(s == 0.5 for s in scores),
         "losses": sum(s < 0.5 for s in scores),
         "position_consistency": consistent / judged_both if judged_both else None,
