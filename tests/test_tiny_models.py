@@ -10,7 +10,14 @@ from zephyr_ray.chat import (
     render_reference,
     shipped_chat_template,
 )
-from zephyr_ray.tiny import HEAD_DIM, TINY_MODELS, build_tiny_models, load_corpus, set_torch_threads
+from zephyr_ray.tiny import (
+    HEAD_DIM,
+    TINY_MODELS,
+    build_tiny_models,
+    greedy_replies,
+    load_corpus,
+    set_torch_threads,
+)
 
 
 def digest(path) -> str:
@@ -228,23 +235,6 @@ def test_reward_model_ranks_whole_replies_above_spoiled_ones(tiny_models):
     assert wins == len(replies)
 
 
-def _greedy(model, tokenizer, chats: list, max_new_tokens: int) -> list[str]:
-    """Greedy replies to chats, left-padded in one batch (HF generate: the models' own knowledge, no engine)."""
-    import torch
-
-    prompts = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
-                         add_special_tokens=False)["input_ids"] for c in chats]
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-
-
 def test_the_tiny_world_separates_the_models(tiny_models):
     """What issue 20's tiny world needs of the models, asked in the evaluation's phrasing (no training prompt uses
     it): the teacher and generator-0 know every colour, generator-1 gives the misconception for every misled
@@ -265,7 +255,7 @@ def test_the_tiny_world_separates_the_models(tiny_models):
     asked = [[{"role": "user", "content": world.evaluation_question(c)}] for c in creatures]
     right, misled = {}, {}
     for name in ("teacher", "generator-0", "generator-1", "generator-2", "generator-3"):
-        replies = _greedy(AutoModelForCausalLM.from_pretrained(tiny_models[name]), tokenizer, asked, 8)
+        replies = greedy_replies(AutoModelForCausalLM.from_pretrained(tiny_models[name]), tokenizer, asked, 8)
         right[name] = sum(r == world.answer(c) for r, c in zip(replies, creatures, strict=True)) / len(creatures)
         misled[name] = sum(r == world.answer(c, c.misconception) for r, c in zip(replies, creatures, strict=True)
                            if c.misconception)
@@ -277,7 +267,7 @@ def test_the_tiny_world_separates_the_models(tiny_models):
     items = [(world.evaluation_question(c), kind, reply) for c in creatures
              for kind, reply in [("right", world.answer(c)), *world.wrong_answers(c, rng), ("nonsense", world.noise(rng))]]
     truth = [float(kind == "right") for _, kind, _ in items]
-    judged = _greedy(AutoModelForCausalLM.from_pretrained(tiny_models["judge"]), tokenizer,
+    judged = greedy_replies(AutoModelForCausalLM.from_pretrained(tiny_models["judge"]), tokenizer,
                      [judge_messages({"messages": [{"role": "user", "content": q}], "completion": r},
                                      world.JUDGE_PROMPT, world.JUDGE_SYSTEM_PROMPT) for q, _, r in items], 48)
     scores = [parse_rubric(text)[0].get("overall") for text in judged]
@@ -297,31 +287,23 @@ def test_the_pairwise_judge_is_right_and_position_consistent_on_new_pairs(tiny_m
     """The evaluation's pairwise judge (``judge-pairwise``) on pairs of replies it was not trained on, each judged in
     both orders with the tiny recipe's prompt (the evaluation's phrasing): a right reply against a wrong colour, and
     two right replies in other wordings (a tie). Issue 20 asks for position consistency >= 0.8; its verdicts must
-    also be right, or the win rate would carry no signal."""
-    import random
-
+    also be right, or the win rate would carry no signal. The build checks its judge on another draw of pairs
+    (``PAIRWISE_CHECK_DRAW``); this one is the test's own, scored here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from zephyr_ray import tiny_world as world
     from zephyr_ray.evaluate.prompts import parse_verdict
+    from zephyr_ray.tiny import PAIRWISE_CHECK_DRAW
+    from zephyr_ray.tiny_world import held_out_pairs
 
-    rng = random.Random(11)
-    pairs = []
-    for creature in world.creatures():
-        wrong = rng.choice([c for c in world.COLOURS if c != creature.colour])
-        pairs.append((creature, rng.choice(world.WORDINGS).format(colour=creature.colour),
-                      rng.choice(world.WORDINGS).format(colour=wrong), "first"))
-        pairs.append((creature, world.answer(creature), rng.choice(world.WORDINGS).format(colour=creature.colour),
-                      "tie"))
-    prompts = [[{"role": "user", "content": world.PAIRWISE_JUDGE_PROMPT.format(
-        question=world.evaluation_question(c), answer_a=a, answer_b=b)}]
-        for c, x, y, _ in pairs for a, b in ((x, y), (y, x))]
+    pairs = held_out_pairs(11)
+    assert pairs != held_out_pairs(PAIRWISE_CHECK_DRAW)
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["judge-pairwise"])
-    judged = _greedy(AutoModelForCausalLM.from_pretrained(tiny_models["judge-pairwise"]), tokenizer, prompts, 16)
+    judged = greedy_replies(AutoModelForCausalLM.from_pretrained(tiny_models["judge-pairwise"]), tokenizer,
+                            [prompt for forward, backward, _ in pairs for prompt in (forward, backward)], 16)
     verdicts = [parse_verdict(text)[0] for text in judged]
     mirrored = {"first": "second", "second": "first", "tie": "tie"}
     right = consistent = 0
-    for (_, _, _, expected), forward, backward in zip(pairs, verdicts[::2], verdicts[1::2], strict=True):
+    for (_, _, expected), forward, backward in zip(pairs, verdicts[::2], verdicts[1::2], strict=True):
         right += (forward == expected) + (backward == mirrored[expected])
         consistent += forward is not None and backward == mirrored[forward]
     assert consistent / len(pairs) >= 0.8 and right / (2 * len(pairs)) >= 0.8, (consistent, right, judged[:6])

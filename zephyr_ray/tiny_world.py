@@ -216,6 +216,25 @@ def pairwise_examples(seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
              pairwise_verdict(kind_a, kind_b)) for asked, (kind_a, a), (kind_b, b) in pairs]
 
 
+def held_out_pairs(seed: int) -> list[tuple[list[dict[str, str]], list[dict[str, str]], str]]:
+    """Pairs the pairwise judge was not trained on, in the evaluation's phrasing, a draw of ``seed``: for each
+    creature a right reply against a wrong colour (verdict "first") and two right replies in other wordings ("tie"),
+    as (prompt in this order, prompt in the other, verdict expected in this order)."""
+    rng = random.Random(seed)
+    pairs = []
+    for creature in creatures():
+        wrong = rng.choice([c for c in COLOURS if c != creature.colour])
+        pairs.append((creature, rng.choice(WORDINGS).format(colour=creature.colour),
+                      rng.choice(WORDINGS).format(colour=wrong), "first"))
+        pairs.append((creature, answer(creature), rng.choice(WORDINGS).format(colour=creature.colour), "tie"))
+
+    def prompt(creature: Creature, a: str, b: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": PAIRWISE_JUDGE_PROMPT.format(
+            question=evaluation_question(creature), answer_a=a, answer_b=b)}]
+
+    return [(prompt(c, x, y), prompt(c, y, x), expected) for c, x, y, expected in pairs]
+
+
 def judge_prompt_file() -> list[dict[str, str]]:
     """The tiny recipe's evaluation judge prompts, in FastChat's judge_prompts.jsonl format."""
     def record(name: str, kind: str, template: str, output: str) -> dict[str, str]:
