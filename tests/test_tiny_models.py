@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -307,3 +308,24 @@ def test_the_pairwise_judge_is_right_and_position_consistent_on_new_pairs(tiny_m
         right += (forward == expected) + (backward == mirrored[expected])
         consistent += forward is not None and backward == mirrored[forward]
     assert consistent / len(pairs) >= 0.8 and right / (2 * len(pairs)) >= 0.8, (consistent, right, judged[:6])
+
+
+def test_a_pairwise_judge_that_does_not_compare_is_trained_again_with_the_next_seeds(tiny_models, caplog):
+    """The build's own check: a pairwise judge that fails its held-out pairs (here one trained 2 steps, which
+    learns nothing) is trained again from the judge with the next seed, up to PAIRWISE_SEEDS_TRIED seeds, then kept
+    with a warning that names the seeds (the tests and the demo's checks then say what it did not learn)."""
+    import dataclasses
+    import logging
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zephyr_ray.tiny import PAIRWISE_SEEDS_TRIED, build_model
+
+    spec = dataclasses.replace(next(s for s in TINY_MODELS if s.name == "judge-pairwise"), train_steps=2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["judge"])
+    with caplog.at_level(logging.INFO, logger="zephyr_ray.tiny"):
+        model = build_model(spec, tokenizer, AutoModelForCausalLM.from_pretrained(tiny_models["judge"]))
+    seeds = [spec.seed + i for i in range(PAIRWISE_SEEDS_TRIED)]
+    assert [int(s) for s in re.findall(r"judge-pairwise \(seed (\d+)\) on held-out pairs", caplog.text)] == seeds
+    assert f"no seed of {seeds} learnt to compare two replies" in caplog.text
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
