@@ -269,8 +269,8 @@ def test_the_tiny_world_separates_the_models(tiny_models):
              for kind, reply in [("right", world.answer(c)), *world.wrong_answers(c, rng), ("nonsense", world.noise(rng))]]
     truth = [float(kind == "right") for _, kind, _ in items]
     judged = greedy_replies(AutoModelForCausalLM.from_pretrained(tiny_models["judge"]), tokenizer,
-                     [judge_messages({"messages": [{"role": "user", "content": q}], "completion": r},
-                                     world.JUDGE_PROMPT, world.JUDGE_SYSTEM_PROMPT) for q, _, r in items], 48)
+                            [judge_messages({"messages": [{"role": "user", "content": q}], "completion": r},
+                                            world.JUDGE_PROMPT, world.JUDGE_SYSTEM_PROMPT) for q, _, r in items], 48)
     scores = [parse_rubric(text)[0].get("overall") for text in judged]
     scored = [(s, t) for s, t in zip(scores, truth, strict=True) if s is not None]
     assert len(scored) >= 0.95 * len(items)
