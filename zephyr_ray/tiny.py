@@ -33,7 +33,7 @@ BATCH_SIZE = 32
 SHORT = 96  # tokens
 PAIRWISE_STEPS = 1000
 # the build's check of the pairwise judge: held-out pairs of its own draw (the test draws another), the share that
-# must be position-consistent and right, and how many seeds it tries (spec.seed, then the next ones) before it fails
+# must be position-consistent and right, and how many seeds it tries (spec.seed, then the next ones)
 PAIRWISE_CHECK_DRAW = 29
 PAIRWISE_CHECK_MINIMUM = 0.9
 PAIRWISE_SEEDS_TRIED = 3
@@ -86,7 +86,7 @@ TINY_MODELS: tuple[TinySpec, ...] = (
     # version, says when its data changed)
     # Its ties (two right replies) are learnt late: unclipped, a coin that kernels flip (with torch held to AVX2 on an
     # AVX-512 machine, 38 of 96 held-out pairs position-consistent, against 96); clipped, 8 of 9 seed-and-kernel
-    # draws learnt every pair, and the build checks it (``PAIRWISE_CHECK``; docs/tiny-world.md)
+    # draws learnt every pair, and the build checks it (``PAIRWISE_CHECK_DRAW``; docs/tiny-world.md)
     TinySpec("judge-pairwise", "judge", 128, 2, 2, seed=5, train_steps=PAIRWISE_STEPS, train_on="pairwise",
              starts_from="judge", learning_rate=1e-3, max_grad_norm=1.0),
     # 200 steps, not more: a student that read longer knew more of the world, so dSFT left dDPO little to add (250
@@ -367,7 +367,7 @@ def build_model(spec: TinySpec, tokenizer: Any, start: Any = None,
             logger.info("%s: %d warm-up steps, final loss %.3f", spec.name, spec.train_steps, loss)
         if spec.train_on != "pairwise":
             break
-        consistent, right, _ = pairwise_judge_quality(model, tokenizer, PAIRWISE_CHECK_DRAW)
+        consistent, right = pairwise_judge_quality(model, tokenizer, PAIRWISE_CHECK_DRAW)
         held = min(consistent, right) >= PAIRWISE_CHECK_MINIMUM
         logger.info("%s (seed %d) on held-out pairs: position-consistent %.2f, right %.2f%s", spec.name, seed,
                     consistent, right, "" if held else f", under {PAIRWISE_CHECK_MINIMUM}")
@@ -400,8 +400,8 @@ def greedy_replies(model: Any, tokenizer: Any, chats: list[list[dict[str, str]]]
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
-def pairwise_judge_quality(model: Any, tokenizer: Any, draw: int) -> tuple[float, float, list[str]]:
-    """(share of held-out pairs judged the same way in both orders, share of verdicts right, the replies) of a
+def pairwise_judge_quality(model: Any, tokenizer: Any, draw: int) -> tuple[float, float]:
+    """(share of held-out pairs judged the same way in both orders, share of verdicts right) of a
     pairwise judge on ``tiny_world.held_out_pairs(draw)``, each pair asked in both orders."""
     from .evaluate.prompts import parse_verdict
 
@@ -413,7 +413,7 @@ def pairwise_judge_quality(model: Any, tokenizer: Any, draw: int) -> tuple[float
     for (_, _, expected), forward, backward in zip(pairs, verdicts[::2], verdicts[1::2], strict=True):
         right += (forward == expected) + (backward == mirrored[expected])
         consistent += forward is not None and backward == mirrored[forward]
-    return consistent / len(pairs), right / (2 * len(pairs)), replies
+    return consistent / len(pairs), right / (2 * len(pairs))
 
 
 SHIPPED_TEMPLATES: dict[str, str | None] = {
