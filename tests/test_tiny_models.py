@@ -285,11 +285,11 @@ def test_the_tiny_world_separates_the_models(tiny_models):
 
 
 def test_the_pairwise_judge_is_right_and_position_consistent_on_new_pairs(tiny_models):
-    """The evaluation's pairwise judge (``judge-pairwise``) on pairs of replies it was not trained on, each judged in
-    both orders with the tiny recipe's prompt (the evaluation's phrasing): a right reply against a wrong colour, and
-    two right replies in other wordings (a tie). Issue 20 asks for position consistency >= 0.8; its verdicts must
-    also be right, or the win rate would carry no signal. The build checks its judge on another draw of pairs
-    (``PAIRWISE_CHECK_DRAW``); this one is the test's own, scored here."""
+    """The evaluation's pairwise judge (``judge-pairwise``) on pairs of replies drawn apart from its training, each
+    judged in both orders with the tiny recipe's prompt (the evaluation's phrasing): a right reply against a wrong
+    colour, and two right replies in other wordings (a tie). Issue 20 asks for position consistency >= 0.8; its
+    verdicts must also be right, or the win rate would carry no signal. The build checks its judge on another draw
+    of pairs (``PAIRWISE_CHECK_DRAW``); this one is the test's own, scored here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zephyr_ray.evaluate.prompts import parse_verdict

@@ -86,7 +86,8 @@ TINY_MODELS: tuple[TinySpec, ...] = (
     # version, says when its data changed)
     # Its ties (two right replies) are learnt late: unclipped, a coin that kernels flip (with torch held to AVX2 on an
     # AVX-512 machine, 38 of 96 held-out pairs position-consistent, against 96); clipped, 8 of 9 seed-and-kernel
-    # draws learnt every pair, and the build checks it (``PAIRWISE_CHECK_DRAW``; docs/tiny-world.md)
+    # draws passed the build's check (7 of them every pair), which the build runs (``PAIRWISE_CHECK_DRAW``;
+    # docs/tiny-world.md)
     TinySpec("judge-pairwise", "judge", 128, 2, 2, seed=5, train_steps=PAIRWISE_STEPS, train_on="pairwise",
              starts_from="judge", learning_rate=1e-3, max_grad_norm=1.0),
     # 200 steps, not more: a student that read longer knew more of the world, so dSFT left dDPO little to add (250

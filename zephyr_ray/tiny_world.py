@@ -217,9 +217,10 @@ def pairwise_examples(seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
 
 
 def held_out_pairs(seed: int) -> list[tuple[list[dict[str, str]], list[dict[str, str]], str]]:
-    """Pairs the pairwise judge was not trained on, in the evaluation's phrasing, a draw of ``seed``: for each
-    creature a right reply against a wrong colour (verdict "first") and two right replies in other wordings ("tie"),
-    as (prompt in this order, prompt in the other, verdict expected in this order)."""
+    """Pairs drawn apart from the pairwise judge's training (by chance a few, 5-8 of 96, are also among its
+    ``pairwise_examples``), in the evaluation's phrasing, a draw of ``seed``: for each creature a right reply against
+    a wrong colour (verdict "first") and two right replies in other wordings ("tie"), as (prompt in this order,
+    prompt in the other, verdict expected in this order)."""
     rng = random.Random(seed)
     pairs = []
     for creature in creatures():
