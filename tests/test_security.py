@@ -65,7 +65,7 @@ def test_a_chunked_body_over_the_limit_is_refused_before_the_app_reads_it(caplog
         seen.append(await request.body())
         return {"bytes": len(seen[-1])}
 
-    app.add_middleware(body_limit_middleware(100))
+    app.add_middleware(body_limit_middleware(100, "ZEPHYR_RAY_NO_SUCH_KEY"))
     client = TestClient(app)
     with caplog.at_level(logging.DEBUG):
         refused = client.post("/echo", content=iter([b"x" * 60, b"x" * 60]))
@@ -75,3 +75,29 @@ def test_a_chunked_body_over_the_limit_is_refused_before_the_app_reads_it(caplog
         assert whole.status_code == 200 and seen == [b"x" * 40 + b"y" * 40]
         stated = client.post("/echo", content=b"z" * 30)  # Content-Length: 30
         assert stated.status_code == 200 and seen[-1] == b"z" * 30
+
+
+def test_a_body_without_the_key_is_refused_unread(monkeypatch):
+    """The ingress's app (``serving.build_fastapi_app``: Ray Serve LLM's app and our middleware) with a key
+    configured: a chunked body without the key gets 401 before a byte of it is read (the body limit used to hold it
+    first: 413 after reading 2 MiB); with the key, the same body is counted and refused at the limit."""
+    from fastapi.testclient import TestClient
+
+    from zephyr_ray.config import ServeConfig, ServedModel
+    from zephyr_ray.serving import build_fastapi_app
+
+    monkeypatch.setenv("ZEPHYR_RAY_TEST_KEY", "the-key")
+    app = build_fastapi_app(ServeConfig(models=[ServedModel(model_id="m", model="unused")],
+                                        api_key_env="ZEPHYR_RAY_TEST_KEY"))
+    client, read = TestClient(app), []
+
+    def chunks():
+        for index in range(3):
+            read.append(index)
+            yield b"x" * 2**20
+
+    refused = client.post("/v1/chat/completions", content=chunks())
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    assert read == [], f"{len(read)} MiB of a body read for a request without the key"
+    too_big = client.post("/v1/chat/completions", content=chunks(), headers={"Authorization": "Bearer the-key"})
+    assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "body"

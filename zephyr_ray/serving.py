@@ -181,20 +181,32 @@ def chat_page() -> str:
     return resources.files("zephyr_ray.resources").joinpath("chat.html").read_text(encoding="utf-8")
 
 
-def body_limit_middleware(max_bytes: int) -> Any:
+def key_refused(api_key_env: str, request: Any) -> bool:
+    """Whether ``request`` lacks the API key the app requires (the key in ``api_key_env``; none set: nothing is
+    refused; ``OPEN_ROUTES`` are open). From the headers alone, so it is decided before any body is read."""
+    key = os.environ.get(api_key_env)
+    presented = presented_key(request.headers.get("authorization", ""))
+    return bool(key) and request.url.path not in OPEN_ROUTES and not hmac.compare_digest(presented.encode(),
+                                                                                         key.encode())
+
+
+def body_limit_middleware(max_bytes: int, api_key_env: str) -> Any:
     """An ASGI middleware that reads the request body before the app does and answers 413 past ``max_bytes``.
 
     The guard below refuses an over-long ``Content-Length`` at once (after the API key); a chunked body states no
     length, so this one counts it: it holds such a body (at most ``max_bytes``) and hands it to the app only when it
     is whole, so the app never starts on a body that will be refused (stopped mid-read, the app logged the client's
-    disconnect as an error with its traceback, for a request that got its 413)."""
+    disconnect as an error with its traceback, for a request that got its 413). A request without the key is passed
+    on unread, for the guard's 401: a client without the key never has a body held for it."""
+    from starlette.requests import Request
 
     class BodyLimit:
         def __init__(self, app: Any) -> None:
             self.app = app
 
         async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-            if scope["type"] != "http" or any(name == b"content-length" for name, _ in scope["headers"]):
+            if scope["type"] != "http" or any(name == b"content-length" for name, _ in scope["headers"]) \
+                    or key_refused(api_key_env, Request(scope)):
                 return await self.app(scope, receive, send)
             held, received = [], 0
             while True:
@@ -249,9 +261,7 @@ def build_fastapi_app(config: ServeConfig) -> Any:
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        key = os.environ.get(api_key_env)
-        presented = presented_key(request.headers.get("authorization", ""))
-        if key and request.url.path not in OPEN_ROUTES and not hmac.compare_digest(presented.encode(), key.encode()):
+        if key_refused(api_key_env, request):
             response = openai_error(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                                     kind="authentication_error")
             if not request.url.path.startswith("/v1/"):  # the chat page: let the browser ask for it
@@ -262,7 +272,8 @@ def build_fastapi_app(config: ServeConfig) -> Any:
             return openai_error(413, f"request body over {max_bytes} bytes", param="body")
         return await call_next(request)
 
-    app.add_middleware(body_limit_middleware(max_bytes))  # added last: outermost, it sees the raw body stream
+    # added last: outermost, it sees the raw body stream
+    app.add_middleware(body_limit_middleware(max_bytes, api_key_env))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> Response:
