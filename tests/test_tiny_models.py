@@ -293,7 +293,7 @@ def test_the_pairwise_judge_is_right_and_position_consistent_on_new_pairs(tiny_m
     consistency again with its own code (evaluate/pairwise.py), and scripts/check_demo.py checks it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from zephyr_ray.tiny import PAIRWISE_CHECK_DRAW, pairwise_judge_quality
+    from zephyr_ray.tiny import PAIRWISE_CHECK_DRAW, PAIRWISE_CHECK_FILE, pairwise_judge_quality
     from zephyr_ray.tiny_world import held_out_pairs
 
     assert held_out_pairs(11) != held_out_pairs(PAIRWISE_CHECK_DRAW)
@@ -301,6 +301,10 @@ def test_the_pairwise_judge_is_right_and_position_consistent_on_new_pairs(tiny_m
     model = AutoModelForCausalLM.from_pretrained(tiny_models["judge-pairwise"])
     consistent, right = pairwise_judge_quality(model, tokenizer, 11)
     assert consistent >= 0.8 and right >= 0.8, (consistent, right)
+    # the build's check, written beside the model: the seed it kept passed on the build's own draw
+    checked = json.loads((tiny_models["judge-pairwise"] / PAIRWISE_CHECK_FILE).read_text())
+    kept = next(check for check in checked["tried"] if check["seed"] == checked["kept_seed"])
+    assert checked["draw"] == PAIRWISE_CHECK_DRAW and kept["held"], checked
 
 
 def test_a_pairwise_judge_that_does_not_compare_is_trained_again_with_the_next_seeds(tiny_models, caplog):
@@ -321,4 +325,7 @@ def test_a_pairwise_judge_that_does_not_compare_is_trained_again_with_the_next_s
     seeds = [spec.seed + i for i in range(PAIRWISE_SEEDS_TRIED)]
     assert [int(s) for s in re.findall(r"judge-pairwise \(seed (\d+)\) on held-out pairs", caplog.text)] == seeds
     assert f"no seed of {seeds} learnt to compare two replies" in caplog.text
+    checks = model.pairwise_checks  # what the build writes beside the model
+    assert checks["kept_seed"] == seeds[-1] and [c["seed"] for c in checks["tried"]] == seeds
+    assert not any(c["held"] for c in checks["tried"])
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id

@@ -37,6 +37,7 @@ PAIRWISE_STEPS = 1000
 PAIRWISE_CHECK_DRAW = 29
 PAIRWISE_CHECK_MINIMUM = 0.9
 PAIRWISE_SEEDS_TRIED = 3
+PAIRWISE_CHECK_FILE = "pairwise_check.json"  # beside the pairwise judge: the seeds tried, their scores, the one kept
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,7 @@ def build_model(spec: TinySpec, tokenizer: Any, start: Any = None,
         logger.info("%s: %d reward steps, final loss %.3f", spec.name, spec.train_steps, loss)
         return model
     seeds = range(spec.seed, spec.seed + (PAIRWISE_SEEDS_TRIED if spec.train_on == "pairwise" else 1))
+    checks = []
     for seed in seeds:
         torch.manual_seed(seed)
         model = MistralForCausalLM(_model_config(spec, tokenizer))
@@ -370,6 +372,7 @@ def build_model(spec: TinySpec, tokenizer: Any, start: Any = None,
             break
         consistent, right = pairwise_judge_quality(model, tokenizer, PAIRWISE_CHECK_DRAW)
         held = min(consistent, right) >= PAIRWISE_CHECK_MINIMUM
+        checks.append({"seed": seed, "position_consistent": consistent, "right": right, "held": held})
         logger.info("%s (seed %d) on held-out pairs: position-consistent %.2f, right %.2f%s", spec.name, seed,
                     consistent, right, "" if held else f", under {PAIRWISE_CHECK_MINIMUM}")
         if held:
@@ -377,6 +380,9 @@ def build_model(spec: TinySpec, tokenizer: Any, start: Any = None,
     else:  # kept: the tests and the demo's checks name what it did not learn
         logger.warning("%s: no seed of %s learnt to compare two replies on this machine (docs/tiny-world.md)",
                        spec.name, list(seeds))
+    if checks:  # which seed was kept and why, written beside the model (``PAIRWISE_CHECK_FILE``)
+        model.pairwise_checks = {"draw": PAIRWISE_CHECK_DRAW, "minimum": PAIRWISE_CHECK_MINIMUM, "kept_seed": seed,
+                                 "tried": checks}
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -438,7 +444,9 @@ def _spec_json(spec: TinySpec) -> str:
 
 def _is_built(target: Path, spec: TinySpec) -> bool:
     spec_file = target / "tiny_spec.json"
-    return (target / "model.safetensors").exists() and spec_file.is_file() and spec_file.read_text() == _spec_json(spec)
+    recorded = spec_file.is_file() and spec_file.read_text() == _spec_json(spec)
+    return (target / "model.safetensors").exists() and recorded \
+        and (spec.train_on != "pairwise" or (target / PAIRWISE_CHECK_FILE).is_file())
 
 
 def _write_model(spec: TinySpec, tokenizer: Any, out: Path, start: Any = None,
@@ -456,6 +464,8 @@ def _write_model(spec: TinySpec, tokenizer: Any, out: Path, start: Any = None,
     spec_tokenizer.save_pretrained(tmp)
     tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
     (tmp / "tiny_spec.json").write_text(_spec_json(spec))
+    if hasattr(model, "pairwise_checks"):
+        (tmp / PAIRWISE_CHECK_FILE).write_text(json.dumps(model.pairwise_checks, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     n_params = sum(p.numel() for p in model.parameters())
