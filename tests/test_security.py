@@ -46,7 +46,7 @@ def test_recipes_cannot_construct_python_objects(tmp_path):
     assert not marker.exists()
 
 
-def test_a_chunked_body_over_the_limit_is_refused_before_the_app_reads_it(caplog):
+def test_a_chunked_body_over_the_limit_is_refused_before_the_app_reads_it(caplog, monkeypatch):
     """The Serve ingress's body limit (``serving.body_limit_middleware``, outermost) on an ASGI app: a chunked body
     (no Content-Length) over the limit gets 413 and the endpoint never runs (stopped mid-read, it logged the
     client's disconnect as an error with a traceback); one under the limit reaches it whole; a stated length
@@ -58,6 +58,7 @@ def test_a_chunked_body_over_the_limit_is_refused_before_the_app_reads_it(caplog
 
     from zephyr_ray.serving import body_limit_middleware
 
+    monkeypatch.delenv("ZEPHYR_RAY_NO_SUCH_KEY", raising=False)  # no key: every body is counted
     app, seen = FastAPI(), []
 
     @app.post("/echo")
