@@ -94,6 +94,13 @@ def test_every_round_is_evaluated_against_dsft_and_the_report_plots_them(rounds_
         assert exact["n"] == 16 and 0.0 <= exact["accuracy"] <= 1.0 and exact["interval"][0] <= exact["accuracy"]
         assert 0.0 <= win["win_rate"] <= 1.0 and win["interval"][0] <= win["win_rate"] <= win["interval"][1]
         assert row["exact_match_vs_sft"]["over"] == "sft" and row["pairs"] > 0
+        # the feedback judge scored every exact-match reply of the round (its model's and dSFT's), as in results.json
+        replies = [r for r in rows(run_dir / "rounds" / str(row["round"]) / "evaluate" / "exact_match") if r["reply"]]
+        agreement = row["judge_agreement"]
+        assert agreement["n"] + agreement["judge_failures"] == len(replies) > 0, agreement
+        assert agreement["rank_correlation"] is None or -1.0 <= agreement["rank_correlation"] <= 1.0
+        results = json.loads((run_dir / "rounds" / str(row["round"]) / "evaluate" / "results.json").read_text())
+        assert agreement["rank_correlation"] == results["judge_agreement"]["rank_correlation"]
     assert summary["sft_exact_match"]["n"] == 16
     # the dSFT model answers the same questions with the same seeds every time: each round takes its answers from
     # the recipe's own evaluation (which asked all 48 + 48; the rounds ask 8 + 16 of them) instead of an engine pass
@@ -104,6 +111,7 @@ def test_every_round_is_evaluated_against_dsft_and_the_report_plots_them(rounds_
         assert f"round {r}: the dSFT model's 24 answers are those of evaluate/answers/sft" in said, said
     assert (run_dir / "rounds" / "rounds.png").stat().st_size > 10_000
     report = write_report(run_dir, tmp_path / "report.html")
+    assert "feedback judge vs truth" in report.read_text()
     images = render_page(report.as_uri(), tmp_path / "report.png")
     assert "Rounds" in [alt for alt, _ in images], images
 

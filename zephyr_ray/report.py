@@ -220,12 +220,22 @@ def rounds_html(run_dir: Path) -> str:
         low, high = value.get("interval") or (None, None)
         return f"{value[key]:.1%}" + (f" [{low:.1%}, {high:.1%}]" if low is not None else "")
 
+    def agreement(row: dict) -> str:
+        found = row.get("judge_agreement") or {}
+        return "-" if found.get("rank_correlation") is None else f"{found['rank_correlation']:.2f} ({found['n']})"
+
     rows = "".join(f"<tr><td>{row['round']}</td><td>{row.get('prompts') or '-'}</td><td>{row.get('pairs') or '-'}"
                    f"</td><td>{percent(row.get('exact_match'))}</td>"
-                   f"<td>{percent(row.get('win_rate_vs_sft'), 'win_rate')}</td></tr>" for row in summary["rounds"])
+                   f"<td>{percent(row.get('win_rate_vs_sft'), 'win_rate')}</td><td>{agreement(row)}</td></tr>"
+                   for row in summary["rounds"])
     table = ("<table><tr><th>round</th><th>prompts</th><th>pairs</th><th>exact match [interval]</th><th>win rate vs "
-             "dSFT [interval]</th></tr><tr><td>dSFT</td><td></td><td></td>"
-             f"<td>{percent(summary.get('sft_exact_match'))}</td><td></td></tr>{rows}</table>")
+             "dSFT [interval]</th><th>feedback judge vs truth (rank correlation, replies)</th></tr><tr><td>dSFT</td>"
+             f"<td></td><td></td><td>{percent(summary.get('sft_exact_match'))}</td><td></td><td></td></tr>{rows}"
+             "</table>")
+    if any((row.get("judge_agreement") or {}).get("n") and row["judge_agreement"].get("rank_correlation") is None
+           for row in summary["rounds"]):
+        table += ('<p class="caption">feedback judge vs truth "-": no rank correlation, as every reply was right (or '
+                  "every one wrong) or the judge gave every reply the same score</p>")
     image = (f'<img alt="Rounds" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
              if png.is_file() else "")
     return f"<section><h2>Rounds</h2>{image}{table}</section>"

@@ -244,6 +244,12 @@ def round_metrics(run_dir: Path, round_number: int) -> dict[str, Any]:
         metrics["win_rate_vs_sft"] = ({key: pairwise.get(key) for key in
                                        ("win_rate", "interval", "wins", "ties", "losses", "position_consistency")}
                                       if pairwise else None)
+        # the feedback judge against the truth on this round's exact-match replies: a policy trained again and
+        # again on one judge's preferences can learn what the judge likes rather than what is right, and this
+        # falling from round to round is how that shows
+        agreement = results.get("judge_agreement") or {}
+        metrics["judge_agreement"] = ({key: agreement.get(key) for key in ("rank_correlation", "n", "judge_failures")}
+                                      if agreement else None)
     return metrics
 
 
@@ -258,9 +264,11 @@ def write_rounds_summary(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     plot_rounds(summary, run_dir / "rounds" / "rounds.png")
     for row in rounds:
         exact, win = row.get("exact_match") or {}, row.get("win_rate_vs_sft") or {}
-        logger.info("round %d: exact match %s, win rate vs dSFT %s (%s pairs)", row["round"],
-                    f"{exact['accuracy']:.1%}" if exact.get("accuracy") is not None else "-",
-                    f"{win['win_rate']:.1%}" if win.get("win_rate") is not None else "-", row.get("pairs"))
+        agreement = row.get("judge_agreement") or {}
+        logger.info("round %d: exact match %s, win rate vs dSFT %s (%s pairs), the feedback judge vs the truth %s",
+                    row["round"], f"{exact['accuracy']:.1%}" if exact.get("accuracy") is not None else "-",
+                    f"{win['win_rate']:.1%}" if win.get("win_rate") is not None else "-", row.get("pairs"),
+                    f"{agreement['rank_correlation']:.2f}" if agreement.get("rank_correlation") is not None else "-")
     return summary
 
 
