@@ -6,6 +6,7 @@ tiny-cpu-rounds.yaml runs the full size, and its numbers are in docs/tiny-world.
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -94,13 +95,19 @@ def test_every_round_is_evaluated_against_dsft_and_the_report_plots_them(rounds_
         assert exact["n"] == 16 and 0.0 <= exact["accuracy"] <= 1.0 and exact["interval"][0] <= exact["accuracy"]
         assert 0.0 <= win["win_rate"] <= 1.0 and win["interval"][0] <= win["win_rate"] <= win["interval"][1]
         assert row["exact_match_vs_sft"]["over"] == "sft" and row["pairs"] > 0
-        # the feedback judge scored every exact-match reply of the round (its model's and dSFT's), as in results.json
+        # the feedback judge scored every exact-match reply of the round (its model's and dSFT's), as in results.json;
+        # how it orders right above wrong is there when both kinds of reply are, and for the round's model alone
         replies = [r for r in rows(run_dir / "rounds" / str(row["round"]) / "evaluate" / "exact_match") if r["reply"]]
-        agreement = row["judge_agreement"]
+        agreement, own = row["judge_agreement"], row["judge_agreement"]["policy"]
         assert agreement["n"] + agreement["judge_failures"] == len(replies) > 0, agreement
-        assert agreement["rank_correlation"] is None or -1.0 <= agreement["rank_correlation"] <= 1.0
+        mixed = len({r["correct"] for r in replies}) == 2
+        assert (agreement["right_above_wrong"] is not None) == mixed and agreement["judge_failures"] == 0, agreement
+        assert agreement["right_above_wrong"] is None or 0.0 <= agreement["right_above_wrong"] <= 1.0
+        policy_replies = [r for r in replies if r["model"] == f"round-{row['round']}"]
+        assert (own["n"], own["right"]) == (len(policy_replies), sum(r["correct"] for r in policy_replies)), own
         results = json.loads((run_dir / "rounds" / str(row["round"]) / "evaluate" / "results.json").read_text())
-        assert agreement["rank_correlation"] == results["judge_agreement"]["rank_correlation"]
+        assert agreement["right_above_wrong"] == results["judge_agreement"]["right_above_wrong"]
+        assert own == results["judge_agreement"]["by_model"][f"round-{row['round']}"]
     assert summary["sft_exact_match"]["n"] == 16
     # the dSFT model answers the same questions with the same seeds every time: each round takes its answers from
     # the recipe's own evaluation (which asked all 48 + 48; the rounds ask 8 + 16 of them) instead of an engine pass
@@ -110,8 +117,17 @@ def test_every_round_is_evaluated_against_dsft_and_the_report_plots_them(rounds_
         assert sorted(a["set"] for a in answers) == ["exact_match"] * 16 + ["pairwise"] * 8
         assert f"round {r}: the dSFT model's 24 answers are those of evaluate/answers/sft" in said, said
     assert (run_dir / "rounds" / "rounds.png").stat().st_size > 10_000
+    from zephyr_ray.report import rounds_html
+
     report = write_report(run_dir, tmp_path / "report.html")
-    assert "feedback judge vs truth" in report.read_text()
+    section = rounds_html(run_dir)
+    assert section in report.read_text()
+    for row in summary["rounds"]:  # each round's last cell: how the judge ordered its replies, or why it cannot
+        agreement = row["judge_agreement"]
+        cell = (f"{agreement['right_above_wrong']:.0%}" if agreement["right_above_wrong"] is not None
+                else f"- (all {agreement['n']} replies right, or all wrong)")
+        (shown,) = re.findall(rf"<tr><td>{row['round']}</td>(?:<td>[^<]*</td>)*<td>([^<]*)</td></tr>", section)
+        assert shown.startswith(cell), (shown, cell)
     images = render_page(report.as_uri(), tmp_path / "report.png")
     assert "Rounds" in [alt for alt, _ in images], images
 

@@ -58,3 +58,22 @@ def test_rank_correlation_is_spearmans_rho_with_ties_averaged():
     assert rank_correlation([9, 9, 2, 1], [1, 1, 0, 0]) > 0.89
     assert rank_correlation([3, 2, 1], [1, 2, 3]) == -1.0
     assert rank_correlation([5, 5, 5], [0, 1, 1]) is None and rank_correlation([1], [1]) is None
+
+
+def test_right_above_wrong_is_the_share_of_pairs_in_order_whatever_the_balance_or_spread():
+    """The judge's ordering of right and wrong replies: the share of (right, wrong) pairs with the right one above,
+    ties half. A judge that separates the two perfectly scores 1.0 however many replies are right and however it
+    spreads its scores, where the rank correlation moves with both."""
+    import pytest
+
+    from zephyr_ray.statistics import rank_correlation, right_above_wrong
+
+    right = [True] * 83 + [False] * 13
+    spread = [float(100 + i) for i in range(83)] + [float(i) for i in range(13)]  # separated, every score its own
+    assert right_above_wrong(spread, right) == 1.0 and rank_correlation(spread, [float(r) for r in right]) < 0.7
+    assert right_above_wrong([1.0, 2.0], [True, False]) == 0.0 and right_above_wrong([3.0, 3.0], [True, False]) == 0.5
+    assert right_above_wrong([5.0, 1.0, 3.0], [True, False, False]) == 1.0
+    assert right_above_wrong([5.0, 1.0, 5.0], [True, False, False]) == 0.75  # one pair in order, one tied
+    assert right_above_wrong([4.0, 2.0], [True, True]) is None and right_above_wrong([], []) is None
+    with pytest.raises(ValueError, match="2 scores against 1"):
+        right_above_wrong([1.0, 2.0], [True])

@@ -161,8 +161,10 @@ def did_it_work_html(run_dir: Path, examples: int = 4) -> str:
                      f"{pairwise['position_consistency'] or 0:.0%}")
     agreement = results.get("judge_agreement") or {}
     if agreement.get("rank_correlation") is not None:
+        ordered = agreement.get("right_above_wrong")
+        in_order = f"; a right reply above a wrong one in {ordered:.0%} of pairs" if ordered is not None else ""
         notes.append(f"the feedback judge's scores vs the truth: rank correlation {agreement['rank_correlation']:.2f} "
-                     f"over {agreement['n']} exact-match replies")
+                     f"over {agreement['n']} exact-match replies{in_order}")
     replies: dict[str, dict[str, str]] = {}
     for row in read_rows(run_dir / "evaluate" / "exact_match") if is_complete(run_dir / "evaluate" / "exact_match") \
             else []:
@@ -221,21 +223,35 @@ def rounds_html(run_dir: Path) -> str:
         return f"{value[key]:.1%}" + (f" [{low:.1%}, {high:.1%}]" if low is not None else "")
 
     def agreement(row: dict) -> str:
+        """Right above wrong over the round's replies, its rank correlation and replies, then the policy's own."""
         found = row.get("judge_agreement") or {}
-        return "-" if found.get("rank_correlation") is None else f"{found['rank_correlation']:.2f} ({found['n']})"
+        if not found.get("n"):
+            return "-" if not found else "- (no reply scored)"
+        rho = found.get("rank_correlation")
+        if found.get("right_above_wrong") is None:  # with a rank correlation: an evaluation from before it was kept
+            return f"&rho; {rho:.2f} ({found['n']} replies)" if rho is not None else \
+                f"- (all {found['n']} replies right, or all wrong)"
+        text = f"{found['right_above_wrong']:.0%}" + (f", &rho; {rho:.2f}" if rho is not None else "") + \
+            f" ({found['n']} replies)"
+        own = found.get("policy") or {}
+        if own.get("n"):
+            text += "; the round's own: " + (f"{own['right_above_wrong']:.0%}" if own.get("right_above_wrong")
+                                             is not None else "-") + f" ({own['n'] - own['right']} wrong of {own['n']})"
+        return text
 
     rows = "".join(f"<tr><td>{row['round']}</td><td>{row.get('prompts') or '-'}</td><td>{row.get('pairs') or '-'}"
                    f"</td><td>{percent(row.get('exact_match'))}</td>"
                    f"<td>{percent(row.get('win_rate_vs_sft'), 'win_rate')}</td><td>{agreement(row)}</td></tr>"
                    for row in summary["rounds"])
     table = ("<table><tr><th>round</th><th>prompts</th><th>pairs</th><th>exact match [interval]</th><th>win rate vs "
-             "dSFT [interval]</th><th>feedback judge vs truth (rank correlation, replies)</th></tr><tr><td>dSFT</td>"
+             "dSFT [interval]</th><th>feedback judge: right reply above wrong (pairs)</th></tr><tr><td>dSFT</td>"
              f"<td></td><td></td><td>{percent(summary.get('sft_exact_match'))}</td><td></td><td></td></tr>{rows}"
              "</table>")
-    if any((row.get("judge_agreement") or {}).get("n") and row["judge_agreement"].get("rank_correlation") is None
-           for row in summary["rounds"]):
-        table += ('<p class="caption">feedback judge vs truth "-": no rank correlation, as every reply was right (or '
-                  "every one wrong) or the judge gave every reply the same score</p>")
+    table += ('<p class="caption">The feedback judge\'s scores of the round\'s exact-match replies (its model\'s and '
+              "dSFT's): the share of (right, wrong) pairs in which the right reply scores higher, ties half, with the "
+              "rank correlation; then the same on the round's model's replies alone. A judge that orders the new "
+              "policy's replies worse than before is one to check before another round trains on its preferences."
+              "</p>")
     image = (f'<img alt="Rounds" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
              if png.is_file() else "")
     return f"<section><h2>Rounds</h2>{image}{table}</section>"

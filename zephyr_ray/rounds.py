@@ -244,12 +244,14 @@ def round_metrics(run_dir: Path, round_number: int) -> dict[str, Any]:
         metrics["win_rate_vs_sft"] = ({key: pairwise.get(key) for key in
                                        ("win_rate", "interval", "wins", "ties", "losses", "position_consistency")}
                                       if pairwise else None)
-        # the feedback judge against the truth on this round's exact-match replies: a policy trained again and
-        # again on one judge's preferences can learn what the judge likes rather than what is right, and this
-        # falling from round to round is how that shows
+        # the feedback judge against the truth on this round's exact-match replies (the round's model's and the
+        # dSFT model's), and on the round's model's own: DPO repeated on one judge's preferences can teach what the
+        # judge likes rather than what is right, and a judge that orders the new policy's right and wrong replies
+        # worse than before is one to look at before another round trains on its preferences
         agreement = results.get("judge_agreement") or {}
-        metrics["judge_agreement"] = ({key: agreement.get(key) for key in ("rank_correlation", "n", "judge_failures")}
-                                      if agreement else None)
+        metrics["judge_agreement"] = ({**{key: agreement.get(key) for key in
+                                          ("right_above_wrong", "rank_correlation", "n", "judge_failures")},
+                                       "policy": (agreement.get("by_model") or {}).get(name)} if agreement else None)
     return metrics
 
 
@@ -265,10 +267,11 @@ def write_rounds_summary(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     for row in rounds:
         exact, win = row.get("exact_match") or {}, row.get("win_rate_vs_sft") or {}
         agreement = row.get("judge_agreement") or {}
-        logger.info("round %d: exact match %s, win rate vs dSFT %s (%s pairs), the feedback judge vs the truth %s",
-                    row["round"], f"{exact['accuracy']:.1%}" if exact.get("accuracy") is not None else "-",
+        logger.info("round %d: exact match %s, win rate vs dSFT %s (%s pairs), the feedback judge puts a right reply "
+                    "above a wrong one in %s of pairs", row["round"],
+                    f"{exact['accuracy']:.1%}" if exact.get("accuracy") is not None else "-",
                     f"{win['win_rate']:.1%}" if win.get("win_rate") is not None else "-", row.get("pairs"),
-                    f"{agreement['rank_correlation']:.2f}" if agreement.get("rank_correlation") is not None else "-")
+                    f"{agreement['right_above_wrong']:.0%}" if agreement.get("right_above_wrong") is not None else "-")
     return summary
 
 

@@ -45,3 +45,18 @@ def rank_correlation(xs: list[float], ys: list[float]) -> float | None:
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
     return cov / (vx * vy) ** 0.5 if vx and vy else None
+
+
+def right_above_wrong(scores: list[float], right: list[bool]) -> float | None:
+    """The share of (right, wrong) reply pairs in which the right reply has the higher score, a tie counting half
+    (the area under the ROC curve): 1.0 when every right reply outscores every wrong one, 0.5 for a coin. Unlike a
+    rank correlation with a right/wrong truth, it does not move with the share of right replies or with how a judge
+    spreads its scores within each side. None without both a right and a wrong reply."""
+    if len(scores) != len(right):
+        raise ValueError(f"{len(scores)} scores against {len(right)} truths")
+    good = [s for s, r in zip(scores, right, strict=True) if r]
+    bad = [s for s, r in zip(scores, right, strict=True) if not r]
+    if not good or not bad:
+        return None
+    ordered = sum(1.0 if g > b else 0.5 if g == b else 0.0 for g in good for b in bad)
+    return ordered / (len(good) * len(bad))

@@ -95,16 +95,26 @@ def agreement_of(judged: list[dict[str, Any]], recipe: Recipe, stage_dir: Path) 
     """``judge_agreement``'s numbers from the feedback judge's judgments of the exact-match replies."""
     from ..feedback.binarize import score_of
     from ..feedback.judge import judge_name
-    from ..statistics import rank_correlation
+    from ..statistics import rank_correlation, right_above_wrong
 
     cfg = recipe.judge
     correct = {(r["model"], r["question_id"]): r["correct"] for r in read_rows(stage_dir / "exact_match")
                if r["reply"]}
     way = recipe.binarize.score if recipe.binarize and cfg.kind in ("rubric", "openai") else "overall"
-    pairs = [(value, float(correct[(j["model"], j["prompt_id"])])) for j in judged
-             if (value := score_of(j, way)) is not None]
-    return {"judge": judge_name(cfg), "score": way, "n": len(pairs), "judge_failures": len(judged) - len(pairs),
-            "rank_correlation": rank_correlation([v for v, _ in pairs], [c for _, c in pairs]) if pairs else None}
+    scored = [(j["model"], value, bool(correct[(j["model"], j["prompt_id"])])) for j in judged
+              if (value := score_of(j, way)) is not None]
+
+    def ordering(rows: list[tuple[str, float, bool]]) -> float | None:
+        return right_above_wrong([v for _, v, _ in rows], [r for _, _, r in rows])
+
+    by_model = {}
+    for model in sorted({m for m, _, _ in scored}):  # a round's model's own replies, apart from the baseline's
+        rows = [x for x in scored if x[0] == model]
+        by_model[model] = {"n": len(rows), "right": sum(r for _, _, r in rows), "right_above_wrong": ordering(rows)}
+    return {"judge": judge_name(cfg), "score": way, "n": len(scored), "judge_failures": len(judged) - len(scored),
+            "rank_correlation": (rank_correlation([v for _, v, _ in scored], [float(r) for _, _, r in scored])
+                                 if scored else None),
+            "right_above_wrong": ordering(scored), "by_model": by_model}
 
 
 def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -158,8 +168,10 @@ def evaluation_summary(results: dict[str, Any]) -> str:
                          f"[{d['interval'][0]:+.1%}, {d['interval'][1]:+.1%}] (paired, {d['n']} questions)")
     agreement = results.get("judge_agreement")
     if agreement and agreement["rank_correlation"] is not None:
+        ordered = agreement.get("right_above_wrong")
         lines.append(f"feedback judge vs the truth: rank correlation {agreement['rank_correlation']:.2f} over "
-                     f"{agreement['n']} exact-match replies ({agreement['judge_failures']} not scored)")
+                     f"{agreement['n']} exact-match replies ({agreement['judge_failures']} not scored)"
+                     + (f", a right reply above a wrong one in {ordered:.0%} of pairs" if ordered is not None else ""))
     return "\n".join(lines)
 
 
