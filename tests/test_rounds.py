@@ -85,7 +85,8 @@ def test_each_round_samples_the_policy_of_the_round_before_and_pairs_best_with_w
 
 
 def test_every_round_is_evaluated_against_dsft_and_the_report_plots_them(rounds_run, tmp_path):
-    from zephyr_ray.report import write_report
+    from zephyr_ray.feedback.binarize import score_of
+    from zephyr_ray.report import rounds_html, write_report
 
     run_dir, _ = rounds_run
     summary = json.loads((run_dir / "rounds" / "summary.json").read_text())
@@ -100,12 +101,17 @@ def test_every_round_is_evaluated_against_dsft_and_the_report_plots_them(rounds_
         replies = [r for r in rows(run_dir / "rounds" / str(row["round"]) / "evaluate" / "exact_match") if r["reply"]]
         agreement, own = row["judge_agreement"], row["judge_agreement"]["policy"]
         assert agreement["n"] + agreement["judge_failures"] == len(replies) > 0, agreement
-        mixed = len({r["correct"] for r in replies}) == 2
-        assert (agreement["right_above_wrong"] is not None) == mixed and agreement["judge_failures"] == 0, agreement
-        assert agreement["right_above_wrong"] is None or 0.0 <= agreement["right_above_wrong"] <= 1.0
-        policy_replies = [r for r in replies if r["model"] == f"round-{row['round']}"]
-        assert (own["n"], own["right"]) == (len(policy_replies), sum(r["correct"] for r in policy_replies)), own
         results = json.loads((run_dir / "rounds" / str(row["round"]) / "evaluate" / "results.json").read_text())
+        correct = {(r["model"], r["question_id"]): r["correct"] for r in replies}
+        scored = [(j["model"], correct[(j["model"], j["prompt_id"])]) for j in rows(
+            run_dir / "rounds" / str(row["round"]) / "evaluate" / "judge_agreement")
+            if score_of(j, results["judge_agreement"]["score"]) is not None]
+        assert len(scored) == agreement["n"]
+        mixed = len({right for _, right in scored}) == 2
+        assert (agreement["right_above_wrong"] is not None) == mixed, agreement
+        assert agreement["right_above_wrong"] is None or 0.0 <= agreement["right_above_wrong"] <= 1.0
+        policy_scored = [right for model, right in scored if model == f"round-{row['round']}"]
+        assert (own["n"], own["right"]) == (len(policy_scored), sum(policy_scored)), own
         assert agreement["right_above_wrong"] == results["judge_agreement"]["right_above_wrong"]
         assert own == results["judge_agreement"]["by_model"][f"round-{row['round']}"]
     assert summary["sft_exact_match"]["n"] == 16
@@ -117,8 +123,6 @@ def test_every_round_is_evaluated_against_dsft_and_the_report_plots_them(rounds_
         assert sorted(a["set"] for a in answers) == ["exact_match"] * 16 + ["pairwise"] * 8
         assert f"round {r}: the dSFT model's 24 answers are those of evaluate/answers/sft" in said, said
     assert (run_dir / "rounds" / "rounds.png").stat().st_size > 10_000
-    from zephyr_ray.report import rounds_html
-
     report = write_report(run_dir, tmp_path / "report.html")
     section = rounds_html(run_dir)
     assert section in report.read_text()

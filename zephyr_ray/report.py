@@ -160,11 +160,11 @@ def did_it_work_html(run_dir: Path, examples: int = 4) -> str:
                      f"judge): {pairwise['win_rate']:.1%} {interval(pairwise)}; position consistency "
                      f"{pairwise['position_consistency'] or 0:.0%}")
     agreement = results.get("judge_agreement") or {}
-    if agreement.get("rank_correlation") is not None:
-        ordered = agreement.get("right_above_wrong")
+    if agreement.get("n"):
+        rho, ordered = agreement.get("rank_correlation"), agreement.get("right_above_wrong")
         in_order = f"; a right reply above a wrong one in {ordered:.0%} of pairs" if ordered is not None else ""
-        notes.append(f"the feedback judge's scores vs the truth: rank correlation {agreement['rank_correlation']:.2f} "
-                     f"over {agreement['n']} exact-match replies{in_order}")
+        notes.append(f"the feedback judge's scores vs the truth over {agreement['n']} exact-match replies: rank "
+                     f"correlation {'-' if rho is None else f'{rho:.2f}'}{in_order}")
     replies: dict[str, dict[str, str]] = {}
     for row in read_rows(run_dir / "evaluate" / "exact_match") if is_complete(run_dir / "evaluate" / "exact_match") \
             else []:
@@ -228,9 +228,10 @@ def rounds_html(run_dir: Path) -> str:
         if not found.get("n"):
             return "-" if not found else "- (no reply scored)"
         rho = found.get("rank_correlation")
-        if found.get("right_above_wrong") is None:  # with a rank correlation: an evaluation from before it was kept
-            return f"&rho; {rho:.2f} ({found['n']} replies)" if rho is not None else \
-                f"- (all {found['n']} replies right, or all wrong)"
+        if found.get("right_above_wrong") is None:
+            if found.get("policy") is None:  # an evaluation from before the share was kept: its correlation alone
+                return f"&rho; {rho:.2f} ({found['n']} replies)" if rho is not None else "-"
+            return f"- (all {found['n']} replies right, or all wrong)"
         text = f"{found['right_above_wrong']:.0%}" + (f", &rho; {rho:.2f}" if rho is not None else "") + \
             f" ({found['n']} replies)"
         own = found.get("policy") or {}
@@ -244,8 +245,8 @@ def rounds_html(run_dir: Path) -> str:
                    f"<td>{percent(row.get('win_rate_vs_sft'), 'win_rate')}</td><td>{agreement(row)}</td></tr>"
                    for row in summary["rounds"])
     table = ("<table><tr><th>round</th><th>prompts</th><th>pairs</th><th>exact match [interval]</th><th>win rate vs "
-             "dSFT [interval]</th><th>feedback judge: right reply above wrong (pairs)</th></tr><tr><td>dSFT</td>"
-             f"<td></td><td></td><td>{percent(summary.get('sft_exact_match'))}</td><td></td><td></td></tr>{rows}"
+             "dSFT [interval]</th><th>feedback judge: right reply above wrong (share of pairs; replies)</th></tr>"
+             f"<tr><td>dSFT</td><td></td><td></td><td>{percent(summary.get('sft_exact_match'))}</td><td></td><td></td></tr>{rows}"
              "</table>")
     table += ('<p class="caption">The feedback judge\'s scores of the round\'s exact-match replies (its model\'s and '
               "dSFT's): the share of (right, wrong) pairs in which the right reply scores higher, ties half, with the "

@@ -54,9 +54,10 @@ def right_above_wrong(scores: list[float], right: list[bool]) -> float | None:
     spreads its scores within each side. None without both a right and a wrong reply."""
     if len(scores) != len(right):
         raise ValueError(f"{len(scores)} scores against {len(right)} truths")
-    good = [s for s, r in zip(scores, right, strict=True) if r]
-    bad = [s for s, r in zip(scores, right, strict=True) if not r]
+    good = sum(1 for r in right if r)
+    bad = len(right) - good
     if not good or not bad:
         return None
-    ordered = sum(1.0 if g > b else 0.5 if g == b else 0.0 for g in good for b in bad)
-    return ordered / (len(good) * len(bad))
+    # Mann-Whitney: the right replies' rank sum (ties averaged) less the least it can be, over the pairs
+    rank_sum = sum(rank for rank, r in zip(ranks(scores), right, strict=True) if r)
+    return (rank_sum - good * (good + 1) / 2) / (good * bad)

@@ -51,8 +51,10 @@ def exact_match_results(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict
 
 def judge_agreement(recipe: Recipe, stage_dir: Path) -> dict[str, Any] | None:
     """Does the judge whose scores made the preference pairs know the right answer? The recipe's feedback judge
-    scores every exact-match reply (as it scored completions, by ``binarize.score``), and the Spearman rank
-    correlation of its scores with correctness says how much of the truth its preferences carried. None when the
+    scores every exact-match reply (as it scored completions, by ``binarize.score``): ``right_above_wrong``, the
+    share of (right, wrong) reply pairs it scores in the right order (ties half), and the Spearman rank correlation of
+    its scores with correctness say how much of the truth its preferences carried; ``by_model`` gives the share on
+    each model's replies alone (a trained model's, apart from a garbled base model's). None when the
     recipe has no judge (a preference dataset instead). Its judgments are read from ``judge_agreement/`` when a
     run wrote them (``save_agreement``), else scored here and written there."""
     if recipe.judge is None:
@@ -167,10 +169,11 @@ def evaluation_summary(results: dict[str, Any]) -> str:
             lines.append(f"  {d['model']} - {d['over']}: {d['difference']:+.1%} "
                          f"[{d['interval'][0]:+.1%}, {d['interval'][1]:+.1%}] (paired, {d['n']} questions)")
     agreement = results.get("judge_agreement")
-    if agreement and agreement["rank_correlation"] is not None:
-        ordered = agreement.get("right_above_wrong")
-        lines.append(f"feedback judge vs the truth: rank correlation {agreement['rank_correlation']:.2f} over "
-                     f"{agreement['n']} exact-match replies ({agreement['judge_failures']} not scored)"
+    if agreement and agreement["n"]:
+        rho, ordered = agreement["rank_correlation"], agreement.get("right_above_wrong")
+        lines.append(f"feedback judge vs the truth over {agreement['n']} exact-match replies "
+                     f"({agreement['judge_failures']} not scored): rank correlation "
+                     + ("-" if rho is None else f"{rho:.2f}")
                      + (f", a right reply above a wrong one in {ordered:.0%} of pairs" if ordered is not None else ""))
     return "\n".join(lines)
 
