@@ -138,6 +138,8 @@ def did_it_work_html(run_dir: Path, examples: int = 4) -> str:
     """The report's opening: exact match per model (the base model first) with intervals, the evaluated model's
     paired gains, the win rate, the feedback judge's agreement with the truth, and a few exact-match questions with
     each model's reply side by side. Empty before an evaluation with exact match has run."""
+    from .evaluate.results import agreement_line
+
     results_path = run_dir / "evaluate" / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     exact = results.get("exact_match") or {}
@@ -159,12 +161,8 @@ def did_it_work_html(run_dir: Path, examples: int = 4) -> str:
         notes.append(f"win rate {html.escape(pairwise['model'])} vs {html.escape(pairwise['opponent'])} (evaluation "
                      f"judge): {pairwise['win_rate']:.1%} {interval(pairwise)}; position consistency "
                      f"{pairwise['position_consistency'] or 0:.0%}")
-    agreement = results.get("judge_agreement") or {}
-    if agreement.get("n"):
-        rho, ordered = agreement.get("rank_correlation"), agreement.get("right_above_wrong")
-        in_order = f"; a right reply above a wrong one in {ordered:.0%} of pairs" if ordered is not None else ""
-        notes.append(f"the feedback judge's scores vs the truth over {agreement['n']} exact-match replies: rank "
-                     f"correlation {'-' if rho is None else f'{rho:.2f}'}{in_order}")
+    if line := agreement_line(results.get("judge_agreement")):
+        notes.append(line)
     replies: dict[str, dict[str, str]] = {}
     for row in read_rows(run_dir / "evaluate" / "exact_match") if is_complete(run_dir / "evaluate" / "exact_match") \
             else []:

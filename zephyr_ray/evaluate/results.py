@@ -168,14 +168,20 @@ def evaluation_summary(results: dict[str, Any]) -> str:
         if d["difference"] is not None:
             lines.append(f"  {d['model']} - {d['over']}: {d['difference']:+.1%} "
                          f"[{d['interval'][0]:+.1%}, {d['interval'][1]:+.1%}] (paired, {d['n']} questions)")
-    agreement = results.get("judge_agreement")
-    if agreement and agreement["n"]:
-        rho, ordered = agreement["rank_correlation"], agreement.get("right_above_wrong")
-        lines.append(f"feedback judge vs the truth over {agreement['n']} exact-match replies "
-                     f"({agreement['judge_failures']} not scored): rank correlation "
-                     + ("-" if rho is None else f"{rho:.2f}")
-                     + (f", a right reply above a wrong one in {ordered:.0%} of pairs" if ordered is not None else ""))
+    if line := agreement_line(results.get("judge_agreement")):
+        lines.append(line)
     return "\n".join(lines)
+
+
+def agreement_line(agreement: dict[str, Any] | None) -> str | None:
+    """``judge_agreement`` in one line (the terminal's summary, the report's "Did it work?"); None when no reply was
+    scored."""
+    if not agreement or not agreement["n"]:
+        return None
+    rho, ordered = agreement["rank_correlation"], agreement.get("right_above_wrong")
+    return (f"feedback judge vs the truth over {agreement['n']} exact-match replies ({agreement['judge_failures']} "
+            f"not scored): rank correlation {'-' if rho is None else f'{rho:.2f}'}"
+            + (f", a right reply above a wrong one in {ordered:.0%} of pairs" if ordered is not None else ""))
 
 
 
