@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,19 +57,31 @@ def function_id(nodeid: str) -> str:
     return nodeid.split("[", 1)[0].rsplit("/", 1)[-1]
 
 
+def test_functions(tests: Path):
+    """(file::function, its ast node) of every test module's top-level function in tests/test_*.py."""
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield f"{path.name}::{node.name}", node
+
+
 def registered_cases(tests: Path) -> dict[str, Case]:
     """Every test function marked `@pytest.mark.reliability(kind, case)` in tests/test_*.py, by function id."""
     cases = {}
-    for path in sorted(tests.glob("test_*.py")):
-        for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            for decorator in node.decorator_list:
-                if isinstance(decorator, ast.Call) and ast.unparse(decorator.func) == "pytest.mark.reliability":
-                    kind, case = (ast.literal_eval(arg) for arg in decorator.args[:2])
-                    test = f"{path.name}::{node.name}"
-                    cases[test] = Case(kind, case, test)
+    for test, node in test_functions(tests):
+        for decorator in node.decorator_list:
+            if isinstance(decorator, ast.Call) and ast.unparse(decorator.func) == "pytest.mark.reliability":
+                kind, case = (ast.literal_eval(arg) for arg in decorator.args[:2])
+                cases[test] = Case(kind, case, test)
     return cases
+
+
+def unmarked_recorders(tests: Path, registered: dict[str, Case]) -> list[str]:
+    """Tests that call record_reliability without the mark: the page would miss their case whenever they fail
+    before recording or are not run."""
+    return [test for test, node in test_functions(tests) if test not in registered and any(
+        isinstance(call, ast.Call) and getattr(call.func, "id", None) == "record_reliability"
+        for call in ast.walk(node))]
 
 
 def read_run(log: Path) -> tuple[dict | None, list[dict]]:
@@ -143,9 +156,9 @@ def summary(run: dict | None, lines: list[dict], cases: list[Case]) -> str:
             f"at commit `{commit}`, {ended}. {len(cases)} cases: {tally}.\n")
 
 
-def page(log: Path, tests: Path) -> str:
+def page(log: Path, registry: dict[str, Case]) -> str:
     run, lines = read_run(log)
-    cases = collect(lines, registered_cases(tests))
+    cases = collect(lines, registry)
     return HEADER + summary(run, lines, cases) + "\n" + table(cases)
 
 
@@ -155,7 +168,11 @@ if __name__ == "__main__":
     parser.add_argument("--out", help="write the page here instead of printing it")
     parser.add_argument("--tests", default=str(REPO / "tests"), help="where the marked tests are (default: tests/)")
     args = parser.parse_args()
-    text = page(Path(args.log), Path(args.tests))
+    registry = registered_cases(Path(args.tests))
+    for test in unmarked_recorders(Path(args.tests), registry):
+        print(f"warning: {test} calls record_reliability but has no @pytest.mark.reliability(kind, case): "
+              "the page lists its case only when it records", file=sys.stderr)
+    text = page(Path(args.log), registry)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     else:

@@ -1,8 +1,11 @@
 """scripts/reliability_table.py and the run log tests/conftest.py writes: each row says what the run that wrote the
-page saw (passed, failed, skipped, not run), never an older run's record. Fast: no engines."""
+page saw (passed, failed, skipped, not run), never an older run's record. Fast: no engines.
 
-import ast
-import importlib.util
+The script runs as CI runs it, in a process of its own. In-process, its `ast.parse` could meet another thread's:
+CPython 3.11 counts the AST constructor's recursion per interpreter, not per thread, and a test process holding Ray
+may format a traceback (which parses source lines) in a background thread at any moment; the two then fail with
+"SystemError: AST constructor recursion depth mismatch" (seen once in CI, in the test that reads every test file)."""
+
 import json
 import os
 import subprocess
@@ -11,9 +14,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-spec = importlib.util.spec_from_file_location("reliability_table", REPO / "scripts" / "reliability_table.py")
-reliability_table = sys.modules["reliability_table"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reliability_table)
+SCRIPT = REPO / "scripts" / "reliability_table.py"
 
 CASES = '''
 import pytest
@@ -52,6 +53,18 @@ def write_log(path: Path, *lines: dict) -> None:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+def run_script(log: Path, tests: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(SCRIPT), str(log), "--tests", str(tests)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def page_for(log: Path, tests: Path) -> str:
+    """The page the script prints for this log and these tests."""
+    return run_script(log, tests).stdout
+
+
 def test_a_passed_a_failed_and_a_case_not_run_give_three_rows_with_those_statuses(tmp_path):
     (tmp_path / "test_cases.py").write_text(CASES)
     run = {"type": "run", "run": "r2", "started": "2026-12-01T10:00:00+00:00", "commit": "0123456789abcdef",
@@ -64,7 +77,7 @@ def test_a_passed_a_failed_and_a_case_not_run_give_three_rows_with_those_statuse
               {"type": "outcome", "run": "r2", "test": "tests/test_cases.py::test_fails", "when": "call",
                "outcome": "failed", "message": "AssertionError: the check broke"},
               {"type": "end", "run": "r2", "finished": "2026-12-01T10:05:00+00:00", "exitstatus": 1})
-    page = reliability_table.page(tmp_path / "log.jsonl", tmp_path)
+    page = page_for(tmp_path / "log.jsonl", tmp_path)
     found = rows(page)
     assert len(found) == 3, page  # test_not_a_case is no case
     passed, failed, not_run = found["`test_passes`"], found["`tests/test_cases.py::test_fails`"], \
@@ -89,13 +102,13 @@ def test_an_older_runs_record_is_not_shown_as_this_runs(tmp_path):
               {"type": "run", "run": "r2", "started": "2026-12-01T10:00:00+00:00", "commit": "abc"},
               {"type": "outcome", "run": "r2", "test": "tests/test_cases.py::test_fails", "when": "call",
                "outcome": "failed", "message": "AssertionError: broke"})
-    found = rows(reliability_table.page(tmp_path / "log.jsonl", tmp_path))
+    found = rows(page_for(tmp_path / "log.jsonl", tmp_path))
     assert found["`test_not_run_here`"][0] == "**not run**"
     assert found["`tests/test_cases.py::test_fails`"][0] == "**failed**"
     assert "(old)" not in str(found) and "(r1)" not in str(found)
     # a log with no run at all: every case not run, none passed
     write_log(tmp_path / "old.jsonl", old_format)
-    page = reliability_table.page(tmp_path / "old.jsonl", tmp_path)
+    page = page_for(tmp_path / "old.jsonl", tmp_path)
     assert {row[0] for row in rows(page).values()} == {"**not run**"} and "No test run logged" in page
 
 
@@ -110,7 +123,7 @@ def test_a_parametrized_case_fails_if_any_of_its_tests_fails_and_a_skip_is_shown
                "outcome": "failed", "message": "RuntimeError: no engine"},
               {"type": "outcome", "run": "r", "test": "x/test_cases.py::test_fails", "when": "setup",
                "outcome": "skipped", "message": "needs a GPU"})
-    found = rows(reliability_table.page(tmp_path / "log.jsonl", tmp_path))
+    found = rows(page_for(tmp_path / "log.jsonl", tmp_path))
     assert found["`x/test_cases.py::test_passes[b]`"][0] == "**failed**"
     assert "setup failed: RuntimeError: no engine" in found["`x/test_cases.py::test_passes[b]`"][3]
     assert found["`test_fails`"][:4] == ["**skipped**", "hostile input", "bad bytes", "skipped: needs a GPU"]
@@ -136,24 +149,26 @@ def test_conftest_logs_a_fresh_run_with_each_outcome(tmp_path):
     assert "stale" not in log.read_text()
     outcomes = {(line["test"].split("::")[-1], line["outcome"]) for line in lines if line["type"] == "outcome"}
     assert outcomes == {("test_passes", "passed"), ("test_fails", "failed")}
-    page = reliability_table.page(log, cases)
+    page = page_for(log, cases)
     statuses = {test: row[0] for test, row in rows(page).items()}
     assert statuses == {"`test_passes`": "**passed**", "`cases/test_cases.py::test_fails`": "**failed**",
                         "`test_not_run_here`": "**not run**"}, page
     assert "the check broke" in page
 
 
-def test_every_test_that_records_a_case_is_marked_as_one():
+def test_every_test_that_records_a_case_is_marked_as_one(tmp_path):
     """A test calling record_reliability carries `@pytest.mark.reliability(kind, case)`, so the page lists its
-    case even when the test fails before recording or does not run."""
-    registered = reliability_table.registered_cases(REPO / "tests")
-    unmarked = []
-    for path in sorted((REPO / "tests").glob("test_*.py")):
-        for node in ast.parse(path.read_text()).body:
-            calls = isinstance(node, ast.FunctionDef) and any(
-                isinstance(call, ast.Call) and getattr(call.func, "id", None) == "record_reliability"
-                for call in ast.walk(node))
-            if calls and f"{path.name}::{node.name}" not in registered:
-                unmarked.append(f"{path.name}::{node.name}")
-    assert not unmarked, f"mark these @pytest.mark.reliability(kind, case): {unmarked}"
-    assert len(registered) >= 19
+    case even when the test fails before recording or does not run; the script warns about any that does not."""
+    empty_log = tmp_path / "none.jsonl"
+    empty_log.write_text("")
+    ours = run_script(empty_log, REPO / "tests")
+    assert "warning" not in ours.stderr, ours.stderr
+    assert len(rows(ours.stdout)) >= 19
+    (tmp_path / "test_cases.py").write_text(CASES + '''
+
+def test_records_unmarked():
+    record_reliability("fault", "a node lost", "it came back", "nothing")
+''')
+    warned = run_script(empty_log, tmp_path).stderr
+    assert "test_cases.py::test_records_unmarked calls record_reliability" in warned
+    assert warned.count("warning") == 1, warned  # the three marked tests are not named
