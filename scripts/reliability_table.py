@@ -7,6 +7,7 @@ so a case whose test was not collected is listed too). Each row says what the ru
 (with what the test recorded), failed (with the test id and the error), skipped, or not run. The log holds one run:
 conftest.py starts it afresh at each test session with a header line (run id, time, commit); any line of another
 run (or one of the older format, without a run id) is not this run's and is ignored.
+A test that calls record_reliability without the mark is named in a warning on stderr.
 """
 
 from __future__ import annotations
