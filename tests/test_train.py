@@ -1,7 +1,8 @@
 """dSFT and dDPO on Ray Train with TRL under DeepSpeed ZeRO-3, on 2 CPU workers and the tiny models.
 
 The training data are the tiny corpus' dialogues (the teacher's own), as a finished `synthesize` output; the
-preference pairs are each reply against a shuffled copy of it. The first 8 dialogues are held out of both.
+preference pairs are each reply against a shuffled copy of it. The first 12 dialogues are held out of both, so
+32 train: four global batches of 8 an epoch, whole on any number of ranks.
 """
 
 import json
@@ -18,7 +19,7 @@ from zephyr_ray.stages import run_stage
 from zephyr_ray.tiny import load_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-HELD_OUT = 8
+HELD_OUT = 12
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
 
 
@@ -44,9 +45,7 @@ def trained(tiny_models, ray_local, tmp_path_factory):
     fault test below): one training run serves the fault test and every test of what training makes."""
     import os
     import signal
-    import subprocess
     import sys
-    import time
 
     import ray
 
@@ -73,16 +72,10 @@ def trained(tiny_models, ray_local, tmp_path_factory):
     recipe = load_recipe(tmp / "recipe.yaml")
 
     log_path = tmp / "train_sft.log"
-    with open(log_path, "w") as log:  # its build cache empty, as on a machine that never trained
-        job = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "stage", "train_sft", str(tmp / "recipe.yaml"),
-                                "--run-dir", str(run_dir), "--address", ray_local.address], stdout=log,
-                               stderr=subprocess.STDOUT, cwd=REPO,
-                               env={**os.environ, "ZEPHYR_RAY_CACHE": str(tmp / "fresh-cache")})
-    deadline = time.time() + 600
-    while not registered_checkpoints(run_dir):
-        assert job.poll() is None, log_path.read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint was ever reported"
-        time.sleep(0.2)
+    command = [sys.executable, "-m", "zephyr_ray.cli", "stage", "train_sft", str(tmp / "recipe.yaml"), "--run-dir",
+               str(run_dir), "--address", ray_local.address]
+    job = start_until_checkpoint(command, run_dir, log_path,  # its build cache empty, as on a fresh machine
+                                 env={**os.environ, "ZEPHYR_RAY_CACHE": str(tmp / "fresh-cache")})
     victim = next(line["pid"] for line in attempts(run_dir, "train_sft") if line["rank"] == 1)
     os.kill(victim, signal.SIGKILL)
     assert job.wait(timeout=900) == 0, log_path.read_text()[-3000:]
@@ -234,6 +227,22 @@ def registered_checkpoints(run: Path) -> int:
         return 0
 
 
+def start_until_checkpoint(command: list[str], run: Path, log_path: Path, env: dict | None = None):
+    """Start a `zephyr-ray stage train_sft` command (its output to ``log_path``); return its process once Ray Train
+    has registered the run's first checkpoint."""
+    import subprocess
+    import time
+
+    with open(log_path, "w") as log:
+        job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    deadline = time.time() + 600
+    while not registered_checkpoints(run):
+        assert job.poll() is None, log_path.read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint was ever reported"
+        time.sleep(0.2)
+    return job
+
+
 def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -321,8 +330,6 @@ def test_two_ranks_on_two_nodes_survive_losing_a_node_and_write_each_checkpoint_
     killed): one node's CPU cannot hold the group, so training waits until a fresh node joins (capacity returning,
     as an autoscaler brings it), then both ranks resume from the checkpoint. ZeRO-3 across the nodes, every
     checkpoint written once (the storage holds the kept ones and little else), the exported model complete."""
-    import subprocess
-    import time
 
     from ray.cluster_utils import Cluster
 
@@ -332,13 +339,7 @@ def test_two_ranks_on_two_nodes_survive_losing_a_node_and_write_each_checkpoint_
         nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         run, command = sft_stage(trained, tmp_path, cluster.address, num_epochs=4, save_steps=5, max_failures=2)
-        with open(tmp_path / "stage.log", "w") as log:
-            job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.time() + 600
-        while not registered_checkpoints(run):
-            assert job.poll() is None, (tmp_path / "stage.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint was ever reported"
-            time.sleep(0.2)
+        job = start_until_checkpoint(command, run, tmp_path / "stage.log")
         rank1_node = next(line["node_id"] for line in attempts(run, "train_sft") if line["rank"] == 1)
         cluster.remove_node(next(n for n in nodes if n.node_id == rank1_node), allow_graceful=False)
         fresh = cluster.add_node(num_cpus=1)
@@ -367,3 +368,68 @@ def test_two_ranks_on_two_nodes_survive_losing_a_node_and_write_each_checkpoint_
                        f"when a fresh node joined: both ranks resumed at step "
                        f"{starts[0][1]} (the last checkpoint) on 2 nodes and finished at step {metrics['step']}",
                        f"nothing: the {starts[0][1]} checkpointed steps were not redone, no step was skipped")
+
+
+@pytest.mark.fault
+@pytest.mark.reliability("fault", "a training job stopped after a checkpoint, resubmitted on fewer workers "
+                                  "(train_sft, ZeRO-3, 2 -> 1)")
+def test_a_job_resubmitted_on_fewer_workers_trains_as_an_uninterrupted_run(trained, tmp_path, ray_local):
+    """A node is lost for good: the user stops the job after its first checkpoint and submits it again with
+    `num_workers: 1`. DeepSpeed cannot load two ranks' ZeRO-3 shards into one, so the stage converts the checkpoint
+    to DeepSpeed's universal format and resumes from it: at the checkpoint's step, with its optimizer state and the
+    same rows per step (the recipe's global batch), every later step's loss and the final weights those of the
+    fixture's run, which trained the same recipe on 2 ranks throughout (its own resume was at the same size)."""
+    import subprocess
+    import time
+
+    import psutil
+    import torch
+    from safetensors.torch import load_file
+
+    _, reference, _, _ = trained
+    run, command = sft_stage(trained, tmp_path, ray_local.address)
+    job = start_until_checkpoint(command, run, tmp_path / "two-ranks.log")
+    job.kill()
+    job.wait()
+    deadline = time.time() + 120
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while any(alive(line["pid"]) for line in attempts(run, "train_sft")):
+        assert time.time() < deadline, "the stopped job's workers never exited"
+        time.sleep(0.5)
+    data = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    data["hardware"]["num_workers"] = 1
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    lines = attempts(run, "train_sft")
+    first = [line for line in lines if line["world_size"] == 2]
+    (last,) = [line for line in lines if line["world_size"] == 1]
+    assert sorted(line["rank"] for line in first) == [0, 1] and len(lines) == 3, lines
+    assert last["global_step_at_start"] % 10 == 0 and 0 < last["global_step_at_start"] < last["max_steps"], last
+    assert last["params_held"] == last["params_total"], "one rank holds every parameter"
+
+    def losses(run_dir: Path) -> dict[int, float]:
+        history = json.loads((run_dir / "train_sft" / "log_history.json").read_text())
+        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+    ours, theirs = losses(run), losses(reference)
+    assert sorted(ours) == sorted(theirs) == list(range(1, last["max_steps"] + 1))
+    after = range(last["global_step_at_start"] + 1, last["max_steps"] + 1)
+    worst = max(abs(ours[step] - theirs[step]) / abs(theirs[step]) for step in after)
+    assert worst < 1e-5, {step: (ours[step], theirs[step]) for step in after}
+    weights, expected = (load_file(d / "train_sft" / "model" / "model.safetensors") for d in (run, reference))
+    drift = max((weights[name] - expected[name]).abs().max().item() for name in expected)
+    assert drift < 1e-5 and set(weights) == set(expected), drift
+    assert torch.isfinite(weights["lm_head.weight"]).all()
+    record_reliability("fault", "a training job stopped after a checkpoint, resubmitted on fewer workers "
+                                "(train_sft, ZeRO-3, 2 -> 1)",
+                       f"the step-{last['global_step_at_start']} checkpoint of 2 ranks loaded into 1 as a universal "
+                       f"checkpoint; steps {after.start}-{after.stop - 1} trained with the loss of an uninterrupted "
+                       f"run (largest relative difference {worst:.1e}), final weights within {drift:.1e}",
+                       "nothing: no step redone or skipped, the optimizer state carried over")

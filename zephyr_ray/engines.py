@@ -346,12 +346,13 @@ def vllm_processor_config(engine: Engine, hardware: Hardware, sharing: int = 1, 
     return vLLMEngineProcessorConfig(**options)
 
 
-def deepspeed_config(training: Any, hardware: Hardware) -> dict[str, Any]:
+def deepspeed_config(training: Any, hardware: Hardware, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config for a training section. Batch sizes, learning rate and clipping are "auto": the HF
     Trainer fills them from its own arguments, so the recipe states each number once.
 
     ZeRO-3 gathers the full 16-bit weights when the Trainer saves, so every checkpoint holds a plain HF model
-    beside the per-rank optimizer shards. bf16 on GPU when the recipe asks for it; fp32 on CPU.
+    beside the per-rank optimizer shards. bf16 on GPU when the recipe asks for it; fp32 on CPU. ``load_universal``:
+    resume from the universal form of a checkpoint saved by another number of ranks (``train.loop``).
     """
     config: dict[str, Any] = {
         "train_batch_size": "auto",
@@ -367,6 +368,8 @@ def deepspeed_config(training: Any, hardware: Hardware) -> dict[str, Any]:
         config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=True,
                                            stage3_param_persistence_threshold="auto",
                                            stage3_prefetch_bucket_size="auto", reduce_bucket_size="auto")
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return config
 
 

@@ -18,9 +18,9 @@ from ..data import is_complete
 from ..stage import StageResult, Timer, already_done, stage_section
 from .loop import (
     finish,
-    latest_hf_checkpoint,
     load_tokenizer,
     loop_config,
+    resume_checkpoint,
     run_torch_trainer,
     train_with_ray,
     trainer_arguments,
@@ -42,7 +42,9 @@ def dpo_worker(config: dict[str, Any]) -> None:
     recipe: Recipe = config["recipe"]
     cfg = recipe.train_dpo
     extra, tokenizer, train = worker_inputs(config, cfg)
-    args = DPOConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra, **dpo_arguments(cfg)))
+    resume_from, universal = resume_checkpoint()
+    args = DPOConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra, universal,
+                                         **dpo_arguments(cfg)))
     reference = None
     if cfg.reference:  # loaded as TRL loads its default reference (after DPOConfig: under ZeRO-3 it is sharded)
         from trl.trainer.utils import create_model_from_path
@@ -50,7 +52,7 @@ def dpo_worker(config: dict[str, Any]) -> None:
         reference = create_model_from_path(cfg.reference, **{**(args.model_init_kwargs or {}), "device_map": None})
     trainer = DPOTrainer(model=config["model"], ref_model=reference, args=args,
                          train_dataset=train.select_columns(["chosen", "rejected"]), processing_class=tokenizer)
-    train_with_ray(trainer, latest_hf_checkpoint(), config)
+    train_with_ray(trainer, resume_from, config, universal)
 
 
 def split_by_prompt_length(preferences: Path, tokenizer: Any, max_prompt_length: int, kept: Path,

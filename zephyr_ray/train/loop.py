@@ -108,9 +108,10 @@ def model_init_kwargs(training: Training, hardware: Hardware) -> dict[str, Any]:
 
 
 def trainer_arguments(training: Training, hardware: Hardware, output_dir: str, extra: dict[str, Any],
-                      **stage_args: Any) -> dict:
+                      load_universal: bool = False, **stage_args: Any) -> dict:
     """TrainingArguments fields for TRL's SFTConfig/DPOConfig from a recipe section and the stage's own fields
-    (``stage_args``: SFT's packing, DPO's beta, ...); ``trl_args`` win over all of them."""
+    (``stage_args``: SFT's packing, DPO's beta, ...); ``trl_args`` win over all of them. ``load_universal``: the
+    checkpoint to resume from is a universal one (``resume_checkpoint``)."""
     from ..engines import deepspeed_config
 
     per_device, accumulation = derive_batch(training.global_batch_size, hardware.num_workers,
@@ -124,7 +125,8 @@ def trainer_arguments(training: Training, hardware: Hardware, output_dir: str, e
                 data_seed=training.seed, logging_steps=1, save_strategy="steps", save_steps=training.save_steps,
                 save_only_model=False, report_to=list(training.report_to), disable_tqdm=True, dataloader_num_workers=0,
                 model_init_kwargs=model_init_kwargs(training, hardware),
-                deepspeed=deepspeed_config(training, hardware) if training.zero_stage else None, **extra)
+                deepspeed=deepspeed_config(training, hardware, load_universal) if training.zero_stage else None,
+                **extra)
     args.update(stage_args)
     args.update(training.trl_args)
     return args
@@ -236,6 +238,88 @@ def latest_hf_checkpoint() -> str | None:
     return path
 
 
+def resume_checkpoint() -> tuple[str | None, bool]:
+    """(the HF checkpoint this worker restarts from, or None; whether DeepSpeed must load it as a universal one).
+
+    DeepSpeed loads ZeRO shards only into as many ranks as wrote them. When the worker group differs in size from
+    the one that saved the checkpoint (a job resubmitted with fewer workers after a node was lost for good, or with
+    more), rank 0 converts the checkpoint once to DeepSpeed's universal format, beside its shards, while the other
+    ranks wait; every rank then loads that (``checkpoint.load_universal``). Training resumes at the checkpoint's
+    step with its optimizer and scheduler state; the recipe's ``global_batch_size`` is kept across world sizes (the
+    per-device batch and accumulation are derived from it), so each later step trains the rows it would have. (Not
+    the last step of an epoch whose rows do not fill it: accelerate evens out the ranks' last batches by repeating
+    rows, one rank does not, so that step differs between world sizes.)"""
+    import torch.distributed as dist
+
+    path = latest_hf_checkpoint()
+    saved = saved_world_size(Path(path)) if path else None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved is None or saved == world:
+        return path, False
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.info("the checkpoint %s was saved by %d ranks, this group has %d: loading it as a universal "
+                    "checkpoint", path, saved, world)
+        convert_to_universal(Path(path))
+    if dist.is_initialized():
+        dist.barrier()
+    return path, True
+
+
+def saved_world_size(checkpoint: Path) -> int | None:
+    """How many data-parallel ranks wrote the DeepSpeed state in an HF checkpoint (one ZeRO optimizer shard each),
+    or None when it holds none (trained without DeepSpeed)."""
+    latest = checkpoint / "latest"
+    if not latest.is_file():
+        return None
+    shards = list((checkpoint / latest.read_text().strip()).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return len(shards) or None
+
+
+def convert_to_universal(checkpoint: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` on the checkpoint's ZeRO state, into ``<tag>_universal`` beside it, named by
+    ``latest_universal``; run in a process of its own (it forks workers), written under a temporary name and
+    renamed, so a conversion cut short is redone and one done on an earlier start is reused."""
+    import subprocess
+    import sys
+
+    tag = (checkpoint / "latest").read_text().strip()
+    target, pointer = checkpoint / f"{tag}_universal", checkpoint / "latest_universal"
+    if target.is_dir() and pointer.is_file() and pointer.read_text().strip() == target.name:
+        return
+    scratch = checkpoint / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(checkpoint / tag), "--output_folder", str(scratch), "--inject_missing_state"],
+                          capture_output=True, text=True)
+    logger.info("ds_to_universal on %s:\n%s", checkpoint / tag, done.stdout[-5000:] + done.stderr[-5000:])
+    if done.returncode != 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise RuntimeError(f"converting {checkpoint / tag} to a universal checkpoint failed (exit {done.returncode}):"
+                           f" {done.stderr.strip().splitlines()[-1:] or done.stdout[-500:]}")
+    shutil.rmtree(target, ignore_errors=True)
+    scratch.rename(target)
+    write_text_atomic(pointer, target.name)
+
+
+def untie_optimizer_steps_callback() -> Any:
+    """After DeepSpeed loads a universal ZeRO-3 checkpoint, the Adam state of every optimizer sub-group holds the
+    same ``step`` tensor (its loader assigns one object to each), which PyTorch's Adam advances in place once per
+    sub-group and step: the later sub-groups' bias correction runs ahead. Seen here: at the first step after such a
+    resume the norm weights (the second sub-group) moved differently from an uninterrupted run, the other weights
+    alike. Each sub-group gets its own copy before the first step."""
+    import torch
+    from transformers import TrainerCallback
+
+    class UntieOptimizerSteps(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+            while hasattr(optimizer, "optimizer"):  # accelerate's wrapper -> DeepSpeed's ZeRO -> the torch optimizer
+                optimizer = optimizer.optimizer
+            for param_state in getattr(optimizer, "state", {}).values():
+                if torch.is_tensor(param_state.get("step")):
+                    param_state["step"] = param_state["step"].clone()
+
+    return UntieOptimizerSteps()
+
+
 def report_checkpoint_once() -> Any:
     """After each save, every rank reports to Ray Train (a barrier: all ranks have written their shards) and rank 0
     alone registers the checkpoint directory, already in the experiment directory, without copying it.
@@ -260,10 +344,13 @@ def report_checkpoint_once() -> Any:
     return ReportCheckpointOnce()
 
 
-def train_with_ray(trainer: Any, resume_from: str | None, config: dict[str, Any]) -> None:
-    """Report checkpoints to Ray Train, resume from ``resume_from``, train."""
+def train_with_ray(trainer: Any, resume_from: str | None, config: dict[str, Any], universal: bool = False) -> None:
+    """Report checkpoints to Ray Train, resume from ``resume_from`` (a universal checkpoint with ``universal``),
+    train."""
     from ray.train.huggingface.transformers import prepare_trainer
 
+    if universal:
+        trainer.add_callback(untie_optimizer_steps_callback())
     trainer.add_callback(attempt_log_callback(config["record_dir"], config.get("rss_before_model_mib")))
     trainer.add_callback(ray_metrics_callback(config["stage"]))
     trainer.add_callback(save_at_end_callback())

@@ -17,8 +17,8 @@ from ..data import is_complete, read_contract
 from ..stage import StageResult, Timer, already_done, stage_section
 from .loop import (
     finish,
-    latest_hf_checkpoint,
     loop_config,
+    resume_checkpoint,
     run_torch_trainer,
     train_with_ray,
     trainer_arguments,
@@ -28,11 +28,12 @@ from .loop import (
 logger = logging.getLogger(__name__)
 
 
-def sft_config(cfg: TrainSFTConfig, hardware: Hardware, output_dir: str, extra: dict[str, Any], tokenizer: Any) -> Any:
+def sft_config(cfg: TrainSFTConfig, hardware: Hardware, output_dir: str, extra: dict[str, Any], tokenizer: Any,
+               load_universal: bool = False) -> Any:
     """TRL's SFTConfig for a recipe's train_sft section (the recipe's ``trl_args`` win over every field)."""
     from trl import SFTConfig
 
-    return SFTConfig(**trainer_arguments(cfg, hardware, output_dir, extra, packing=cfg.packing,
+    return SFTConfig(**trainer_arguments(cfg, hardware, output_dir, extra, load_universal, packing=cfg.packing,
                                          packing_strategy=cfg.packing_strategy,
                                          assistant_only_loss=cfg.assistant_only_loss, eos_token=tokenizer.eos_token))
 
@@ -44,7 +45,8 @@ def sft_worker(config: dict[str, Any]) -> None:
     recipe: Recipe = config["recipe"]
     cfg = recipe.train_sft
     extra, tokenizer, train = worker_inputs(config, cfg)
-    args = sft_config(cfg, recipe.hardware, config["output_dir"], extra, tokenizer)
+    resume_from, universal = resume_checkpoint()
+    args = sft_config(cfg, recipe.hardware, config["output_dir"], extra, tokenizer, universal)
     peft_config = None
     if cfg.lora is not None:
         from peft import LoraConfig
@@ -53,7 +55,7 @@ def sft_worker(config: dict[str, Any]) -> None:
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=config["model"], args=args, train_dataset=train.select_columns(["messages"]),
                          processing_class=tokenizer, peft_config=peft_config)
-    train_with_ray(trainer, latest_hf_checkpoint(), config)
+    train_with_ray(trainer, resume_from, config, universal)
 
 
 def run_train_sft(recipe: Recipe, run_dir: Path) -> StageResult:
