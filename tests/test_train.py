@@ -373,7 +373,7 @@ def test_two_ranks_on_two_nodes_survive_losing_a_node_and_write_each_checkpoint_
 @pytest.mark.fault
 @pytest.mark.reliability("fault", "a training job stopped after a checkpoint, resubmitted on fewer workers "
                                   "(train_sft, ZeRO-3, 2 -> 1)")
-def test_a_job_resubmitted_on_fewer_workers_trains_as_an_uninterrupted_run(trained, tmp_path, ray_local):
+def test_a_job_resubmitted_on_fewer_workers_trains_as_the_run_that_kept_them(trained, tmp_path, ray_local):
     """A node is lost for good: the user stops the job after its first checkpoint and submits it again with
     `num_workers: 1`. DeepSpeed cannot load two ranks' ZeRO-3 shards into one, so the stage converts the checkpoint
     to DeepSpeed's universal format and resumes from it: at the checkpoint's step, with its optimizer state and the
@@ -430,6 +430,6 @@ def test_a_job_resubmitted_on_fewer_workers_trains_as_an_uninterrupted_run(train
     record_reliability("fault", "a training job stopped after a checkpoint, resubmitted on fewer workers "
                                 "(train_sft, ZeRO-3, 2 -> 1)",
                        f"the step-{last['global_step_at_start']} checkpoint of 2 ranks loaded into 1 as a universal "
-                       f"checkpoint; steps {after.start}-{after.stop - 1} trained with the loss of an uninterrupted "
-                       f"run (largest relative difference {worst:.1e}), final weights within {drift:.1e}",
+                       f"checkpoint; steps {after.start}-{after.stop - 1} trained with the loss of the run that kept "
+                       f"its 2 ranks (largest relative difference {worst:.1e}), final weights within {drift:.1e}",
                        "nothing: no step redone or skipped, the optimizer state carried over")

@@ -244,11 +244,13 @@ def resume_checkpoint() -> tuple[str | None, bool]:
     DeepSpeed loads ZeRO shards only into as many ranks as wrote them. When the worker group differs in size from
     the one that saved the checkpoint (a job resubmitted with fewer workers after a node was lost for good, or with
     more), rank 0 converts the checkpoint once to DeepSpeed's universal format, beside its shards, while the other
-    ranks wait; every rank then loads that (``checkpoint.load_universal``). Training resumes at the checkpoint's
-    step with its optimizer and scheduler state; the recipe's ``global_batch_size`` is kept across world sizes (the
-    per-device batch and accumulation are derived from it), so each later step trains the rows it would have. (Not
-    the last step of an epoch whose rows do not fill it: accelerate evens out the ranks' last batches by repeating
-    rows, one rank does not, so that step differs between world sizes.)"""
+    ranks wait for it; every rank then loads that (``checkpoint.load_universal``). Training resumes at the
+    checkpoint's step with its optimizer and scheduler state; the recipe's ``global_batch_size`` is kept across
+    world sizes (the per-device batch and accumulation are derived from it), so each later step trains the rows it
+    would have. (Not the last step of an epoch whose rows do not fill it: accelerate evens out the ranks' last
+    batches by repeating rows, one rank does not, so that step differs between world sizes.)"""
+    import time
+
     import torch.distributed as dist
 
     path = latest_hf_checkpoint()
@@ -259,53 +261,82 @@ def resume_checkpoint() -> tuple[str | None, bool]:
     if not dist.is_initialized() or dist.get_rank() == 0:
         logger.info("the checkpoint %s was saved by %d ranks, this group has %d: loading it as a universal "
                     "checkpoint", path, saved, world)
-        convert_to_universal(Path(path))
-    if dist.is_initialized():
-        dist.barrier()
+        convert_to_universal(Path(path), saved)
+    else:  # polled, not a collective barrier: a 7B conversion can outlast the process group's timeout
+        while not universal_ready(Path(path)):
+            time.sleep(2)
     return path, True
 
 
 def saved_world_size(checkpoint: Path) -> int | None:
-    """How many data-parallel ranks wrote the DeepSpeed state in an HF checkpoint (one ZeRO optimizer shard each),
-    or None when it holds none (trained without DeepSpeed)."""
+    """How many data-parallel ranks saved the DeepSpeed state of an HF checkpoint, as DeepSpeed itself reads it
+    (``dp_world_size`` of the model states; not a count of shard files, which a re-save of the same step by fewer
+    ranks would leave stale), or None when it holds none (trained without DeepSpeed)."""
+    import torch
+
     latest = checkpoint / "latest"
     if not latest.is_file():
         return None
-    shards = list((checkpoint / latest.read_text().strip()).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    return len(shards) or None
+    folder = checkpoint / latest.read_text().strip()
+    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):  # ZeRO-3; ZeRO-1/2
+        if (folder / name).is_file():  # DeepSpeed's own file, read as DeepSpeed reads it (mapped: not the weights)
+            return int(torch.load(folder / name, map_location="cpu", weights_only=False, mmap=True)["dp_world_size"])
+    return None
 
 
-def convert_to_universal(checkpoint: Path) -> None:
-    """DeepSpeed's ``ds_to_universal`` on the checkpoint's ZeRO state, into ``<tag>_universal`` beside it, named by
-    ``latest_universal``; run in a process of its own (it forks workers), written under a temporary name and
-    renamed, so a conversion cut short is redone and one done on an earlier start is reused."""
+def universal_ready(checkpoint: Path) -> bool:
+    """Whether the checkpoint's universal form is complete: ``latest_universal`` is written last, naming it."""
+    tag = (checkpoint / "latest").read_text().strip()
+    pointer = checkpoint / "latest_universal"
+    return ((checkpoint / f"{tag}_universal").is_dir() and pointer.is_file()
+            and pointer.read_text().strip() == f"{tag}_universal")
+
+
+def convert_to_universal(checkpoint: Path, saved: int) -> None:
+    """DeepSpeed's ``ds_to_universal`` on the checkpoint's ZeRO state of ``saved`` ranks (shards of other ranks, left
+    by a cut-off save of the same step, are not read), into ``<tag>_universal`` beside it, named by
+    ``latest_universal``. In a process of its own (it forks workers); written under a temporary name and renamed, so
+    a conversion cut short is redone and one done on an earlier start is reused."""
+    import re
     import subprocess
     import sys
 
-    tag = (checkpoint / "latest").read_text().strip()
-    target, pointer = checkpoint / f"{tag}_universal", checkpoint / "latest_universal"
-    if target.is_dir() and pointer.is_file() and pointer.read_text().strip() == target.name:
+    if universal_ready(checkpoint):
         return
+    tag = (checkpoint / "latest").read_text().strip()
+    target = checkpoint / f"{tag}_universal"
+    for stale in checkpoint.glob(".*.tmp-*"):  # an earlier start's cut-off conversion
+        shutil.rmtree(stale, ignore_errors=True)
     scratch = checkpoint / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    shards = scratch.with_name(scratch.name + "-input")
+    shards.mkdir()
+    for file in (checkpoint / tag).iterdir():
+        rank = re.search(r"zero_pp_rank_(\d+)_", file.name)
+        if rank is None or int(rank[1]) < saved:
+            (shards / file.name).symlink_to(file.resolve())
     done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(checkpoint / tag), "--output_folder", str(scratch), "--inject_missing_state"],
+                           str(shards), "--output_folder", str(scratch), "--inject_missing_state"],
                           capture_output=True, text=True)
-    logger.info("ds_to_universal on %s:\n%s", checkpoint / tag, done.stdout[-5000:] + done.stderr[-5000:])
+    shutil.rmtree(shards)
     if done.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise RuntimeError(f"converting {checkpoint / tag} to a universal checkpoint failed (exit {done.returncode}):"
-                           f" {done.stderr.strip().splitlines()[-1:] or done.stdout[-500:]}")
+        output = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
+        raise RuntimeError(f"converting {checkpoint / tag} to a universal checkpoint failed (exit "
+                           f"{done.returncode}):\n{output}")
+    logger.debug("ds_to_universal on %s:\n%s", checkpoint / tag, done.stdout[-5000:] + done.stderr[-5000:])
     shutil.rmtree(target, ignore_errors=True)
     scratch.rename(target)
-    write_text_atomic(pointer, target.name)
+    write_text_atomic(checkpoint / "latest_universal", target.name)
+    logger.info("converted %s to a universal checkpoint: %s", checkpoint / tag, target)
 
 
 def untie_optimizer_steps_callback() -> Any:
     """After DeepSpeed loads a universal ZeRO-3 checkpoint, the Adam state of every optimizer sub-group holds the
     same ``step`` tensor (its loader assigns one object to each), which PyTorch's Adam advances in place once per
-    sub-group and step: the later sub-groups' bias correction runs ahead. Seen here: at the first step after such a
-    resume the norm weights (the second sub-group) moved differently from an uninterrupted run, the other weights
-    alike. Each sub-group gets its own copy before the first step."""
+    sub-group and step, so every sub-group's bias correction runs ahead. Seen here: at the first step after such a
+    resume the norm weights (the second sub-group) moved differently from a run that kept its ranks, the other
+    weights alike; from the next step on, all of them. Each sub-group gets its own copy before the first step (on
+    its parameter's device where the optimizer is fused or capturable, as PyTorch requires there)."""
     import torch
     from transformers import TrainerCallback
 
@@ -313,9 +344,14 @@ def untie_optimizer_steps_callback() -> Any:
         def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
             while hasattr(optimizer, "optimizer"):  # accelerate's wrapper -> DeepSpeed's ZeRO -> the torch optimizer
                 optimizer = optimizer.optimizer
-            for param_state in getattr(optimizer, "state", {}).values():
-                if torch.is_tensor(param_state.get("step")):
-                    param_state["step"] = param_state["step"].clone()
+            on_device = any(g.get("fused") or g.get("capturable") for g in getattr(optimizer, "param_groups", []))
+            untied = 0
+            for param, param_state in getattr(optimizer, "state", {}).items():
+                step = param_state.get("step")
+                if torch.is_tensor(step):
+                    param_state["step"] = step.detach().clone().to(param.device if on_device else step.device)
+                    untied += 1
+            logger.info("resumed from a universal checkpoint: %d optimizer states have a step of their own", untied)
 
     return UntieOptimizerSteps()
 
