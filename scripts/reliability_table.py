@@ -58,18 +58,17 @@ def function_id(nodeid: str) -> str:
     return nodeid.split("[", 1)[0].rsplit("/", 1)[-1]
 
 
-def test_functions(tests: Path):
+def test_functions(tests: Path) -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
     """(file::function, its ast node) of every test module's top-level function in tests/test_*.py."""
-    for path in sorted(tests.glob("test_*.py")):
-        for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                yield f"{path.name}::{node.name}", node
+    return [(f"{path.name}::{node.name}", node) for path in sorted(tests.glob("test_*.py"))
+            for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
 
 
-def registered_cases(tests: Path) -> dict[str, Case]:
-    """Every test function marked `@pytest.mark.reliability(kind, case)` in tests/test_*.py, by function id."""
+def registered_cases(functions: list[tuple[str, ast.AST]]) -> dict[str, Case]:
+    """Every test function (of ``test_functions``) marked `@pytest.mark.reliability(kind, case)`, by function id."""
     cases = {}
-    for test, node in test_functions(tests):
+    for test, node in functions:
         for decorator in node.decorator_list:
             if isinstance(decorator, ast.Call) and ast.unparse(decorator.func) == "pytest.mark.reliability":
                 kind, case = (ast.literal_eval(arg) for arg in decorator.args[:2])
@@ -77,10 +76,10 @@ def registered_cases(tests: Path) -> dict[str, Case]:
     return cases
 
 
-def unmarked_recorders(tests: Path, registered: dict[str, Case]) -> list[str]:
+def unmarked_recorders(functions: list[tuple[str, ast.AST]], registered: dict[str, Case]) -> list[str]:
     """Tests that call record_reliability without the mark: the page would miss their case whenever they fail
     before recording or are not run."""
-    return [test for test, node in test_functions(tests) if test not in registered and any(
+    return [test for test, node in functions if test not in registered and any(
         isinstance(call, ast.Call) and getattr(call.func, "id", None) == "record_reliability"
         for call in ast.walk(node))]
 
@@ -169,8 +168,9 @@ if __name__ == "__main__":
     parser.add_argument("--out", help="write the page here instead of printing it")
     parser.add_argument("--tests", default=str(REPO / "tests"), help="where the marked tests are (default: tests/)")
     args = parser.parse_args()
-    registry = registered_cases(Path(args.tests))
-    for test in unmarked_recorders(Path(args.tests), registry):
+    functions = test_functions(Path(args.tests))  # every test file parsed once, for both
+    registry = registered_cases(functions)
+    for test in unmarked_recorders(functions, registry):
         print(f"warning: {test} calls record_reliability but has no @pytest.mark.reliability(kind, case): "
               "the page lists its case only when it records", file=sys.stderr)
     text = page(Path(args.log), registry)
