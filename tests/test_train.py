@@ -433,3 +433,37 @@ def test_a_job_resubmitted_on_fewer_workers_trains_as_the_run_that_kept_them(tra
                        f"checkpoint; steps {after.start}-{after.stop - 1} trained with the loss of the run that kept "
                        f"its 2 ranks (largest relative difference {worst:.1e}), final weights within {drift:.1e}",
                        "nothing: no step redone or skipped, the optimizer state carried over")
+
+
+@pytest.mark.reliability("hostile input", "a training job resubmitted with another zero_stage (or world size) than "
+                                          "its checkpoint's")
+def test_a_checkpoint_loads_on_any_world_size_and_names_the_zero_stages_that_cannot_load_it(trained):
+    """What a resubmitted job does with the fixture's checkpoints (2 ranks, ZeRO-3), read as its workers read them:
+    the same group loads them as saved, another world size as a universal checkpoint (the test above trains through
+    that), and a recipe edited to ZeRO-1/2 or to no DeepSpeed, whose loaders cannot read ZeRO-3's state, is refused
+    with the checkpoint's path, its stage and what to do, before DeepSpeed asserts or training resumes without its
+    optimizer state. (ZeRO-1 -> ZeRO-2 on another world size resumed by hand with every loss equal: README.)"""
+    from zephyr_ray.train.loop import saved_deepspeed_layout, universal_needed
+
+    _, run, _, _ = trained
+    for stage in ("train_sft", "train_dpo"):
+        checkpoints = sorted((run / stage / "ray" / stage / "hf").glob("checkpoint-*"),
+                             key=lambda path: int(path.name.split("-")[1]))
+        assert checkpoints, stage
+        latest = checkpoints[-1]
+        assert saved_deepspeed_layout(latest) == (2, 3)
+        assert [universal_needed(latest, world, 3) for world in (2, 1, 4)] == [False, True, True]
+        for zero_stage in (0, 1, 2):
+            with pytest.raises(ValueError) as refused:
+                universal_needed(latest, 2, zero_stage)
+            said = str(refused.value)
+            assert said.startswith(f"{latest}: this checkpoint holds ZeRO stage 3's state and the recipe now says "
+                                   f"zero_stage {zero_stage}; ZeRO-3 and "), said
+            assert "set zero_stage back to 3, or remove the stage's checkpoints" in said, said
+            assert str(run / stage / "ray" / stage) in said
+    record_reliability("hostile input", "a training job resubmitted with another zero_stage (or world size) than "
+                                        "its checkpoint's",
+                       "a ZeRO-3 checkpoint of 2 ranks (train_sft and train_dpo): loaded as saved by 2 ranks, as a "
+                       "universal checkpoint by 1 or 4; zero_stage 0, 1 and 2 refused with the checkpoint's path, "
+                       "its stage and the two ways on",
+                       "nothing: the checkpoints are untouched, no step trains without its optimizer state")

@@ -42,7 +42,7 @@ def dpo_worker(config: dict[str, Any]) -> None:
     recipe: Recipe = config["recipe"]
     cfg = recipe.train_dpo
     extra, tokenizer, train = worker_inputs(config, cfg)
-    resume_from, universal = resume_checkpoint()
+    resume_from, universal = resume_checkpoint(cfg.zero_stage)
     args = DPOConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra, universal,
                                          **dpo_arguments(cfg)))
     reference = None

@@ -35,6 +35,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                *TOKENIZER_FILES)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# DeepSpeed's model states of a checkpoint: rank 0's under ZeRO-3, the one file under ZeRO-1/2
+MODEL_STATES = ("zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt")
 
 
 def chat_template_of(training: Training) -> str:
@@ -238,49 +240,73 @@ def latest_hf_checkpoint() -> str | None:
     return path
 
 
-def resume_checkpoint() -> tuple[str | None, bool]:
-    """(the HF checkpoint this worker restarts from, or None; whether DeepSpeed must load it as a universal one).
-
-    DeepSpeed loads ZeRO shards only into as many ranks as wrote them. When the worker group differs in size from
-    the one that saved the checkpoint (a job resubmitted with fewer workers after a node was lost for good, or with
-    more), rank 0 converts the checkpoint once to DeepSpeed's universal format, beside its shards, while the other
-    ranks wait for it; every rank then loads that (``checkpoint.load_universal``). Training resumes at the
-    checkpoint's step with its optimizer and scheduler state; the recipe's ``global_batch_size`` is kept across
-    world sizes (the per-device batch and accumulation are derived from it), so each later step trains the rows it
-    would have. (Not the last step of an epoch whose rows do not fill it: accelerate evens out the ranks' last
-    batches by repeating rows, one rank does not, so that step differs between world sizes.)"""
+def resume_checkpoint(zero_stage: int) -> tuple[str | None, bool]:
+    """(the HF checkpoint this worker restarts from, or None; whether DeepSpeed must load it as a universal one,
+    ``universal_needed``). Rank 0 converts it once, beside its shards, while the other ranks wait for it."""
     import time
 
     import torch.distributed as dist
 
     path = latest_hf_checkpoint()
-    saved = saved_world_size(Path(path)) if path else None
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if saved is None or saved == world:
+    if path is None or not universal_needed(Path(path), world, zero_stage):
         return path, False
     if not dist.is_initialized() or dist.get_rank() == 0:
-        logger.info("the checkpoint %s was saved by %d ranks, this group has %d: loading it as a universal "
-                    "checkpoint", path, saved, world)
-        convert_to_universal(Path(path), saved)
+        saved = saved_deepspeed_layout(Path(path))
+        logger.info("the checkpoint %s was saved by %d ranks under ZeRO stage %d, this group has %d under stage %d: "
+                    "loading it as a universal checkpoint", path, *saved, world, zero_stage)
+        convert_to_universal(Path(path), saved[0])
     else:  # polled, not a collective barrier: a 7B conversion can outlast the process group's timeout
         while not universal_ready(Path(path)):
             time.sleep(2)
     return path, True
 
 
-def saved_world_size(checkpoint: Path) -> int | None:
-    """How many data-parallel ranks saved the DeepSpeed state of an HF checkpoint, as DeepSpeed itself reads it
-    (``dp_world_size`` of the model states; not a count of shard files, which a re-save of the same step by fewer
-    ranks would leave stale), or None when it holds none (trained without DeepSpeed)."""
+def universal_needed(checkpoint: Path, world: int, zero_stage: int) -> bool:
+    """Whether a group of ``world`` ranks under ``zero_stage`` must load the checkpoint as a universal one.
+
+    DeepSpeed loads ZeRO shards only into as many ranks as wrote them. When the worker group differs in size from
+    the one that saved the checkpoint (a job resubmitted with fewer workers after a node was lost for good, or with
+    more), or the recipe's ``zero_stage`` is 1 where the checkpoint's was 2 or the other way, the checkpoint is
+    loaded in DeepSpeed's universal format (``checkpoint.load_universal``): training resumes at its step with its
+    optimizer and scheduler state; the recipe's ``global_batch_size`` is kept across world sizes (the per-device
+    batch and accumulation are derived from it), so each later step trains the rows it would have. (Not the last
+    step of an epoch whose rows do not fill it: accelerate evens out the ranks' last batches by repeating rows, one
+    rank does not, so that step differs between world sizes.)
+
+    Between ZeRO-3 and ZeRO-1/2, and between DeepSpeed and none (``zero_stage: 0``), the optimizer state cannot be
+    carried (DeepSpeed 0.19 writes even a universal checkpoint in its stage's layout, and each loader reads only its
+    own: seen here, ZeRO-3's wants the step in ``optimizer_state.pt``, ZeRO-1/2's in each parameter's ``step.pt``):
+    a ValueError says so and what to do, rather than a resume without it or DeepSpeed's own assertion."""
+    saved = saved_deepspeed_layout(checkpoint)
+    written = saved[1] if saved else 0
+    family = {0: "no DeepSpeed", 1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}
+    if family[written] != family[zero_stage]:
+        held = f"ZeRO stage {written}'s state" if saved else "no DeepSpeed state (zero_stage 0)"
+        other = f" (or {3 - written})" if written in (1, 2) else ""
+        raise ValueError(f"{checkpoint}: this checkpoint holds {held} and the recipe now says zero_stage "
+                         f"{zero_stage}; {family[written]} and {family[zero_stage]} cannot load each other's "
+                         f"optimizer state: set zero_stage back to {written}{other}, or remove the stage's "
+                         f"checkpoints ({checkpoint.parent.parent}) to train from the start")
+    return saved is not None and saved != (world, zero_stage)
+
+
+def saved_deepspeed_layout(checkpoint: Path) -> tuple[int, int] | None:
+    """(data-parallel ranks, ZeRO stage) that saved the DeepSpeed state of an HF checkpoint, as DeepSpeed itself
+    records them in the model states (``dp_world_size``, not a count of shard files, which a re-save of the same
+    step by fewer ranks would leave stale; the stage from the config it saved with), or None when it holds none
+    (trained without DeepSpeed)."""
     import torch
 
     latest = checkpoint / "latest"
     if not latest.is_file():
         return None
     folder = checkpoint / latest.read_text().strip()
-    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):  # ZeRO-3; ZeRO-1/2
+    for name in MODEL_STATES:
         if (folder / name).is_file():  # DeepSpeed's own file, read as DeepSpeed reads it (mapped: not the weights)
-            return int(torch.load(folder / name, map_location="cpu", weights_only=False, mmap=True)["dp_world_size"])
+            states = torch.load(folder / name, map_location="cpu", weights_only=False, mmap=True)
+            stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage")
+            return int(states["dp_world_size"]), int(stage if stage is not None else 3 if "zero_pp" in name else 2)
     return None
 
 

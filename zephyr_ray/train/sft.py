@@ -45,7 +45,7 @@ def sft_worker(config: dict[str, Any]) -> None:
     recipe: Recipe = config["recipe"]
     cfg = recipe.train_sft
     extra, tokenizer, train = worker_inputs(config, cfg)
-    resume_from, universal = resume_checkpoint()
+    resume_from, universal = resume_checkpoint(cfg.zero_stage)
     args = sft_config(cfg, recipe.hardware, config["output_dir"], extra, tokenizer, universal)
     peft_config = None
     if cfg.lora is not None:
