@@ -65,8 +65,10 @@ def trained(tiny_models, ray_local, tmp_path_factory):
     # the whole dialogues (the tiny recipe trains the assistant's turns only: its user simulator's are garbled; these
     # are the teacher's own, whose held-out loss falls as the student learns the chat; on the replies alone 8 epochs
     # of them overfit, CI run 18)
+    # with a weight decay, as TRL passes it (trl_args): a resume that loses the no-decay group's setting (DeepSpeed's
+    # ZeRO-3 universal loader gives every group the first one's) trains differently from the run that kept its ranks
     data["train_sft"].update(num_epochs=8, learning_rate=2.0e-3, save_steps=10, max_failures=2,
-                             assistant_only_loss=False)
+                             assistant_only_loss=False, trl_args={"weight_decay": 0.05})
     data["train_dpo"].update(num_epochs=3, save_steps=25, max_failures=0)
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(data))
     recipe = load_recipe(tmp / "recipe.yaml")
@@ -378,7 +380,8 @@ def test_a_job_resubmitted_on_fewer_workers_trains_as_the_run_that_kept_them(tra
     `num_workers: 1`. DeepSpeed cannot load two ranks' ZeRO-3 shards into one, so the stage converts the checkpoint
     to DeepSpeed's universal format and resumes from it: at the checkpoint's step, with its optimizer state and the
     same rows per step (the recipe's global batch), every later step's loss and the final weights those of the
-    fixture's run, which trained the same recipe on 2 ranks throughout (its own resume was at the same size)."""
+    fixture's run, which trained the same recipe on 2 ranks throughout (its own resume was at the same size). The
+    recipe has a weight decay, which the trainer leaves off the norm weights: the resume keeps it so."""
     import subprocess
     import time
 

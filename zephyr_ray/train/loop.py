@@ -356,30 +356,50 @@ def convert_to_universal(checkpoint: Path, saved: int) -> None:
     logger.info("converted %s to a universal checkpoint: %s", checkpoint / tag, target)
 
 
-def untie_optimizer_steps_callback() -> Any:
-    """After DeepSpeed loads a universal ZeRO-3 checkpoint, the Adam state of every optimizer sub-group holds the
-    same ``step`` tensor (its loader assigns one object to each), which PyTorch's Adam advances in place once per
-    sub-group and step, so every sub-group's bias correction runs ahead. Seen here: at the first step after such a
-    resume the norm weights (the second sub-group) moved differently from a run that kept its ranks, the other
-    weights alike; from the next step on, all of them. Each sub-group gets its own copy before the first step (on
-    its parameter's device where the optimizer is fused or capturable, as PyTorch requires there)."""
+def universal_resume_callback(checkpoint: str) -> Any:
+    """Two mends, before the first step, of what DeepSpeed 0.19's ZeRO-3 loader leaves after loading the universal
+    form of ``checkpoint`` (seen here; both harmless after a ZeRO-1/2 load, whose loader gets them right):
+
+    - every optimizer sub-group's Adam state holds the same ``step`` tensor (its loader assigns one object to
+      each), which PyTorch's Adam advances in place once per sub-group and step, so every sub-group's bias
+      correction runs ahead: each gets its own copy (on its parameter's device where the optimizer is fused or
+      capturable, as PyTorch requires there). Without it, at the first step after such a resume the norm weights
+      (the second sub-group) moved differently from a run that kept its ranks, the other weights alike from the
+      next step on.
+    - every parameter group gets the first group's hyperparameters, so with a ``weight_decay`` the norms and biases
+      (the trainer's group without decay) are decayed too: each group gets back its own, as the checkpoint saved
+      them. Without it (weight_decay 0.1), losses 3e-5 apart at the second step after a resume, 5e-4 by the
+      eighth."""
     import torch
     from transformers import TrainerCallback
 
-    class UntieOptimizerSteps(TrainerCallback):
+    universal = Path(checkpoint) / (Path(checkpoint) / "latest_universal").read_text().strip()
+
+    class UniversalResume(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
             while hasattr(optimizer, "optimizer"):  # accelerate's wrapper -> DeepSpeed's ZeRO -> the torch optimizer
                 optimizer = optimizer.optimizer
-            on_device = any(g.get("fused") or g.get("capturable") for g in getattr(optimizer, "param_groups", []))
+            groups = getattr(optimizer, "param_groups", [])
+            on_device = any(g.get("fused") or g.get("capturable") for g in groups)
             untied = 0
             for param, param_state in getattr(optimizer, "state", {}).items():
                 step = param_state.get("step")
                 if torch.is_tensor(step):
                     param_state["step"] = step.detach().clone().to(param.device if on_device else step.device)
                     untied += 1
-            logger.info("resumed from a universal checkpoint: %d optimizer states have a step of their own", untied)
+            saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False,
+                               mmap=True)["param_groups"]
+            if len(saved) == len(groups):
+                for group, saved_group in zip(groups, saved):
+                    group.update({key: value for key, value in saved_group.items() if key != "params"})
+            else:  # not seen: the same model and trainer make the same groups
+                logger.warning("%s: %d optimizer parameter groups saved, %d now: their hyperparameters are left as "
+                               "DeepSpeed loaded them", universal, len(saved), len(groups))
+            logger.info("resumed from a universal checkpoint: %d optimizer states have a step of their own, %d "
+                        "parameter groups their own hyperparameters (weight decay %s)", untied, len(groups),
+                        [group.get("weight_decay") for group in groups])
 
-    return UntieOptimizerSteps()
+    return UniversalResume()
 
 
 def report_checkpoint_once() -> Any:
@@ -412,7 +432,7 @@ def train_with_ray(trainer: Any, resume_from: str | None, config: dict[str, Any]
     from ray.train.huggingface.transformers import prepare_trainer
 
     if universal:
-        trainer.add_callback(untie_optimizer_steps_callback())
+        trainer.add_callback(universal_resume_callback(resume_from))
     trainer.add_callback(attempt_log_callback(config["record_dir"], config.get("rss_before_model_mib")))
     trainer.add_callback(ray_metrics_callback(config["stage"]))
     trainer.add_callback(save_at_end_callback())
