@@ -445,7 +445,8 @@ def test_a_checkpoint_loads_on_any_world_size_and_names_the_zero_stages_that_can
     the same group loads them as saved, another world size as a universal checkpoint (the test above trains through
     that), and a recipe edited to ZeRO-1/2 or to no DeepSpeed, whose loaders cannot read ZeRO-3's state, is refused
     with the checkpoint's path, its stage and what to do, before DeepSpeed asserts or training resumes without its
-    optimizer state. (ZeRO-1 -> ZeRO-2 on another world size resumed by hand with every loss equal: README.)"""
+    optimizer state. (Every stage to every stage, on checkpoints written in DeepSpeed's format: test_train_options.py;
+    ZeRO-1 -> ZeRO-2 on another world size resumed by hand with every loss equal: README.)"""
     from zephyr_ray.train.loop import saved_deepspeed_layout, universal_needed
 
     _, run, _, _ = trained
@@ -462,8 +463,8 @@ def test_a_checkpoint_loads_on_any_world_size_and_names_the_zero_stages_that_can
             said = str(refused.value)
             assert said.startswith(f"{latest}: this checkpoint holds ZeRO stage 3's state and the recipe now says "
                                    f"zero_stage {zero_stage}; ZeRO-3 and "), said
-            assert "set zero_stage back to 3, or remove the stage's checkpoints" in said, said
-            assert str(run / stage / "ray" / stage) in said
+            assert f"set zero_stage back to 3, or remove the stage's checkpoints ({run / stage / 'ray' / stage}) to " \
+                   "train from the start" in said, said
     record_reliability("hostile input", "a training job resubmitted with another zero_stage (or world size) than "
                                         "its checkpoint's",
                        "a ZeRO-3 checkpoint of 2 ranks (train_sft and train_dpo): loaded as saved by 2 ranks, as a "

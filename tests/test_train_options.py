@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_recipe_data
+from conftest import record_reliability, tiny_recipe_data
 
 from zephyr_ray.config import Hardware, TrainSFTConfig, load_recipe
 from zephyr_ray.data import DialogueRow, prompt_id_of, write_parquet_atomic
@@ -270,3 +270,64 @@ def test_a_rank_that_cannot_see_the_run_dir_says_it_needs_shared_storage(tmp_pat
                                                 r"every node mounts") as caught:
         check_run_dir_is_shared([str(present), str(tmp_path / "elsewhere.parquet")])
     assert str(tmp_path / "elsewhere.parquet") in str(caught.value)
+
+
+@pytest.mark.reliability("hostile input", "a training job resubmitted with another zero_stage than its checkpoints', "
+                                          "from any stage to any stage")
+def test_every_zero_stage_change_resumes_or_is_refused_before_a_worker_starts(tmp_path):
+    """Checkpoints as DeepSpeed writes them under each stage (its model-states file, with the saving ranks and
+    config, named as that stage names it; none without DeepSpeed), read as a resubmitted job reads them: ZeRO-1 and
+    ZeRO-2 load each other's as universal checkpoints, as does another world size; between ZeRO-3, ZeRO-1/2 and no
+    DeepSpeed the job is refused with the checkpoint, its stage and both ways on, once by the driver before any
+    worker starts (not once per Ray Train retry). The fixture's real ZeRO-3 checkpoints: test_train.py."""
+    import torch
+
+    from zephyr_ray.train.loop import refuse_unloadable_checkpoints, saved_deepspeed_layout, universal_needed
+
+    def experiment(saved_stage: int) -> Path:
+        folder = tmp_path / f"stage{saved_stage}" / "ray" / "train_sft"
+        for step in (10, 20):  # the newest is read: a ranks' count changed between them
+            checkpoint = folder / "hf" / f"checkpoint-{step}"
+            checkpoint.mkdir(parents=True)
+            if saved_stage:
+                (checkpoint / "latest").write_text(f"global_step{step}")
+                name = ("zero_pp_rank_0_mp_rank_00_model_states.pt" if saved_stage == 3
+                        else "mp_rank_00_model_states.pt")
+                (checkpoint / f"global_step{step}").mkdir()
+                torch.save({"dp_world_size": step // 10, "ds_config": {"zero_optimization": {"stage": saved_stage}}},
+                           checkpoint / f"global_step{step}" / name)
+        return folder
+
+    families = {0: "no DeepSpeed", 1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}
+    for saved_stage in (0, 1, 2, 3):
+        folder = experiment(saved_stage)
+        newest = folder / "hf" / "checkpoint-20"
+        assert saved_deepspeed_layout(newest) == ((2, saved_stage) if saved_stage else None)
+        for zero_stage in (0, 1, 2, 3):
+            if families[saved_stage] == families[zero_stage]:
+                refuse_unloadable_checkpoints(folder, zero_stage)
+                assert [universal_needed(newest, world, zero_stage) for world in (2, 1)] == (
+                    [saved_stage != zero_stage, True] if saved_stage else [False, False])
+                continue
+            held = f"ZeRO stage {saved_stage}'s state" if saved_stage else "no DeepSpeed state (zero_stage 0)"
+            back = {0: "0", 1: "1 (or 2)", 2: "2 (or 1)", 3: "3"}[saved_stage]
+            expected = (f"{newest}: this checkpoint holds {held} and the recipe now says zero_stage {zero_stage}; "
+                        f"{families[saved_stage]} and {families[zero_stage]} cannot load each other's optimizer "
+                        f"state: set zero_stage back to {back}, or remove the stage's checkpoints ({folder}) to "
+                        "train from the start")
+            with pytest.raises(ValueError) as refused:
+                universal_needed(newest, 2, zero_stage)
+            assert str(refused.value) == expected
+            if saved_stage:  # the driver sees DeepSpeed's checkpoints; one without is refused by the workers
+                with pytest.raises(ValueError) as refused:
+                    refuse_unloadable_checkpoints(folder, zero_stage)
+                assert str(refused.value) == expected
+            else:
+                refuse_unloadable_checkpoints(folder, zero_stage)
+    refuse_unloadable_checkpoints(tmp_path / "never-trained", 3)  # a first run has no checkpoints
+    record_reliability("hostile input", "a training job resubmitted with another zero_stage than its checkpoints', "
+                                        "from any stage to any stage",
+                       "ZeRO-1 <-> ZeRO-2: loaded as universal checkpoints, as another world size is; the other 10 "
+                       "changes among 0, 1/2 and 3 refused with the checkpoint's path, its stage and both ways on, "
+                       "by the driver before any worker starts (from zero_stage 0: by the workers)",
+                       "nothing: the checkpoints are untouched, no step trains without its optimizer state")

@@ -291,6 +291,17 @@ def universal_needed(checkpoint: Path, world: int, zero_stage: int) -> bool:
     return saved is not None and saved != (world, zero_stage)
 
 
+def refuse_unloadable_checkpoints(experiment: Path, zero_stage: int) -> None:
+    """``universal_needed``'s ValueError for the newest DeepSpeed checkpoint of a stage's Ray Train experiment,
+    before any worker starts: an edited ``zero_stage`` that cannot load it then fails once, with that message,
+    instead of in every worker start Ray Train retries (``max_failures``, unlimited at -1). The workers check again
+    on the checkpoint Ray Train gives them (and a checkpoint without DeepSpeed state is only seen there)."""
+    steps = {int(path.name.split("-")[1]): path for path in (experiment / "hf").glob("checkpoint-*")
+             if path.name.split("-")[1].isdigit() and (path / "latest").is_file()}
+    if steps:
+        universal_needed(steps[max(steps)], 1, zero_stage)
+
+
 def saved_deepspeed_layout(checkpoint: Path) -> tuple[int, int] | None:
     """(data-parallel ranks, ZeRO stage) that saved the DeepSpeed state of an HF checkpoint, as DeepSpeed itself
     records them in the model states (``dp_world_size``, not a count of shard files, which a re-save of the same
@@ -380,13 +391,6 @@ def universal_resume_callback(checkpoint: str) -> Any:
             while hasattr(optimizer, "optimizer"):  # accelerate's wrapper -> DeepSpeed's ZeRO -> the torch optimizer
                 optimizer = optimizer.optimizer
             groups = getattr(optimizer, "param_groups", [])
-            on_device = any(g.get("fused") or g.get("capturable") for g in groups)
-            untied = 0
-            for param, param_state in getattr(optimizer, "state", {}).items():
-                step = param_state.get("step")
-                if torch.is_tensor(step):
-                    param_state["step"] = step.detach().clone().to(param.device if on_device else step.device)
-                    untied += 1
             saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False,
                                mmap=True)["param_groups"]
             if len(saved) == len(groups):
@@ -395,6 +399,13 @@ def universal_resume_callback(checkpoint: str) -> Any:
             else:  # not seen: the same model and trainer make the same groups
                 logger.warning("%s: %d optimizer parameter groups saved, %d now: their hyperparameters are left as "
                                "DeepSpeed loaded them", universal, len(saved), len(groups))
+            on_device = any(g.get("fused") or g.get("capturable") for g in groups)
+            untied = 0
+            for param, param_state in getattr(optimizer, "state", {}).items():
+                step = param_state.get("step")
+                if torch.is_tensor(step):
+                    param_state["step"] = step.detach().clone().to(param.device if on_device else step.device)
+                    untied += 1
             logger.info("resumed from a universal checkpoint: %d optimizer states have a step of their own, %d "
                         "parameter groups their own hyperparameters (weight decay %s)", untied, len(groups),
                         [group.get("weight_decay") for group in groups])
@@ -471,6 +482,7 @@ def run_torch_trainer(stage: str, worker: Callable[[dict], None], worker_config:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    refuse_unloadable_checkpoints(ray_experiment_dir(stage, run_dir), training.zero_stage)
     hardware = recipe.hardware
     gpu = hardware.accelerator == "gpu"
     resources = {"CPU": hardware.cpus_per_worker, **({"GPU": 1} if gpu else {})}
