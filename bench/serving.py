@@ -2,18 +2,21 @@
 instead, on the same model with the same engine settings, the same HTTP client and the same load.
 
     python bench/serving.py [--model artifacts/tiny-models/teacher] [--requests 200] [--concurrency 16]
-                            [--sides vllm,serve] [--json runs/bench-serving.json]
+                            [--sides vllm,serve,serve-direct] [--json runs/bench-serving.json]
 
 Each side is started as a user starts it, in its own processes: `python -m vllm.entrypoints.openai.api_server` with
 the flags that give the engine of `zephyr-ray serve` (``engines.vllm_engine_kwargs``: dtype, eager, KV cache, chat
-template, ...), and `zephyr-ray serve` on a Ray of its own (``serve+NAME=VALUE``: with Ray settings in its
-environment, to compare Ray Serve's own knobs). One side runs at a time. The load, per side:
+template, ...), and `zephyr-ray serve` on a Ray of its own (``serve-direct``: with ``serve.direct_streaming``, the
+replica serving vLLM's own app behind HAProxy; ``serve+NAME=VALUE``: with Ray settings in its environment, to compare
+Ray Serve's own knobs). One side runs at a time. The load, per side:
 
 - closed loop, not streamed: ``--requests`` chat requests with ``--concurrency`` in flight: requests/s, p50 and p99;
 - closed loop, streamed: the same, with time to first token (TTFT) and time per output token (TPOT) per request;
 - one at a time: ``--single`` requests in sequence: p50 latency (the per-request overhead);
 - CPU per request: the CPU time each of the side's processes spent in the first closed loop, divided by its
-  requests. On a machine where the client, Ray and the engine share the cores this is steadier than throughput.
+  requests, and the front end's share (every process but the engine's: vLLM's API server, or Serve's hops and the
+  replica's vLLM front end). On a machine where the client, Ray and the engine share the cores this is steadier
+  than throughput.
 
 Every request asks for ``MAX_TOKENS`` tokens with ``ignore_eos``, so both sides generate the same number of tokens.
 For Ray Serve the script then reads where the time went from Ray's own metrics (the proxy's request latency, and each
@@ -40,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 32
+ENGINE_PROCESSES = ("VLLM::EngineCore", "VLLM::Worker")  # the engine's own, on either side
 SETTINGS = {"max_model_len": 512, "kv_cache_gib": 0.5}
 
 
@@ -91,8 +95,9 @@ def healthy(url: str) -> bool:
 
 
 def start_side(side: str, model: str, workdir: Path) -> tuple[subprocess.Popen, str, Path]:
-    """(process, base URL, log) of one side, up and answering. ``side``: ``vllm``, or ``serve`` with optional
-    environment settings for its Ray (``serve+NAME=VALUE+...``: Ray Serve's own knobs, to compare them)."""
+    """(process, base URL, log) of one side, up and answering. ``side``: ``vllm``, or ``serve`` (``serve-direct``:
+    direct streaming) with optional environment settings for its Ray (``serve+NAME=VALUE+...``: Ray Serve's own
+    knobs, to compare them)."""
     port = free_port()
     name, *settings = side.split("+")
     log = workdir / f"{len(list(workdir.glob('*.log')))}-{name}.log"
@@ -104,14 +109,15 @@ def start_side(side: str, model: str, workdir: Path) -> tuple[subprocess.Popen, 
         template = workdir / "template.jinja"
         template.write_text(template_for(model, "zephyr", False))
         command = vllm_server_args(model, port, template)
-    elif name == "serve":
+    elif name in ("serve", "serve-direct"):
         recipe = workdir / "serve.yaml"
         recipe.write_text(json.dumps({"name": "bench", "hardware": {"accelerator": "cpu", "num_workers": 1},
-                                      "serve": {"models": [{"model_id": "bench", **SETTINGS, "min_replicas": 1,
+                                      "serve": {"direct_streaming": name == "serve-direct",
+                                                "models": [{"model_id": "bench", **SETTINGS, "min_replicas": 1,
                                                             "max_replicas": 1, "max_ongoing_requests": 256}]}}))
         command = [sys.executable, "-m", "zephyr_ray.cli", "serve", model, "--recipe", str(recipe), "--port", str(port)]
     else:
-        raise SystemExit(f"--sides: unknown side {name!r} (vllm, serve, serve+NAME=VALUE...)")
+        raise SystemExit(f"--sides: unknown side {name!r} (vllm, serve, serve-direct, serve+NAME=VALUE...)")
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
                                    start_new_session=True)
@@ -271,9 +277,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--single", type=int, default=50, help="requests sent one at a time")
-    parser.add_argument("--sides", default="vllm,serve",
-                        help="vllm, serve, serve+NAME=VALUE (Ray env settings), in order; a side may come again "
-                        "(vllm,serve,vllm,serve): each Serve side is compared with the vLLM run before it")
+    parser.add_argument("--sides", default="vllm,serve,serve-direct",
+                        help="vllm, serve, serve-direct, serve+NAME=VALUE (Ray env settings), in order; a side may "
+                        "come again (vllm,serve,vllm,serve): each Serve side is compared with the vLLM run before it")
     parser.add_argument("--json", type=Path, default=REPO / "runs" / "bench-serving.json")
     args = parser.parse_args()
     results: dict[str, dict] = {}
@@ -283,6 +289,8 @@ def main() -> None:
             process, url, log = start_side(side, args.model, Path(tmp))
             try:
                 results[label] = measure(url, args.requests, args.concurrency, args.single, process.pid)
+                results[label]["front_end_cpu_ms"] = sum(ms for name, ms in results[label]["cpu_ms_per_request"].items()
+                                                         if name not in ENGINE_PROCESSES)
                 if side != "vllm" and (urls := metrics_urls()):
                     results[label]["hops_ms"] = serve_breakdown(urls)
             finally:
@@ -298,8 +306,8 @@ def main() -> None:
               f"{r['tpot_p50_s'] * 1e3:6.1f}ms | {r['single_p50_s'] * 1e3:8.1f}ms")
     print("\nCPU per request in the closed loop, not streamed (ms; the side's processes: server, Ray, engine):")
     for side, r in results.items():
-        print(f"  {side:<12} {r['cpu_ms_per_request_total']:6.1f} in all: " + ", ".join(
-            f"{name} {ms:.1f}" for name, ms in list(r["cpu_ms_per_request"].items())[:6]))
+        print(f"  {side:<12} {r['cpu_ms_per_request_total']:6.1f} in all, front end {r['front_end_cpu_ms']:5.1f}: "
+              + ", ".join(f"{name} {ms:.1f}" for name, ms in list(r["cpu_ms_per_request"].items())[:6]))
     base = None
     for side, r in results.items():  # each Serve side against the vLLM run before it (the machine's speed drifts)
         if side.split(" (run ")[0] == "vllm":

@@ -522,3 +522,16 @@ def test_a_rounds_recipe_samples_the_previous_rounds_model_beside_the_pool_or_al
         run_dir.resolve() / "rounds" / "2" / "train_dpo" / "model")
     assert second.evaluate.pairwise.baseline.model == str(run_dir.resolve() / "train_sft" / "model")
     assert second.synthesize is None and second.train_sft is None and second.rounds is None
+
+
+def test_direct_streaming_serves_one_model_and_validate_says_so(tmp_path):
+    recipe = yaml.safe_load((CONFIGS / "tiny-cpu.yaml").read_text())
+    recipe["serve"] = {"direct_streaming": True, "models": [{"model_id": "a"}, {"model_id": "b"}]}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    validated = cli("validate", str(path))
+    assert validated.returncode == 2 and "Traceback" not in validated.stderr
+    assert "direct_streaming serves one model (Ray Serve LLM's limit), got 2: ['a', 'b']" in validated.stderr
+    recipe["serve"]["models"] = recipe["serve"]["models"][:1]
+    path.write_text(yaml.safe_dump(recipe))
+    assert load_recipe(path).serve.direct_streaming

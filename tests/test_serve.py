@@ -4,6 +4,7 @@ Two apps share the test's Ray: `zephyr-ray serve` (the CLI, in a subprocess) dep
 an API key, and the fixture deploys an open one (no key configured) at `/open`.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +109,102 @@ def client(endpoint, prefix: str = "", key: str | None = None):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{endpoint.url}{prefix}/v1", api_key=key or endpoint.key, max_retries=0, timeout=120)
+
+
+def process_titles(process: subprocess.Popen) -> list[str]:
+    """The command lines (Ray's process titles) of ``process``'s descendants."""
+    import psutil
+
+    titles = []
+    for child in psutil.Process(process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            titles.append(" ".join(child.cmdline()))
+    return titles
+
+
+def haproxies(process: subprocess.Popen) -> list[str]:
+    return [title for title in process_titles(process) if Path(title.split(" ")[0]).name == "haproxy"]
+
+
+@pytest.mark.reliability("security", "direct streaming: the same key, size and request checks in front of vLLM's app")
+def test_direct_streaming_serves_through_haproxy_with_the_same_guards(tiny_models, tmp_path):
+    """`serve.direct_streaming: true`, as a user runs `zephyr-ray serve` (no Ray running: it starts its own, with
+    Serve's HAProxy): HAProxy in front, no ingress deployment, the OpenAI client plain and streamed, and what the
+    ingress guards still guarded on vLLM's own app: the key, the size limit, the request checks, the chat page."""
+    import openai
+    from openai import OpenAI
+
+    recipe = yaml.safe_load((REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text())
+    recipe["serve"] = {"api_key_env": TEST_API_KEY_ENV, "direct_streaming": True,
+                       "models": [{"model_id": "tiny-direct", **MODEL_SETTINGS}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="zrd", dir="/tmp"))  # short: Ray's socket paths; and no Ray "current"
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp),
+           TEST_API_KEY_ENV: os.environ.get(TEST_API_KEY_ENV) or "zr-direct-key"}
+    port, log_path = free_port(), tmp_path / "serve-cli.log"
+    with open(log_path, "w") as log:
+        cli = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "serve", str(tiny_models["teacher"]),
+                                "--recipe", str(tmp_path / "recipe.yaml"), "--port", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+    url, key = f"http://127.0.0.1:{port}", env[TEST_API_KEY_ENV]
+    try:
+        deadline = time.time() + 600
+        while "Ctrl-C stops it" not in log_path.read_text():
+            assert cli.poll() is None, log_path.read_text()[-4000:]
+            assert time.time() < deadline, "the app did not come up in 600 s: " + log_path.read_text()[-4000:]
+            time.sleep(1)
+        front = haproxies(cli)
+        assert front, "no HAProxy in front"
+        assert requests.get(f"{url}/health", timeout=30).status_code == 200
+        api = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+        assert [m.id for m in api.models.list().data] == ["tiny-direct"]
+        reply = api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=16, temperature=0.0)
+        text = reply.choices[0].message.content
+        stream = api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=16, temperature=0.0,
+                                             stream=True)
+        pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+        assert text and len(pieces) > 1 and "".join(pieces) == text
+        with pytest.raises(openai.AuthenticationError) as caught:
+            OpenAI(base_url=f"{url}/v1", api_key="wrong-key", max_retries=0).models.list()
+        assert caught.value.status_code == 401 and caught.value.body["type"] == "authentication_error"
+        page = requests.get(f"{url}/", timeout=30)
+        assert page.status_code == 401 and page.headers["WWW-Authenticate"].startswith("Basic")
+        assert "<html" in requests.get(f"{url}/", auth=("anyone", key), timeout=30).text.lower()
+        headers = {"Authorization": f"Bearer {key}"}
+        for change, status, field in [case for case in BAD_REQUESTS if case[2] != "maximum context length"]:
+            response = requests.post(f"{url}/v1/chat/completions", headers=headers, timeout=60,
+                                     json={"model": "tiny-direct", "messages": QUESTION, "max_tokens": 8, **change})
+            assert response.status_code == status and response.json()["error"]["param"] == field, response.text
+        for wrong_type in ({"temperature": "hot"}, {"messages": "hello"}, {"model": ["tiny-direct"]},
+                           {"messages": [["user", "hi"]]}):  # left to vLLM's validation
+            response = requests.post(f"{url}/v1/chat/completions", headers=headers, timeout=60,
+                                     json={"model": "tiny-direct", "messages": QUESTION, "max_tokens": 8, **wrong_type})
+            assert response.status_code == 400 and response.json()["error"]["message"], (wrong_type, response.text)
+        too_big = requests.post(f"{url}/v1/chat/completions", data="x" * (2 * 2**20), timeout=60,
+                                headers={**headers, "Content-Type": "application/json"})
+        assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "body"
+        assert api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=4).choices
+        replicas = [name for name in process_titles(cli) if name.startswith("ray::ServeReplica")]
+        assert any(":LLMServer:tiny-direct" in name for name in replicas), replicas
+        assert not [name for name in replicas if "Ingress" in name], replicas
+    finally:
+        os.killpg(cli.pid, signal.SIGINT)  # Ctrl-C, as a user stops it
+        try:
+            cli.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    text = log_path.read_text()
+    assert "Traceback" not in text and key not in text, text[-3000:]
+    import psutil
+
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []) in front]
+    assert not left, f"HAProxy outlived Ctrl-C: {left}"
+    record_reliability("security", "direct streaming: the same key, size and request checks in front of vLLM's app",
+                       "401 for a wrong key and the page's Basic challenge, 413 past the size limit, 4xx naming "
+                       "the field for each bad request, through HAProxy to the model's replica; plain and streamed "
+                       "chats answered", "nothing")
 
 
 def test_the_cli_prints_the_url_and_a_curl_line_that_works(endpoint):

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 OPEN_ROUTES = ("/health",)  # reachable without the key: load balancers and probes
 APP_NAME = "zephyr"
+HAPROXY_SETTING = "RAY_SERVE_ENABLE_HA_PROXY"  # Serve's HTTP through HAProxy (the binary ``ray[serve]`` ships)
 
 
 def final_model(run_dir: Path) -> Path | None:
@@ -248,15 +249,12 @@ async def readiness() -> tuple[bool, str]:
     return ready, "ok" if ready else app.status.lower()
 
 
-def build_fastapi_app(config: ServeConfig) -> Any:
-    """Ray Serve LLM's FastAPI app (its middleware: request ids, errors, HTTP metrics) plus ours: body size limit and
-    the API key, and the open routes."""
+def add_guards(app: Any, config: ServeConfig) -> None:
+    """What every app of ours puts in front of its routes: the API key, the body size limit (both before any body
+    is read), and the chat page at ``/``."""
     from fastapi import Request
-    from fastapi.exceptions import RequestValidationError
-    from ray.llm._internal.serve.core.ingress.ingress import init as ray_llm_fastapi_app
-    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.responses import HTMLResponse, Response
 
-    app = ray_llm_fastapi_app()
     api_key_env, max_bytes = config.api_key_env, config.max_request_bytes
 
     @app.middleware("http")
@@ -275,6 +273,24 @@ def build_fastapi_app(config: ServeConfig) -> Any:
     # added last: outermost, it sees the raw body stream
     app.add_middleware(body_limit_middleware(max_bytes, api_key_env))
 
+    page = chat_page()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat() -> HTMLResponse:
+        return HTMLResponse(page)
+
+
+def build_fastapi_app(config: ServeConfig) -> Any:
+    """Ray Serve LLM's FastAPI app (its middleware: request ids, errors, HTTP metrics) plus ours: body size limit and
+    the API key, and the open routes."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from ray.llm._internal.serve.core.ingress.ingress import init as ray_llm_fastapi_app
+    from starlette.responses import JSONResponse, Response
+
+    app = ray_llm_fastapi_app()
+    add_guards(app, config)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> Response:
         first = error.errors()[0] if error.errors() else {"loc": ("body",), "msg": "invalid request"}
@@ -286,13 +302,59 @@ def build_fastapi_app(config: ServeConfig) -> Any:
         ready, status = await readiness()
         return JSONResponse({"status": status}, status_code=200 if ready else 503)
 
-    page = chat_page()
-
-    @app.get("/", response_class=HTMLResponse)
-    async def chat() -> HTMLResponse:
-        return HTMLResponse(page)
-
     return app
+
+
+def problem_response(body: Any, known_models: set[str], max_temperature: float) -> Any:
+    """``request_problem``'s finding as the response that refuses the request (404 for the model), else None."""
+    problem = request_problem(body, known_models, max_temperature)
+    if problem is None:
+        return None
+    field, message = problem
+    return openai_error(404 if field == "model" else 400, message, param=field,
+                        kind="invalid_request_error" if field != "model" else "not_found_error")
+
+
+CHECKED_ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
+def request_checks_middleware(known_models: set[str], max_temperature: float) -> Any:
+    """An ASGI middleware that holds a chat or completion request's body (the size guard outside it has bounded it)
+    and refuses it as the ingress' checks do, before vLLM's app parses it; other requests, and bodies that are not
+    a JSON object or hold a field of the wrong type (vLLM's app answers those itself), pass as they came."""
+    import json
+    from types import SimpleNamespace
+
+    class RequestChecks:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(CHECKED_ROUTES):
+                return await self.app(scope, receive, send)
+            held = []
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client left before its body was whole
+                    return None
+                held.append(message)
+                if not message.get("more_body"):
+                    break
+            try:
+                body = json.loads(b"".join(message.get("body", b"") for message in held))
+                refusal = problem_response(SimpleNamespace(**{"model": None, **body}), known_models,
+                                           max_temperature) if isinstance(body, dict) else None
+            except (ValueError, TypeError):  # not JSON, or a field of the wrong type: vLLM's validation says which
+                refusal = None
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+
+            async def replayed() -> dict:
+                return held.pop(0) if held else await receive()
+
+            return await self.app(scope, replayed, send)
+
+    return RequestChecks
 
 
 def ingress_class(config: ServeConfig) -> Any:
@@ -307,18 +369,12 @@ def ingress_class(config: ServeConfig) -> Any:
         def __init__(self, llm_deployments: dict, model_cards: dict, *, lora_paths: dict | None = None,
                      require_key: bool = False) -> None:
             if require_key and not os.environ.get(api_key_env):
-                raise RuntimeError(f"the app was built with {api_key_env} set, but it is not set where this ingress "
-                                   "runs: set it on the cluster's nodes (refusing to serve without the key)")
+                raise key_missing_error(api_key_env)
             super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
             self._served = set(llm_deployments)
 
         def _check(self, body: Any) -> Any:
-            problem = request_problem(body, self._served, max_temperature)
-            if problem is None:
-                return None
-            field, message = problem
-            return openai_error(404 if field == "model" else 400, message, param=field,
-                                kind="invalid_request_error" if field != "model" else "not_found_error")
+            return problem_response(body, self._served, max_temperature)
 
         async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
             return self._check(body) or await super().chat(body, request)
@@ -329,8 +385,59 @@ def ingress_class(config: ServeConfig) -> Any:
     return ZephyrIngress
 
 
+def key_missing_error(api_key_env: str) -> RuntimeError:
+    return RuntimeError(f"the app was built with {api_key_env} set, but it is not set where this replica runs: set "
+                        "it on the cluster's nodes (refusing to serve without the key)")
+
+
+def direct_server_class(config: ServeConfig, require_key: bool) -> Any:
+    """Ray Serve LLM's ``LLMServer`` as the HTTP ingress itself (direct streaming): it serves vLLM's own OpenAI app,
+    to which this adds what the ingress would check: the API key, the size limit, the request checks (vLLM's
+    app then validates the rest) and the chat page. vLLM's ``/health`` stays: a replica's app exists only once its
+    engine answers."""
+    from ray.serve.llm.deployment import LLMServer
+
+    known_models, max_temperature = {config.models[0].model_id}, config.max_temperature
+
+    class ZephyrDirectServer(LLMServer):
+        async def __init__(self, llm_config: Any, **kwargs: Any) -> None:
+            if require_key and not os.environ.get(config.api_key_env):
+                raise key_missing_error(config.api_key_env)
+            await super().__init__(llm_config, **kwargs)
+
+        async def __serve_build_asgi_app__(self) -> Any:
+            app = await super().__serve_build_asgi_app__()
+            app.add_middleware(request_checks_middleware(known_models, max_temperature))  # innermost: keyed only
+            add_guards(app, config)
+            return app
+
+    return ZephyrDirectServer
+
+
+def direct_streaming_app(config: ServeConfig, llm: Any) -> Any:
+    """The one model's ``LLMServer`` deployment as the app's ingress. Where Serve runs HAProxy
+    (``RAY_SERVE_ENABLE_HA_PROXY=1``, read as Ray's own check reads it: in the process that builds the app, which for
+    ``serve deploy`` runs on the cluster), with Ray Serve LLM's request router beside it, which HAProxy asks for a
+    replica: what ``build_openai_app`` builds under ``RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1``, with our server
+    class. Without HAProxy (Serve refuses that router then), Serve's own proxy routes to a replica."""
+    from ray.llm._internal.serve.core.ingress.builder import (
+        _build_direct_streaming_llm_deployment,
+        _build_openai_ingress_request_router,
+    )
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
+
+    server_class = direct_server_class(config, require_key=bool(os.environ.get(config.api_key_env)))
+    server = _build_direct_streaming_llm_deployment(llm, deployment_cls=server_class, name_prefix="LLMServer:")
+    if not RAY_SERVE_ENABLE_HA_PROXY:
+        logger.info("serve: direct streaming without HAProxy (%s is not set where the app is built): Serve's proxy "
+                    "routes to the replica", HAPROXY_SETTING)
+        return server
+    return server._with_ingress_request_router(_build_openai_ingress_request_router(server=server, llm_config=llm))
+
+
 def build_app(config: ServeConfig, hardware: Hardware, run_dir: Path | None = None) -> Any:
-    """The Serve application: one ``LLMServer`` deployment per model behind one ingress."""
+    """The Serve application: one ``LLMServer`` deployment per model behind one ingress (or, with
+    ``direct_streaming``, the one model's deployment as the ingress)."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
@@ -338,6 +445,8 @@ def build_app(config: ServeConfig, hardware: Hardware, run_dir: Path | None = No
     from ray.serve.llm.ingress import make_fastapi_ingress
 
     configs = [llm_config(m, model_source(m, run_dir), hardware) for m in config.models]
+    if config.direct_streaming:
+        return direct_streaming_app(config, configs[0])
     ingress = ingress_class(config)
     options = ingress.get_deployment_options(configs)
     if hardware.accelerator == "cpu":
