@@ -7,8 +7,9 @@ instead, on the same model with the same engine settings, the same HTTP client a
 Each side is started as a user starts it, in its own processes: `python -m vllm.entrypoints.openai.api_server` with
 the flags that give the engine of `zephyr-ray serve` (``engines.vllm_engine_kwargs``: dtype, eager, KV cache, chat
 template, ...), and `zephyr-ray serve` on a Ray of its own (``serve-direct``: with ``serve.direct_streaming``, the
-replica serving vLLM's own app behind HAProxy; ``serve+NAME=VALUE``: with Ray settings in its environment, to compare
-Ray Serve's own knobs). One side runs at a time. The load, per side:
+replica serving vLLM's own app; ``serve+NAME=VALUE``: with Ray settings in its environment, to compare Ray Serve's
+own knobs, e.g. ``serve-direct+RAY_SERVE_ENABLE_HA_PROXY=1`` for HAProxy in front). One side runs at a time. The
+load, per side:
 
 - closed loop, not streamed: ``--requests`` chat requests with ``--concurrency`` in flight: requests/s, p50 and p99;
 - closed loop, streamed: the same, with time to first token (TTFT) and time per output token (TPOT) per request;

@@ -126,12 +126,17 @@ def haproxies(process: subprocess.Popen) -> list[str]:
     return [title for title in process_titles(process) if Path(title.split(" ")[0]).name == "haproxy"]
 
 
-@pytest.mark.reliability("security", "direct streaming: the same key, size and request checks in front of vLLM's app")
-def test_direct_streaming_serves_through_haproxy_with_the_same_guards(tiny_models, tmp_path):
-    """`serve.direct_streaming: true`, as a user runs `zephyr-ray serve` (no Ray running: it starts its own, with
-    Serve's HAProxy): HAProxy in front, no ingress deployment, the OpenAI client plain and streamed, and what the
-    ingress guards still guarded on vLLM's own app: the key, the size limit, the request checks, the chat page."""
+@pytest.mark.reliability("security", "direct streaming: the same key, size, route and request checks in front of "
+                         "vLLM's app, through Serve's proxy and through HAProxy")
+@pytest.mark.parametrize("haproxy", [False, True], ids=["serve-proxy", "haproxy"])
+def test_direct_streaming_serves_vllms_app_with_the_ingress_guards(tiny_models, tmp_path, haproxy):
+    """`serve.direct_streaming: true`, as a user runs `zephyr-ray serve` (no Ray running: it starts its own), with
+    the CLI's defaults (Serve's proxy in front) and with HAProxy turned on (`RAY_SERVE_ENABLE_HA_PROXY=1`, its
+    stats and metrics ports moved off Ray's fixed ones): no ingress deployment, the OpenAI client plain and
+    streamed, and what the ingress guarded still guarded on vLLM's own app: the key (before anything else), the size
+    limit, the ingress' routes only, the request checks, the chat page."""
     import openai
+    import psutil
     from openai import OpenAI
 
     recipe = yaml.safe_load((REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text())
@@ -141,6 +146,9 @@ def test_direct_streaming_serves_through_haproxy_with_the_same_guards(tiny_model
     ray_tmp = Path(tempfile.mkdtemp(prefix="zrd", dir="/tmp"))  # short: Ray's socket paths; and no Ray "current"
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp),
            TEST_API_KEY_ENV: os.environ.get(TEST_API_KEY_ENV) or "zr-direct-key"}
+    if haproxy:
+        env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
+                   RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
     port, log_path = free_port(), tmp_path / "serve-cli.log"
     with open(log_path, "w") as log:
         cli = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "serve", str(tiny_models["teacher"]),
@@ -154,7 +162,10 @@ def test_direct_streaming_serves_through_haproxy_with_the_same_guards(tiny_model
             assert time.time() < deadline, "the app did not come up in 600 s: " + log_path.read_text()[-4000:]
             time.sleep(1)
         front = haproxies(cli)
-        assert front, "no HAProxy in front"
+        replicas = [name for name in process_titles(cli) if name.startswith("ray::ServeReplica")]
+        assert any(":LLMServer:tiny-direct" in name for name in replicas), replicas
+        assert not [name for name in replicas if "Ingress" in name], replicas
+        assert bool(front) == haproxy and any(":LLMRouter" in name for name in replicas) == haproxy, (front, replicas)
         assert requests.get(f"{url}/health", timeout=30).status_code == 200
         api = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
         assert [m.id for m in api.models.list().data] == ["tiny-direct"]
@@ -164,13 +175,21 @@ def test_direct_streaming_serves_through_haproxy_with_the_same_guards(tiny_model
                                              stream=True)
         pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
         assert text and len(pieces) > 1 and "".join(pieces) == text
+        assert api.completions.create(model="tiny-direct", prompt="Bees", max_tokens=4).choices[0].text is not None
         with pytest.raises(openai.AuthenticationError) as caught:
             OpenAI(base_url=f"{url}/v1", api_key="wrong-key", max_retries=0).models.list()
         assert caught.value.status_code == 401 and caught.value.body["type"] == "authentication_error"
+        for path in ("/v1/chat/completions", "/tokenize", "/v1/responses"):  # the key first, whatever is asked
+            unkeyed = requests.post(f"{url}{path}", json={"model": "no-such-model", "messages": []}, timeout=30)
+            assert unkeyed.status_code == 401, (path, unkeyed.text)
         page = requests.get(f"{url}/", timeout=30)
         assert page.status_code == 401 and page.headers["WWW-Authenticate"].startswith("Basic")
         assert "<html" in requests.get(f"{url}/", auth=("anyone", key), timeout=30).text.lower()
         headers = {"Authorization": f"Bearer {key}"}
+        for path in ("/tokenize", "/v1/responses", "/v1/chat/completions/batch", "/invocations", "/metrics",
+                     "/scale_elastic_ep", "/docs"):  # vLLM's routes that the ingress does not have
+            response = requests.post(f"{url}{path}", headers=headers, json={"model": "tiny-direct"}, timeout=30)
+            assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error", path
         for change, status, field in [case for case in BAD_REQUESTS if case[2] != "maximum context length"]:
             response = requests.post(f"{url}/v1/chat/completions", headers=headers, timeout=60,
                                      json={"model": "tiny-direct", "messages": QUESTION, "max_tokens": 8, **change})
@@ -180,13 +199,13 @@ def test_direct_streaming_serves_through_haproxy_with_the_same_guards(tiny_model
             response = requests.post(f"{url}/v1/chat/completions", headers=headers, timeout=60,
                                      json={"model": "tiny-direct", "messages": QUESTION, "max_tokens": 8, **wrong_type})
             assert response.status_code == 400 and response.json()["error"]["message"], (wrong_type, response.text)
+        nested = requests.post(f"{url}/v1/chat/completions", data="[" * 100_000 + "]" * 100_000, timeout=60,
+                               headers={**headers, "Content-Type": "application/json"})
+        assert nested.status_code == 400, nested.text  # json's RecursionError: vLLM's app answers, no 500
         too_big = requests.post(f"{url}/v1/chat/completions", data="x" * (2 * 2**20), timeout=60,
                                 headers={**headers, "Content-Type": "application/json"})
         assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "body"
         assert api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=4).choices
-        replicas = [name for name in process_titles(cli) if name.startswith("ray::ServeReplica")]
-        assert any(":LLMServer:tiny-direct" in name for name in replicas), replicas
-        assert not [name for name in replicas if "Ingress" in name], replicas
     finally:
         os.killpg(cli.pid, signal.SIGINT)  # Ctrl-C, as a user stops it
         try:
@@ -197,13 +216,14 @@ def test_direct_streaming_serves_through_haproxy_with_the_same_guards(tiny_model
         shutil.rmtree(ray_tmp, ignore_errors=True)
     text = log_path.read_text()
     assert "Traceback" not in text and key not in text, text[-3000:]
-    import psutil
-
-    left = [p.pid for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []) in front]
-    assert not left, f"HAProxy outlived Ctrl-C: {left}"
-    record_reliability("security", "direct streaming: the same key, size and request checks in front of vLLM's app",
-                       "401 for a wrong key and the page's Basic challenge, 413 past the size limit, 4xx naming "
-                       "the field for each bad request, through HAProxy to the model's replica; plain and streamed "
+    left = [p for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []) in front]
+    gone, alive = psutil.wait_procs(left, timeout=30)
+    assert not alive, f"HAProxy outlived Ctrl-C: {alive}"
+    record_reliability("security", "direct streaming: the same key, size, route and request checks in front of "
+                       "vLLM's app, through Serve's proxy and through HAProxy",
+                       "401 for a wrong or missing key before anything else, the page's Basic challenge, 413 past "
+                       "the size limit, 404 for vLLM's routes the ingress lacks, 4xx naming the field for each bad "
+                       "request, 400 from vLLM's validation for wrong types and 100,000-deep JSON; plain and streamed "
                        "chats answered", "nothing")
 
 

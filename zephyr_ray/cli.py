@@ -228,8 +228,8 @@ def serve_model(
 
     from .config import Hardware, RecipeError, ServeConfig, ServedModel, load_recipe
     from .engines import context_length, detect_accelerator
-    from .serving import HAPROXY_SETTING, curl_example, serve_locally
-    from .stages import init_ray, starts_a_local_ray
+    from .serving import curl_example, serve_locally
+    from .stages import init_ray
 
     try:
         loaded = load_recipe(recipe) if recipe else None
@@ -249,10 +249,6 @@ def serve_model(
     except ValueError as err:
         _fail(f"{'--max-model-len' if max_model_len else f'{recipe}: serve.models[0].max_model_len'}: {err}")
     _quiet(log_path_for(None, "serve"), verbose)
-    if config.direct_streaming and starts_a_local_ray(address):
-        # the Ray this command starts routes through HAProxy (on a cluster, its own setting decides); its files go
-        # under a directory of the node's own id, so two of them on one machine keep apart
-        os.environ.setdefault(HAPROXY_SETTING, "1")
     init_ray(hardware, address)
     try:
         url = serve_locally(config, hardware, host=host, port=port)

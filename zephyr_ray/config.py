@@ -568,9 +568,9 @@ class ServeConfig(_Section):
     max_request_bytes: int = Field(default=1_048_576, gt=0, description="larger request bodies get 413")
     direct_streaming: bool = Field(default=False, description="one model only: requests go straight to the model's "
                                    "replicas, which serve vLLM's own OpenAI app with this section's checks in front "
-                                   "(Ray Serve LLM's direct streaming; HAProxy routes where the cluster runs it, "
-                                   "`zephyr-ray serve` turns it on for a Ray it starts), instead of through an "
-                                   "ingress deployment: one hop and about half Serve's CPU per request less")
+                                   "(Ray Serve LLM's direct streaming), instead of through an ingress deployment: "
+                                   "one hop less; with RAY_SERVE_ENABLE_HA_PROXY=1 in the environment Ray starts "
+                                   "with, HAProxy routes instead of Serve's Python proxy")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ServeConfig:

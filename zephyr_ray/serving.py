@@ -316,36 +316,54 @@ def problem_response(body: Any, known_models: set[str], max_temperature: float) 
 
 
 CHECKED_ROUTES = ("/v1/chat/completions", "/v1/completions")
+DIRECT_ROUTES = ("/", "/health", "/v1/models", *CHECKED_ROUTES)  # the ingress' own; plus /v1/models/<id>
 
 
-def request_checks_middleware(known_models: set[str], max_temperature: float) -> Any:
-    """An ASGI middleware that holds a chat or completion request's body (the size guard outside it has bounded it)
-    and refuses it as the ingress' checks do, before vLLM's app parses it; other requests, and bodies that are not
-    a JSON object or hold a field of the wrong type (vLLM's app answers those itself), pass as they came."""
+def route_of(scope: dict) -> str:
+    """A request's path inside the app: Serve's route prefix (the scope's ``root_path``) taken off."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+def direct_routes_middleware(known_models: set[str], max_temperature: float) -> Any:
+    """An ASGI middleware for vLLM's own app under direct streaming: it answers only the routes the ingress has
+    (vLLM's app has many more: tokenizer, responses, batch, scaling, metrics; each 404 here, a WebSocket closed),
+    and holds a chat or completion request's body (the size guard outside it has bounded it) to refuse it as the
+    ingress' checks do, before vLLM's app parses it. Bodies that are not a JSON object or hold a field of the wrong
+    type go on to vLLM's validation, which names it; a client that leaves mid-body, its disconnect with it."""
     import json
     from types import SimpleNamespace
 
-    class RequestChecks:
+    class DirectRoutes:
         def __init__(self, app: Any) -> None:
             self.app = app
 
         async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-            if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(CHECKED_ROUTES):
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
+            if scope["type"] != "http":
                 return await self.app(scope, receive, send)
-            held = []
-            while True:
+            route = route_of(scope)
+            if route not in DIRECT_ROUTES and not route.startswith("/v1/models/"):
+                return await openai_error(404, f"no route {route} here; routes: {list(DIRECT_ROUTES)}",
+                                          kind="not_found_error")(scope, receive, send)
+            if scope["method"] != "POST" or route not in CHECKED_ROUTES:
+                return await self.app(scope, receive, send)
+            held, whole = [], False
+            while not whole:
                 message = await receive()
-                if message["type"] != "http.request":  # the client left before its body was whole
-                    return None
                 held.append(message)
-                if not message.get("more_body"):
+                if message["type"] != "http.request":  # the client left: the app gets its disconnect
                     break
-            try:
-                body = json.loads(b"".join(message.get("body", b"") for message in held))
-                refusal = problem_response(SimpleNamespace(**{"model": None, **body}), known_models,
-                                           max_temperature) if isinstance(body, dict) else None
-            except (ValueError, TypeError):  # not JSON, or a field of the wrong type: vLLM's validation says which
-                refusal = None
+                whole = not message.get("more_body")
+            refusal = None
+            if whole:
+                try:
+                    body = json.loads(b"".join(message.get("body", b"") for message in held))
+                    refusal = problem_response(SimpleNamespace(**{"model": None, **body}), known_models,
+                                               max_temperature) if isinstance(body, dict) else None
+                except (ValueError, TypeError, RecursionError):  # vLLM's validation says what is wrong
+                    refusal = None
             if refusal is not None:
                 return await refusal(scope, receive, send)
 
@@ -354,7 +372,7 @@ def request_checks_middleware(known_models: set[str], max_temperature: float) ->
 
             return await self.app(scope, replayed, send)
 
-    return RequestChecks
+    return DirectRoutes
 
 
 def ingress_class(config: ServeConfig) -> Any:
@@ -392,9 +410,9 @@ def key_missing_error(api_key_env: str) -> RuntimeError:
 
 def direct_server_class(config: ServeConfig, require_key: bool) -> Any:
     """Ray Serve LLM's ``LLMServer`` as the HTTP ingress itself (direct streaming): it serves vLLM's own OpenAI app,
-    to which this adds what the ingress would check: the API key, the size limit, the request checks (vLLM's
-    app then validates the rest) and the chat page. vLLM's ``/health`` stays: a replica's app exists only once its
-    engine answers."""
+    to which this adds what the ingress would check: the API key, the size limit, the ingress' routes only, the
+    request checks (vLLM's app then validates the rest) and the chat page. vLLM's ``/health`` stays: a replica's
+    app exists only once its engine answers."""
     from ray.serve.llm.deployment import LLMServer
 
     known_models, max_temperature = {config.models[0].model_id}, config.max_temperature
@@ -403,11 +421,15 @@ def direct_server_class(config: ServeConfig, require_key: bool) -> Any:
         async def __init__(self, llm_config: Any, **kwargs: Any) -> None:
             if require_key and not os.environ.get(config.api_key_env):
                 raise key_missing_error(config.api_key_env)
+            if os.environ.get("VLLM_API_KEY"):  # vLLM's app would check it too, Bearer only (the page sends Basic)
+                raise RuntimeError(f"VLLM_API_KEY is set where this replica runs: unset it; the endpoint's key is "
+                                   f"{config.api_key_env}")
             await super().__init__(llm_config, **kwargs)
 
         async def __serve_build_asgi_app__(self) -> Any:
             app = await super().__serve_build_asgi_app__()
-            app.add_middleware(request_checks_middleware(known_models, max_temperature))  # innermost: keyed only
+            app.middleware_stack = None  # built already by vLLM's app; Starlette adds middleware only before
+            app.add_middleware(direct_routes_middleware(known_models, max_temperature))  # innermost: keyed only
             add_guards(app, config)
             return app
 
@@ -430,7 +452,8 @@ def direct_streaming_app(config: ServeConfig, llm: Any) -> Any:
     server = _build_direct_streaming_llm_deployment(llm, deployment_cls=server_class, name_prefix="LLMServer:")
     if not RAY_SERVE_ENABLE_HA_PROXY:
         logger.info("serve: direct streaming without HAProxy (%s is not set where the app is built): Serve's proxy "
-                    "routes to the replica", HAPROXY_SETTING)
+                    "routes to the replica, which saves little over the ingress; set %s=1 where Ray starts for "
+                    "HAProxy", HAPROXY_SETTING, HAPROXY_SETTING)
         return server
     return server._with_ingress_request_router(_build_openai_ingress_request_router(server=server, llm_config=llm))
 

@@ -54,15 +54,6 @@ def init_ray(hardware: Hardware, address: str | None = None) -> None:
                        cpu_work_cpus=sum(node["Resources"].get("CPU", 0) for node in group))
 
 
-def starts_a_local_ray(address: str | None = None) -> bool:
-    """Whether ``init_ray(hardware, address)`` would start a Ray of its own (no address given or in ``RAY_ADDRESS``,
-    and no Ray running on this machine), as Ray itself decides it."""
-    import ray
-    from ray._private.services import canonicalize_bootstrap_address
-
-    return not ray.is_initialized() and canonicalize_bootstrap_address(address) is None
-
-
 def run_stage(name: str, recipe: Recipe, run_dir: Path, address: str | None = None) -> StageResult:
     """Run one stage; engine settings its models cannot take are an error before Ray or any engine starts."""
     from .engines import engine_problems
