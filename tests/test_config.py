@@ -532,6 +532,11 @@ def test_direct_streaming_serves_one_model_and_validate_says_so(tmp_path):
     validated = cli("validate", str(path))
     assert validated.returncode == 2 and "Traceback" not in validated.stderr
     assert "direct_streaming serves one model (Ray Serve LLM's limit), got 2: ['a', 'b']" in validated.stderr
-    recipe["serve"]["models"] = recipe["serve"]["models"][:1]
+    recipe["serve"]["models"] = [{"model_id": "a", "engine_kwargs": {"api_key": "x", "enforce_eager": True}}]
+    path.write_text(yaml.safe_dump(recipe))
+    validated = cli("validate", str(path))
+    assert validated.returncode == 2 and "models[0].engine_kwargs: ['api_key'] would change vLLM's own app" in \
+        validated.stderr
+    recipe["serve"]["models"] = [{"model_id": "a"}]
     path.write_text(yaml.safe_dump(recipe))
     assert load_recipe(path).serve.direct_streaming

@@ -102,3 +102,83 @@ def test_a_body_without_the_key_is_refused_unread(monkeypatch):
     assert read == [], f"{len(read)} MiB of a body read for a request without the key"
     too_big = client.post("/v1/chat/completions", content=chunks(), headers={"Authorization": "Bearer the-key"})
     assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "body"
+
+
+def asgi_exchange(app, scope: dict, messages: list[dict]) -> list[dict]:
+    """Run ``app`` on one request whose client sends ``messages`` (then waits, as a client does); what it sent."""
+    import asyncio
+
+    sent, queue = [], list(messages)
+
+    async def receive() -> dict:
+        if queue:
+            return queue.pop(0)
+        await asyncio.Event().wait()  # a client that sent everything sends nothing more
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_direct_streaming_answers_the_ingress_routes_only_and_leaves_vllm_what_it_cannot_check(monkeypatch):
+    """vLLM's own app behind `direct_routes_middleware` (a stand-in app records what reaches it): routes the ingress
+    lacks get 404 and WebSockets are closed unheard; bad requests are refused as the ingress refuses them; a body
+    the checks cannot read (wrong types, 100,000-deep JSON) and a client gone mid-body reach vLLM's app as sent;
+    Serve's route prefix is taken off; and the replica refuses to start where VLLM_API_KEY is set."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from zephyr_ray.config import ServeConfig
+    from zephyr_ray.serving import direct_routes_middleware, direct_server_class
+
+    reached = []
+
+    async def vllm_app(scope, receive, send):
+        messages = [await receive()]
+        while messages[-1]["type"] == "http.request" and messages[-1].get("more_body"):
+            messages.append(await receive())
+        reached.append((scope["path"], messages))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = direct_routes_middleware({"m"}, 2.0)(vllm_app)
+
+    def post(path: str, *chunks: bytes, root: str = "", method: str = "POST", gone: bool = False):
+        reached.clear()
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1 or gone}
+                    for i, c in enumerate(chunks or (b"",))] + ([{"type": "http.disconnect"}] if gone else [])
+        scope = {"type": "http", "method": method, "path": root + path, "root_path": root, "headers": []}
+        sent = asgi_exchange(app, scope, messages)
+        status = sent[0]["status"]
+        return status, json.loads(sent[1]["body"]) if status != 200 else None
+
+    for path in ("/tokenize", "/v1/responses", "/v1/chat/completions/batch", "/metrics", "/scale_elastic_ep"):
+        status, body = post(path, b'{"model": "m"}')
+        assert status == 404 and body["error"]["type"] == "not_found_error" and not reached, path
+    assert post("/v1/models/m", method="GET", root="/zephyr")[0] == 200 and reached[0][0] == "/zephyr/v1/models/m"
+    assert post("/v1/completions", method="GET", root="/zephyr")[0] == 200  # a GET is vLLM's to answer
+
+    status, body = post("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], ',
+                        b'"temperature": 9}')
+    assert status == 400 and body["error"]["param"] == "temperature" and not reached
+    assert post("/v1/completions", b'{"model": "other", "prompt": "hi"}')[1]["error"]["param"] == "model"
+    good = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    assert post("/v1/chat/completions", good[:10], good[10:])[0] == 200
+    assert b"".join(m["body"] for m in reached[0][1]) == good  # the body as it came, in its chunks
+    for unread in (b'{"model": "m", "temperature": "hot"}', b'{"model": ["m"]}', b"[" * 100_000 + b"]" * 100_000,
+                   b"\xff not json"):
+        assert post("/v1/chat/completions", unread)[0] == 200 and reached, unread[:20]
+    assert post("/v1/chat/completions", b'{"model": "m", "mess', gone=True)[0] == 200
+    assert [m["type"] for m in reached[0][1]] == ["http.request", "http.disconnect"]
+
+    sent = asgi_exchange(app, {"type": "websocket", "path": "/v1/realtime", "root_path": "", "headers": []},
+                         [{"type": "websocket.connect"}])
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+    monkeypatch.setenv("VLLM_API_KEY", "another-key")
+    server = direct_server_class(ServeConfig(direct_streaming=True), require_key=False)
+    with pytest.raises(RuntimeError, match="VLLM_API_KEY is set where this replica runs"):  # before the engine
+        asyncio.run(server.__init__(SimpleNamespace(), None))

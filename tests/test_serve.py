@@ -168,7 +168,7 @@ def test_direct_streaming_serves_vllms_app_with_the_ingress_guards(tiny_models, 
         assert bool(front) == haproxy and any(":LLMRouter" in name for name in replicas) == haproxy, (front, replicas)
         assert requests.get(f"{url}/health", timeout=30).status_code == 200
         api = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
-        assert [m.id for m in api.models.list().data] == ["tiny-direct"]
+        assert [m.id for m in api.models.list().data] == ["tiny-direct"] == [api.models.retrieve("tiny-direct").id]
         reply = api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=16, temperature=0.0)
         text = reply.choices[0].message.content
         stream = api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=16, temperature=0.0,

@@ -558,6 +558,9 @@ class ServedModel(_Section):
                       chat_template=self.chat_template, engine_kwargs=self.engine_kwargs)
 
 
+DIRECT_APP_ARGS = {"api_key", "middleware"}  # vLLM front-end arguments that reach its app's middleware
+
+
 class ServeConfig(_Section):
     """The OpenAI-compatible endpoint on Ray Serve (``zephyr_ray/serving.py``)."""
 
@@ -580,6 +583,11 @@ class ServeConfig(_Section):
         if self.direct_streaming and len(self.models) > 1:
             raise ValueError(f"direct_streaming serves one model (Ray Serve LLM's limit), got {len(ids)}: {ids}; "
                              "serve the others in apps of their own or set direct_streaming: false")
+        for i, model in enumerate(self.models if self.direct_streaming else []):
+            if own := sorted(DIRECT_APP_ARGS & set(model.engine_kwargs)):
+                raise ValueError(f"models[{i}].engine_kwargs: {own} would change vLLM's own app, which "
+                                 "direct_streaming serves (a second key check, middleware of its own); the key is "
+                                 "api_key_env's")
         return self
 
 
