@@ -14,6 +14,10 @@ what a public endpoint needs in front of it:
 
 Each model's chat template is the one saved with it (vLLM applies the tokenizer's template); autoscaling is set from
 the recipe, as Ray Serve LLM's default target never scales up.
+
+With ``serve.direct_streaming`` (one model) there is no ingress deployment: the model's replica serves vLLM's own
+OpenAI app, and the same key, size limit, request checks, routes and chat page are put in front of that app
+(``direct_server_class``); Serve's proxy, or HAProxy where Serve runs it, sends requests straight to a replica.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the request types of the ingress' route methods
