@@ -45,29 +45,42 @@ def endpoint(tiny_models, ray_local, tmp_path_factory):
     log_path = tmp / "serve-cli.log"
     command = [sys.executable, "-m", "zephyr_ray.cli", "serve", str(tiny_models["teacher"]), "--recipe",
                str(tmp / "recipe.yaml"), "--port", str(port), "--address", ray_local.address]
-    with open(log_path, "w") as log:
-        cli = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.time() + 600
-    while "Ctrl-C stops it" not in log_path.read_text():
-        assert cli.poll() is None, log_path.read_text()[-4000:]
-        assert time.time() < deadline, "the app did not come up in 600 s: " + log_path.read_text()[-4000:]
-        time.sleep(1)
     scaling = {**MODEL_SETTINGS, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1.0}
     open_config = ServeConfig(models=[ServedModel(model_id="tiny-open", model=str(tiny_models["teacher"]),
                                                   **scaling)], api_key_env="ZEPHYR_RAY_NO_SUCH_KEY")
     url = f"http://127.0.0.1:{port}"
-    with HealthWatch(f"{url}/open/health") as deploying:  # what a load balancer sees while the model loads
-        serve.run(build_app(open_config, Hardware(accelerator="cpu", num_workers=1)), name="zephyr-open",
-                  route_prefix="/open")
-    yield SimpleNamespace(url=url, key=os.environ[TEST_API_KEY_ENV], log=log_path, tmp=tmp,
-                          health_while_deploying=deploying.seen,
-                          metrics=ray_local.metrics_url, address=ray_local.address, session_dir=ray_local.session_dir)
-    serve.delete("zephyr-open")
-    cli.send_signal(signal.SIGINT)
-    try:  # Ctrl-C: the CLI shuts Serve down (usually ~10 s; a vLLM replica's graceful stop has taken 2 min in CI)
-        cli.wait(timeout=45)
-    except subprocess.TimeoutExpired:
-        cli.kill()
+    with started_serve_cli(command, log_path):
+        with HealthWatch(f"{url}/open/health") as deploying:  # what a load balancer sees while the model loads
+            serve.run(build_app(open_config, Hardware(accelerator="cpu", num_workers=1)), name="zephyr-open",
+                      route_prefix="/open")
+        yield SimpleNamespace(url=url, key=os.environ[TEST_API_KEY_ENV], log=log_path, tmp=tmp,
+                              health_while_deploying=deploying.seen, metrics=ray_local.metrics_url,
+                              address=ray_local.address, session_dir=ray_local.session_dir)
+        serve.delete("zephyr-open")
+
+
+@contextlib.contextmanager
+def started_serve_cli(command: list[str], log_path: Path, **popen):
+    """`zephyr-ray serve` in a subprocess (its output in ``log_path``), once it says the app is up; stopped with
+    Ctrl-C, as a user stops it (the CLI shuts Serve down, usually in ~10 s; a vLLM replica's graceful stop has taken
+    2 min in CI, so it is killed after 60 s)."""
+    with open(log_path, "w") as log:
+        cli = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                               **popen)
+    try:
+        deadline = time.time() + 600
+        while "Ctrl-C stops it" not in log_path.read_text():
+            assert cli.poll() is None, log_path.read_text()[-4000:]
+            assert time.time() < deadline, "the app did not come up in 600 s: " + log_path.read_text()[-4000:]
+            time.sleep(1)
+        yield cli
+    finally:
+        os.killpg(cli.pid, signal.SIGINT)
+        try:
+            cli.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait(timeout=60)
 
 
 class HealthWatch:
@@ -135,9 +148,7 @@ def test_direct_streaming_serves_vllms_app_with_the_ingress_guards(tiny_models, 
     stats and metrics ports moved off Ray's fixed ones): no ingress deployment, the OpenAI client plain and
     streamed, and what the ingress guarded still guarded on vLLM's own app: the key (before anything else), the size
     limit, the ingress' routes only, the request checks, the chat page."""
-    import openai
     import psutil
-    from openai import OpenAI
 
     recipe = yaml.safe_load((REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text())
     recipe["serve"] = {"api_key_env": TEST_API_KEY_ENV, "direct_streaming": True,
@@ -150,69 +161,13 @@ def test_direct_streaming_serves_vllms_app_with_the_ingress_guards(tiny_models, 
         env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
                    RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
     port, log_path = free_port(), tmp_path / "serve-cli.log"
-    with open(log_path, "w") as log:
-        cli = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "serve", str(tiny_models["teacher"]),
-                                "--recipe", str(tmp_path / "recipe.yaml"), "--port", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+    command = [sys.executable, "-m", "zephyr_ray.cli", "serve", str(tiny_models["teacher"]), "--recipe",
+               str(tmp_path / "recipe.yaml"), "--port", str(port)]
     url, key = f"http://127.0.0.1:{port}", env[TEST_API_KEY_ENV]
     try:
-        deadline = time.time() + 600
-        while "Ctrl-C stops it" not in log_path.read_text():
-            assert cli.poll() is None, log_path.read_text()[-4000:]
-            assert time.time() < deadline, "the app did not come up in 600 s: " + log_path.read_text()[-4000:]
-            time.sleep(1)
-        front = haproxies(cli)
-        replicas = [name for name in process_titles(cli) if name.startswith("ray::ServeReplica")]
-        assert any(":LLMServer:tiny-direct" in name for name in replicas), replicas
-        assert not [name for name in replicas if "Ingress" in name], replicas
-        assert bool(front) == haproxy and any(":LLMRouter" in name for name in replicas) == haproxy, (front, replicas)
-        assert requests.get(f"{url}/health", timeout=30).status_code == 200
-        api = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
-        assert [m.id for m in api.models.list().data] == ["tiny-direct"] == [api.models.retrieve("tiny-direct").id]
-        reply = api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=16, temperature=0.0)
-        text = reply.choices[0].message.content
-        stream = api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=16, temperature=0.0,
-                                             stream=True)
-        pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
-        assert text and len(pieces) > 1 and "".join(pieces) == text
-        assert api.completions.create(model="tiny-direct", prompt="Bees", max_tokens=4).choices[0].text is not None
-        with pytest.raises(openai.AuthenticationError) as caught:
-            OpenAI(base_url=f"{url}/v1", api_key="wrong-key", max_retries=0).models.list()
-        assert caught.value.status_code == 401 and caught.value.body["type"] == "authentication_error"
-        for path in ("/v1/chat/completions", "/tokenize", "/v1/responses"):  # the key first, whatever is asked
-            unkeyed = requests.post(f"{url}{path}", json={"model": "no-such-model", "messages": []}, timeout=30)
-            assert unkeyed.status_code == 401, (path, unkeyed.text)
-        page = requests.get(f"{url}/", timeout=30)
-        assert page.status_code == 401 and page.headers["WWW-Authenticate"].startswith("Basic")
-        assert "<html" in requests.get(f"{url}/", auth=("anyone", key), timeout=30).text.lower()
-        headers = {"Authorization": f"Bearer {key}"}
-        for path in ("/tokenize", "/v1/responses", "/v1/chat/completions/batch", "/invocations", "/metrics",
-                     "/scale_elastic_ep", "/docs"):  # vLLM's routes that the ingress does not have
-            response = requests.post(f"{url}{path}", headers=headers, json={"model": "tiny-direct"}, timeout=30)
-            assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error", path
-        for change, status, field in [case for case in BAD_REQUESTS if case[2] != "maximum context length"]:
-            response = requests.post(f"{url}/v1/chat/completions", headers=headers, timeout=60,
-                                     json={"model": "tiny-direct", "messages": QUESTION, "max_tokens": 8, **change})
-            assert response.status_code == status and response.json()["error"]["param"] == field, response.text
-        for wrong_type in ({"temperature": "hot"}, {"messages": "hello"}, {"model": ["tiny-direct"]},
-                           {"messages": [["user", "hi"]]}):  # left to vLLM's validation
-            response = requests.post(f"{url}/v1/chat/completions", headers=headers, timeout=60,
-                                     json={"model": "tiny-direct", "messages": QUESTION, "max_tokens": 8, **wrong_type})
-            assert response.status_code == 400 and response.json()["error"]["message"], (wrong_type, response.text)
-        nested = requests.post(f"{url}/v1/chat/completions", data="[" * 100_000 + "]" * 100_000, timeout=60,
-                               headers={**headers, "Content-Type": "application/json"})
-        assert nested.status_code == 400, nested.text  # json's RecursionError: vLLM's app answers, no 500
-        too_big = requests.post(f"{url}/v1/chat/completions", data="x" * (2 * 2**20), timeout=60,
-                                headers={**headers, "Content-Type": "application/json"})
-        assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "body"
-        assert api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=4).choices
+        with started_serve_cli(command, log_path, env=env) as cli:
+            front = check_direct_streaming(cli, url, key, haproxy)
     finally:
-        os.killpg(cli.pid, signal.SIGINT)  # Ctrl-C, as a user stops it
-        try:
-            cli.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(cli.pid, signal.SIGKILL)
-            cli.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     text = log_path.read_text()
     assert "Traceback" not in text and key not in text, text[-3000:]
@@ -225,6 +180,59 @@ def test_direct_streaming_serves_vllms_app_with_the_ingress_guards(tiny_models, 
                        "the size limit, 404 for vLLM's routes the ingress lacks, 4xx naming the field for each bad "
                        "request, 400 from vLLM's validation for wrong types and 100,000-deep JSON; plain and streamed "
                        "chats answered", "nothing")
+
+
+def check_direct_streaming(cli: subprocess.Popen, url: str, key: str, haproxy: bool) -> list[str]:
+    """What the direct-streaming test checks while the CLI serves; returns the HAProxy processes' command lines."""
+    import openai
+    from openai import OpenAI
+
+    front = haproxies(cli)
+    replicas = [name for name in process_titles(cli) if name.startswith("ray::ServeReplica")]
+    assert any(":LLMServer:tiny-direct" in name for name in replicas), replicas
+    assert not [name for name in replicas if "Ingress" in name], replicas
+    assert bool(front) == haproxy and any(":LLMRouter" in name for name in replicas) == haproxy, (front, replicas)
+    assert requests.get(f"{url}/health", timeout=30).status_code == 200
+    api = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+    assert [m.id for m in api.models.list().data] == ["tiny-direct"] == [api.models.retrieve("tiny-direct").id]
+    reply = api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=16, temperature=0.0)
+    text = reply.choices[0].message.content
+    stream = api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=16, temperature=0.0,
+                                         stream=True)
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert text and len(pieces) > 1 and "".join(pieces) == text
+    assert api.completions.create(model="tiny-direct", prompt="Bees", max_tokens=4).choices[0].text is not None
+    with pytest.raises(openai.AuthenticationError) as caught:
+        OpenAI(base_url=f"{url}/v1", api_key="wrong-key", max_retries=0).models.list()
+    assert caught.value.status_code == 401 and caught.value.body["type"] == "authentication_error"
+    for path in ("/v1/chat/completions", "/tokenize", "/v1/responses"):  # the key first, whatever is asked
+        unkeyed = requests.post(f"{url}{path}", json={"model": "no-such-model", "messages": []}, timeout=30)
+        assert unkeyed.status_code == 401, (path, unkeyed.text)
+    page = requests.get(f"{url}/", timeout=30)
+    assert page.status_code == 401 and page.headers["WWW-Authenticate"].startswith("Basic")
+    assert "<html" in requests.get(f"{url}/", auth=("anyone", key), timeout=30).text.lower()
+    headers = {"Authorization": f"Bearer {key}"}
+    for path in ("/tokenize", "/v1/responses", "/v1/chat/completions/batch", "/invocations", "/metrics",
+                 "/scale_elastic_ep", "/docs"):  # vLLM's routes that the ingress does not have
+        response = requests.post(f"{url}{path}", headers=headers, json={"model": "tiny-direct"}, timeout=30)
+        assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error", path
+    for change, status, field in [case for case in BAD_REQUESTS if case[2] != "maximum context length"]:
+        response = requests.post(f"{url}/v1/chat/completions", headers=headers, timeout=60,
+                                 json={"model": "tiny-direct", "messages": QUESTION, "max_tokens": 8, **change})
+        assert response.status_code == status and response.json()["error"]["param"] == field, response.text
+    for wrong_type in ({"temperature": "hot"}, {"messages": "hello"}, {"model": ["tiny-direct"]},
+                       {"messages": [["user", "hi"]]}):  # left to vLLM's validation
+        response = requests.post(f"{url}/v1/chat/completions", headers=headers, timeout=60,
+                                 json={"model": "tiny-direct", "messages": QUESTION, "max_tokens": 8, **wrong_type})
+        assert response.status_code == 400 and response.json()["error"]["message"], (wrong_type, response.text)
+    nested = requests.post(f"{url}/v1/chat/completions", data="[" * 100_000 + "]" * 100_000, timeout=60,
+                           headers={**headers, "Content-Type": "application/json"})
+    assert nested.status_code == 400, nested.text  # json's RecursionError: vLLM's app answers, no 500
+    too_big = requests.post(f"{url}/v1/chat/completions", data="x" * (2 * 2**20), timeout=60,
+                            headers={**headers, "Content-Type": "application/json"})
+    assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "body"
+    assert api.chat.completions.create(model="tiny-direct", messages=QUESTION, max_tokens=4).choices
+    return front
 
 
 def test_the_cli_prints_the_url_and_a_curl_line_that_works(endpoint):

@@ -580,7 +580,14 @@ class ServeConfig(_Section):
         ids = [m.model_id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model_id must be unique, got {ids}")
+        return self
+
+    @model_validator(mode="after")
+    def _direct_streaming_fits(self) -> ServeConfig:
+        """Direct streaming serves vLLM's own app from one model's replica: one model, and nothing in its
+        ``engine_kwargs`` that would change that app behind our guards."""
         if self.direct_streaming and len(self.models) > 1:
+            ids = [m.model_id for m in self.models]
             raise ValueError(f"direct_streaming serves one model (Ray Serve LLM's limit), got {len(ids)}: {ids}; "
                              "serve the others in apps of their own or set direct_streaming: false")
         for i, model in enumerate(self.models if self.direct_streaming else []):

@@ -195,6 +195,31 @@ def key_refused(api_key_env: str, request: Any) -> bool:
                                                                                          key.encode())
 
 
+async def held_body(receive: Any, max_bytes: int | None = None) -> tuple[list[dict], str]:
+    """A request's body messages, read before the app reads them, and how the read ended: "whole", "left" (the
+    client disconnected; its message is the last one held) or "over" (past ``max_bytes``; the rest left unread)."""
+    held, received = [], 0
+    while True:
+        message = await receive()
+        held.append(message)
+        if message["type"] != "http.request":
+            return held, "left"
+        received += len(message.get("body", b""))
+        if max_bytes is not None and received > max_bytes:
+            return held, "over"
+        if not message.get("more_body"):
+            return held, "whole"
+
+
+def replayed(held: list[dict], receive: Any) -> Any:
+    """An ASGI ``receive`` that gives the held messages as they came, then the client's own (a disconnect)."""
+
+    async def receive_again() -> dict:
+        return held.pop(0) if held else await receive()
+
+    return receive_again
+
+
 def body_limit_middleware(max_bytes: int, api_key_env: str) -> Any:
     """An ASGI middleware that reads the request body before the app does and answers 413 past ``max_bytes``.
 
@@ -213,23 +238,13 @@ def body_limit_middleware(max_bytes: int, api_key_env: str) -> Any:
             if scope["type"] != "http" or any(name == b"content-length" for name, _ in scope["headers"]) \
                     or key_refused(api_key_env, Request(scope)):
                 return await self.app(scope, receive, send)
-            held, received = [], 0
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":  # the client left before its body was whole
-                    return None
-                received += len(message.get("body", b""))
-                if received > max_bytes:
-                    return await openai_error(413, f"request body over {max_bytes} bytes", param="body")(
-                        scope, receive, send)
-                held.append(message)
-                if not message.get("more_body"):
-                    break
-
-            async def replayed() -> dict:  # the body as it came, then the client's own messages (a disconnect)
-                return held.pop(0) if held else await receive()
-
-            return await self.app(scope, replayed, send)
+            held, outcome = await held_body(receive, max_bytes)
+            if outcome == "left":  # the client left before its body was whole
+                return None
+            if outcome == "over":
+                return await openai_error(413, f"request body over {max_bytes} bytes", param="body")(
+                    scope, receive, send)
+            return await self.app(scope, replayed(held, receive), send)
 
     return BodyLimit
 
@@ -353,15 +368,9 @@ def direct_routes_middleware(known_models: set[str], max_temperature: float) -> 
                                           kind="not_found_error")(scope, receive, send)
             if scope["method"] != "POST" or route not in CHECKED_ROUTES:
                 return await self.app(scope, receive, send)
-            held, whole = [], False
-            while not whole:
-                message = await receive()
-                held.append(message)
-                if message["type"] != "http.request":  # the client left: the app gets its disconnect
-                    break
-                whole = not message.get("more_body")
+            held, outcome = await held_body(receive)  # if the client left, the app gets its disconnect
             refusal = None
-            if whole:
+            if outcome == "whole":
                 try:
                     body = json.loads(b"".join(message.get("body", b"") for message in held))
                     refusal = problem_response(SimpleNamespace(**{"model": None, **body}), known_models,
@@ -370,11 +379,7 @@ def direct_routes_middleware(known_models: set[str], max_temperature: float) -> 
                     refusal = None
             if refusal is not None:
                 return await refusal(scope, receive, send)
-
-            async def replayed() -> dict:
-                return held.pop(0) if held else await receive()
-
-            return await self.app(scope, replayed, send)
+            return await self.app(scope, replayed(held, receive), send)
 
     return DirectRoutes
 
