@@ -82,6 +82,16 @@ def test_writes_accepted_and_rejects_atomically_and_counts_add_up(ray_local, jso
     assert loaded[0]["messages"][1] == {"role": "assistant", "content": "Hello!"}
 
 
+def test_rows_held_in_memory_reach_an_engine_in_blocks_of_one_batch(ray_local):
+    """Not a block (so a preprocessing task) per row, as Ray's ``from_items`` makes them; every row, in order."""
+    from zephyr_ray.generate import rows_dataset
+
+    rows = [{"key": str(i)} for i in range(40)]
+    for batch_size, blocks in ((16, 3), (40, 1), (64, 1), (1, 40)):
+        ds = rows_dataset(rows, batch_size)
+        assert ds.num_blocks() == blocks and ds.take_all() == rows
+
+
 def test_a_crashed_write_leaves_no_output(ray_local, tmp_path):
     import ray.data
 

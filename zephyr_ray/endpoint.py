@@ -28,6 +28,7 @@ from .config import Endpoint
 
 
 ERROR_TEXT_CHARS = 500  # of an endpoint's error (which quotes its body) kept in a row's error
+ENDPOINT_BATCH_ROWS = 16  # rows one endpoint caller takes at a time (its requests run concurrently)
 
 
 class EndpointKeyError(ValueError):
@@ -147,7 +148,7 @@ def sampling_fields(sampling: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def chat_via_endpoint(ds: Any, endpoint: Endpoint, batch_size: int = 16) -> Any:
+def chat_via_endpoint(ds: Any, endpoint: Endpoint, batch_size: int = ENDPOINT_BATCH_ROWS) -> Any:
     """Lazily add the endpoint's answer to every row of ``ds`` (see ``EndpointChat``)."""
     key = endpoint_key(endpoint)
     return ds.map_batches(EndpointChat, fn_constructor_kwargs={"endpoint": endpoint, "key": key},

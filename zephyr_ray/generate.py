@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 from .chat import prompt_token_ids, template_for, tokenizer_of
@@ -84,6 +85,16 @@ def prompt_tokens_of(engine: Engine) -> Any:
     uses for this model (``chat.prompt_template``, worked out here once)."""
     template = template_for(engine.model, engine.chat_template, engine.trust_remote_code)
     return functools.partial(_park, model=engine.model, template=template, trust_remote_code=engine.trust_remote_code)
+
+
+def rows_dataset(rows: list[dict[str, Any]], batch_size: int) -> Any:
+    """A Ray dataset of rows held in memory (evaluation's requests), in blocks of one engine batch each. Ray's
+    ``from_items`` makes a block of each row (up to 200), and every block is a preprocessing task of its own, whose
+    overhead competes with the engine's start: on 2 cores, 160 requests took 14.7-21.1 s in one pass against
+    13.0-13.5 s in blocks of 16, and the demo's evaluation judge pass (304 requests) 20.6-21.0 s against 18.1-18.9."""
+    import ray.data
+
+    return ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
 
 
 def generate(ds: Any, engine: Engine, hardware: Hardware, keep_logprobs: bool = False, sharing: int = 1,

@@ -89,9 +89,7 @@ def answer_side_by_side(groups: list[tuple[list[EvalModel], Engine, list[dict[st
     """Every item of each group answered by each of its models (which share the group's engine), one Ray Data
     execution per turn for all the groups: their engines run side by side, as the pool models' do in ``complete``.
     A turn is asked only when the turns before it were answered. Writes ``answers/<model>/`` for each model."""
-    import ray.data
-
-    from ..generate import generate, take_side_by_side
+    from ..generate import generate, rows_dataset, take_side_by_side
 
     state: dict[tuple[str, str, str], dict[str, Any]] = {}
     by_name: dict[str, EvalModel] = {}
@@ -118,7 +116,8 @@ def answer_side_by_side(groups: list[tuple[list[EvalModel], Engine, list[dict[st
         if not asked:
             continue
         timer = Timer()
-        passes = [generate(ray.data.from_items(batch), groups[index][1], recipe.hardware, sharing=len(asked))
+        passes = [generate(rows_dataset(batch, groups[index][1].batch_size), groups[index][1], recipe.hardware,
+                           sharing=len(asked))
                   for index, batch in asked]
         rows = [row for pass_rows in take_side_by_side(passes) for row in pass_rows]
         returned = {row["key"] for row in rows}

@@ -79,9 +79,9 @@ def agreement_pass(recipe: Recipe, stage_dir: Path, sharing: int = 1) -> Any:
     judge or no reply), to run beside another engine's (``sharing``)."""
     if recipe.judge is None:
         return None
-    import ray
-
+    from ..endpoint import ENDPOINT_BATCH_ROWS
     from ..feedback.judge import judge_name, score, to_judgment
+    from ..generate import rows_dataset
 
     cfg = recipe.judge
     rows = [{"prompt_id": r["question_id"], "model": r["model"], "completion": r["reply"],
@@ -89,7 +89,8 @@ def agreement_pass(recipe: Recipe, stage_dir: Path, sharing: int = 1) -> Any:
             for r in read_rows(stage_dir / "exact_match") if r["reply"]]
     if not rows:
         return None
-    return score(ray.data.from_items(rows), cfg, recipe, sharing=sharing).map(
+    batch = cfg.engine.batch_size if cfg.engine is not None else ENDPOINT_BATCH_ROWS
+    return score(rows_dataset(rows, batch), cfg, recipe, sharing=sharing).map(
         to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge_name(cfg)})
 
 
