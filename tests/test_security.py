@@ -122,6 +122,27 @@ def asgi_exchange(app, scope: dict, messages: list[dict]) -> list[dict]:
     return sent
 
 
+def test_the_key_guard_leaves_health_open_under_serves_route_prefix_and_nothing_else(monkeypatch):
+    """An app at a route prefix (Serve's ``root_path``): its ``/health`` answers without the key, as at ``/``;
+    every other route, and a path that only looks like it, needs the key."""
+    from starlette.requests import Request
+
+    from zephyr_ray.serving import key_refused
+
+    monkeypatch.setenv("ZR_TEST_GUARD_KEY", "the-key")
+
+    def refused(path: str, root: str = "", key: str | None = None) -> bool:
+        headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
+        scope = {"type": "http", "method": "GET", "path": root + path, "root_path": root, "headers": headers}
+        return key_refused("ZR_TEST_GUARD_KEY", Request(scope))
+
+    assert not refused("/health") and not refused("/health", root="/open")
+    assert refused("/v1/models", root="/open") and refused("/open/health") and refused("health", root="/open")
+    assert refused("/v1/models", root="/open", key="wrong") and not refused("/v1/models", root="/open", key="the-key")
+    monkeypatch.delenv("ZR_TEST_GUARD_KEY")
+    assert not refused("/v1/models", root="/open"), "no key configured: nothing is refused"
+
+
 def test_direct_streaming_answers_the_ingress_routes_only_and_leaves_vllm_what_it_cannot_check(monkeypatch):
     """vLLM's own app behind `direct_routes_middleware` (a stand-in app records what reaches it): routes the ingress
     lacks get 404 and WebSockets are closed unheard; bad requests are refused as the ingress refuses them; a body

@@ -188,11 +188,12 @@ def chat_page() -> str:
 
 def key_refused(api_key_env: str, request: Any) -> bool:
     """Whether ``request`` lacks the API key the app requires (the key in ``api_key_env``; none set: nothing is
-    refused; ``OPEN_ROUTES`` are open). From the headers alone, so it is decided before any body is read."""
+    refused; ``OPEN_ROUTES`` are open, under Serve's route prefix too). From the headers alone, so it is decided
+    before any body is read."""
     key = os.environ.get(api_key_env)
     presented = presented_key(request.headers.get("authorization", ""))
-    return bool(key) and request.url.path not in OPEN_ROUTES and not hmac.compare_digest(presented.encode(),
-                                                                                         key.encode())
+    return bool(key) and route_of(request.scope) not in OPEN_ROUTES and not hmac.compare_digest(presented.encode(),
+                                                                                                key.encode())
 
 
 async def held_body(receive: Any, max_bytes: int | None = None) -> tuple[list[dict], str]:
