@@ -83,13 +83,18 @@ def test_writes_accepted_and_rejects_atomically_and_counts_add_up(ray_local, jso
 
 
 def test_rows_held_in_memory_reach_an_engine_in_blocks_of_one_batch(ray_local):
-    """Not a block (so a preprocessing task) per row, as Ray's ``from_items`` makes them; every row, in order."""
+    """Not a block (so a preprocessing task) per row, as Ray's ``from_items`` makes them, nor its even split (two
+    blocks of 15 for a batch of 16 would reach one engine of a pool together): whole batches, then the rest; every
+    row once."""
     from zephyr_ray.generate import rows_dataset
 
-    rows = [{"key": str(i)} for i in range(40)]
-    for batch_size, blocks in ((16, 3), (40, 1), (64, 1), (1, 40)):
+    rows = [{"key": str(i), "messages": [{"role": "user", "content": "x" * i}]} for i in range(30)]
+    for batch_size, sizes in ((16, [16, 14]), (10, [10, 10, 10]), (30, [30]), (64, [30]), (7, [7, 7, 7, 7, 2])):
         ds = rows_dataset(rows, batch_size)
-        assert ds.num_blocks() == blocks and ds.take_all() == rows
+        blocks = [len(block["key"]) for block in ds.iter_batches(batch_size=None)]
+        assert sorted(blocks, reverse=True) == sizes, (batch_size, blocks)
+        assert sorted(ds.take_all(), key=lambda r: int(r["key"])) == rows
+    assert rows_dataset([], 16).count() == 0
 
 
 def test_a_crashed_write_leaves_no_output(ray_local, tmp_path):

@@ -124,10 +124,12 @@ def asgi_exchange(app, scope: dict, messages: list[dict]) -> list[dict]:
 
 def test_the_key_guard_leaves_health_open_under_serves_route_prefix_and_nothing_else(monkeypatch):
     """An app at a route prefix (Serve's ``root_path``): its ``/health`` answers without the key, as at ``/``;
-    every other route, and a path that only looks like it, needs the key."""
+    every other route, and a path that only looks like it, needs the key; the page's 401 alone asks for a login."""
+    from fastapi.testclient import TestClient
     from starlette.requests import Request
 
-    from zephyr_ray.serving import key_refused
+    from zephyr_ray.config import ServeConfig, ServedModel
+    from zephyr_ray.serving import build_fastapi_app, key_refused
 
     monkeypatch.setenv("ZR_TEST_GUARD_KEY", "the-key")
 
@@ -139,6 +141,13 @@ def test_the_key_guard_leaves_health_open_under_serves_route_prefix_and_nothing_
     assert not refused("/health") and not refused("/health", root="/open")
     assert refused("/v1/models", root="/open") and refused("/open/health") and refused("health", root="/open")
     assert refused("/v1/models", root="/open", key="wrong") and not refused("/v1/models", root="/open", key="the-key")
+    # the ingress's app at the prefix: the page's 401 asks the browser for the key, the API's does not
+    app = build_fastapi_app(ServeConfig(models=[ServedModel(model_id="m", model="unused")],
+                                        api_key_env="ZR_TEST_GUARD_KEY"))
+    client = TestClient(app, root_path="/open")
+    api, page = client.get("/open/v1/models"), client.get("/open/")
+    assert api.status_code == page.status_code == 401 and "WWW-Authenticate" not in api.headers
+    assert page.headers["WWW-Authenticate"].startswith("Basic")
     monkeypatch.delenv("ZR_TEST_GUARD_KEY")
     assert not refused("/v1/models", root="/open"), "no key configured: nothing is refused"
 

@@ -75,12 +75,13 @@ def started_serve_cli(command: list[str], log_path: Path, **popen):
             time.sleep(1)
         yield cli
     finally:
-        os.killpg(cli.pid, signal.SIGINT)
-        try:
-            cli.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(cli.pid, signal.SIGKILL)
-            cli.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):  # nothing left in the group: the CLI has already ended
+            os.killpg(cli.pid, signal.SIGINT)
+            try:
+                cli.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(cli.pid, signal.SIGKILL)
+                cli.wait(timeout=60)
 
 
 class HealthWatch:

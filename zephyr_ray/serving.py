@@ -282,7 +282,7 @@ def add_guards(app: Any, config: ServeConfig) -> None:
         if key_refused(api_key_env, request):
             response = openai_error(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                                     kind="authentication_error")
-            if not request.url.path.startswith("/v1/"):  # the chat page: let the browser ask for it
+            if not route_of(request.scope).startswith("/v1/"):  # the chat page: let the browser ask for it
                 response.headers["WWW-Authenticate"] = 'Basic realm="zephyr-ray", charset="UTF-8"'
             return response
         length = request.headers.get("content-length")

@@ -89,7 +89,7 @@ def agreement_pass(recipe: Recipe, stage_dir: Path, sharing: int = 1) -> Any:
             for r in read_rows(stage_dir / "exact_match") if r["reply"]]
     if not rows:
         return None
-    batch = cfg.engine.batch_size if cfg.engine is not None else ENDPOINT_BATCH_ROWS
+    batch = ENDPOINT_BATCH_ROWS if cfg.kind == "openai" else cfg.engine.batch_size
     return score(rows_dataset(rows, batch), cfg, recipe, sharing=sharing).map(
         to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge_name(cfg)})
 
