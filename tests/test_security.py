@@ -129,7 +129,7 @@ def test_the_key_guard_leaves_health_open_under_serves_route_prefix_and_nothing_
     from starlette.requests import Request
 
     from zephyr_ray.config import ServeConfig, ServedModel
-    from zephyr_ray.serving import build_fastapi_app, key_refused
+    from zephyr_ray.serving import build_fastapi_app, key_refused, route_of
 
     monkeypatch.setenv("ZR_TEST_GUARD_KEY", "the-key")
 
@@ -140,6 +140,8 @@ def test_the_key_guard_leaves_health_open_under_serves_route_prefix_and_nothing_
 
     assert not refused("/health") and not refused("/health", root="/open")
     assert refused("/v1/models", root="/open") and refused("/open/health") and refused("health", root="/open")
+    assert route_of({"path": "/openv1/models", "root_path": "/open"}) == "/openv1/models"  # not under /open
+    assert route_of({"path": "/open", "root_path": "/open/"}) == "/" == route_of({"path": "/", "root_path": ""})
     assert refused("/v1/models", root="/open", key="wrong") and not refused("/v1/models", root="/open", key="the-key")
     # the ingress's app at the prefix: the page's 401 asks the browser for the key, the API's does not
     app = build_fastapi_app(ServeConfig(models=[ServedModel(model_id="m", model="unused")],

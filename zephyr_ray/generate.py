@@ -92,8 +92,8 @@ def rows_dataset(rows: list[dict[str, Any]], batch_size: int) -> Any:
     is a preprocessing task of its own, whose overhead competes with the engine's start: on 2 cores, 150 requests
     took 14.7-16.5 s in one pass against 13.5-13.9 s in blocks of 16, and the demo's evaluation judge pass (304
     requests) 20.6-21.0 s against 18.1-18.9. Blocks of exactly one batch, not ``from_items``' even split: Ray Data
-    hands an engine (or endpoint caller) blocks until they hold a batch, so two blocks of 15 would go to one engine of
-    a pool together, where 16 and 14 go to two."""
+    gathers blocks until they hold a batch before it hands them to an engine (or endpoint caller) as one task, so two
+    blocks of 15 would be one task where 16 and 14 are two, which two engines of a pool can share."""
     import ray.data
 
     parts = [ray.data.from_items(rows[start:start + batch_size], override_num_blocks=1)

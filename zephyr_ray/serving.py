@@ -340,9 +340,12 @@ DIRECT_ROUTES = ("/", "/health", "/v1/models", *CHECKED_ROUTES)  # the ingress' 
 
 
 def route_of(scope: dict) -> str:
-    """A request's path inside the app: Serve's route prefix (the scope's ``root_path``) taken off."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return (path[len(root):] or "/") if root and path.startswith(root) else path
+    """A request's path inside the app: Serve's route prefix (the scope's ``root_path``) taken off where it ends a
+    path segment, as Starlette's routing takes it off (``/openv1`` is not under ``/open``)."""
+    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
 
 
 def direct_routes_middleware(known_models: set[str], max_temperature: float) -> Any:
