@@ -276,19 +276,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def stop_ray_head(head: subprocess.Popen, grace_s: float = 16) -> None:
-    """Stop a `ray start --head --block` started in a session of its own as `ray stop` does: SIGTERM, then after
-    its default grace period (16 s) SIGKILL to whatever of the head's process group is left (nothing, when a head
-    that failed to start took its processes with it)."""
+def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 16) -> None:
+    """Stop a process started in a session of its own, with everything in its group: ``sig`` (SIGTERM as `ray stop`
+    sends, whose grace period is the default here; SIGINT as Ctrl-C), then after ``grace_s`` SIGKILL to whatever of
+    the group is left. A group already gone (the process ended and took its children with it) is no error."""
     try:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=grace_s)
+        os.killpg(process.pid, sig)
+        process.wait(timeout=grace_s)
     except ProcessLookupError:
-        head.wait(timeout=60)
+        process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=60)
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -375,5 +375,4 @@ def judge_server(tiny_models, tmp_path_factory):
                 time.sleep(2)
         yield url, key
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_process_group(server, grace_s=60)

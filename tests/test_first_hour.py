@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO_RUN, REPO, copy_of_tiny_run, free_port, stop_ray_head
+from conftest import DEMO_RUN, REPO, copy_of_tiny_run, free_port, stop_process_group
 
 from zephyr_ray.console import NOISE
 
@@ -94,11 +94,7 @@ def test_the_demo_again_is_quiet_and_every_next_step_it_prints_works(demo_run, u
         assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str), answer
         assert choice["finish_reason"] in ("stop", "length") and answer["usage"]["completion_tokens"] >= 1, answer
     finally:
-        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C
-        try:
-            server.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_process_group(server, signal.SIGINT, grace_s=90)  # Ctrl-C
     printed = log_path.read_text()
     assert not NOISE.search(printed), printed[-4000:]
     served_log = Path(user_env["HOME"]) / ".cache" / "zephyr-ray" / "logs" / "serve.log"
@@ -167,7 +163,7 @@ def test_the_readmes_ray_job_lines_work_after_ray_start_head(demo_run, user_env,
             shown = head_log_path.read_text()
             if head.poll() is None and timed_out not in shown:
                 break
-            stop_ray_head(head)
+            stop_process_group(head)
             head_log.close()
             shutil.rmtree(temp_dir, ignore_errors=True)
             assert attempt == 1 and timed_out in shown, shown[-3000:]
@@ -186,7 +182,7 @@ def test_the_readmes_ray_job_lines_work_after_ray_start_head(demo_run, user_env,
         manifest = json.loads((DEMO_RUN / "manifest.json").read_text())
         assert all(record["status"] == "skipped" for record in manifest["stages"].values()), manifest["stages"]  # nothing redone
     finally:
-        stop_ray_head(head)
+        stop_process_group(head)
         head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -235,8 +231,4 @@ def test_serve_run_of_the_tiny_config_from_another_directory_answers(tiny_models
                 time.sleep(2)
         assert reply.choices[0].message.content
     finally:
-        os.killpg(run.pid, signal.SIGINT)
-        try:
-            run.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)
+        stop_process_group(run, signal.SIGINT, grace_s=60)  # Ctrl-C

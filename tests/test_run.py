@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import free_port, record_reliability, stop_ray_head, tiny_recipe_data
+from conftest import free_port, record_reliability, stop_process_group, tiny_recipe_data
 
 from zephyr_ray.tiny import load_corpus
 
@@ -47,7 +47,7 @@ def ray_head(tmp_path):
         assert time.time() < deadline, "the head's job server never answered"
         time.sleep(2)
     yield SimpleNamespace(url=url, token=token)
-    stop_ray_head(head)
+    stop_process_group(head)
     log.close()
     shutil.rmtree(temp_dir, ignore_errors=True)
 

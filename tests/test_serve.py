@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 import yaml
-from conftest import REPO, TEST_API_KEY_ENV, free_port, record_reliability
+from conftest import REPO, TEST_API_KEY_ENV, free_port, record_reliability, stop_process_group
 from test_cluster_configs import dashboard_metrics
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1500)]
@@ -75,13 +75,7 @@ def started_serve_cli(command: list[str], log_path: Path, **popen):
             time.sleep(1)
         yield cli
     finally:
-        with contextlib.suppress(ProcessLookupError):  # nothing left in the group: the CLI has already ended
-            os.killpg(cli.pid, signal.SIGINT)
-            try:
-                cli.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(cli.pid, signal.SIGKILL)
-                cli.wait(timeout=60)
+        stop_process_group(cli, signal.SIGINT, grace_s=60)  # Ctrl-C
 
 
 class HealthWatch:
