@@ -103,6 +103,19 @@ def test_cross_field_problems_are_reported_beside_field_errors(tmp_path):
     ]
 
 
+def test_a_judge_with_both_backends_is_refused_naming_the_one_that_would_not_run(tmp_path):
+    """A rubric judge turned into kind 'openai' by adding an endpoint keeps its `engine` unless removed: `plan` and
+    the cluster checks would count an engine that never starts, so `validate` names it (and the reverse)."""
+    engine = "engine: {model: ./m}"
+    endpoint = "endpoint: {base_url: 'http://127.0.0.1:9/v1', model: j}"
+    openai = write(tmp_path, f"name: x\njudge: {{kind: openai, {engine}, {endpoint}}}\n")
+    assert problems(openai) == [f"{openai}:2: judge: kind 'openai' asks its `endpoint`; remove `engine` (no engine "
+                                "would run)"]
+    rubric = write(tmp_path, f"name: y\njudge: {{kind: rubric, {engine}, {endpoint}}}\n")
+    assert problems(rubric) == [f"{rubric}:2: judge: kind 'rubric' runs its `engine`; remove `endpoint` (only kind "
+                                "'openai' asks one)"]
+
+
 @pytest.mark.parametrize("workers", ["3.0", "'3'"])
 def test_a_worker_count_written_as_a_float_or_string_is_checked_as_the_recipe_reads_it(tmp_path, workers):
     """pydantic reads 3.0 and "3" as 3 workers, so the batch check must too (hypothesis found 3.0 named nothing)."""

@@ -303,6 +303,11 @@ class JudgeConfig(_Section):
             raise ValueError("kind 'openai' needs an `endpoint`")
         if self.kind != "openai" and self.engine is None:
             raise ValueError(f"kind '{self.kind}' needs an `engine`")
+        # the other backend would be read by `plan` and the cluster checks but never run: refused, not ignored
+        if self.kind == "openai" and self.engine is not None:
+            raise ValueError("kind 'openai' asks its `endpoint`; remove `engine` (no engine would run)")
+        if self.kind != "openai" and self.endpoint is not None:
+            raise ValueError(f"kind '{self.kind}' runs its `engine`; remove `endpoint` (only kind 'openai' asks one)")
         if self.kind == "reward_model" and (self.prompt or self.system_prompt):
             raise ValueError("judge.prompt: a reward model reads the chat itself, not a prompt")
         return self

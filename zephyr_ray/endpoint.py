@@ -24,11 +24,17 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from .config import Endpoint
+from .config import Endpoint, EvalJudgeConfig, JudgeConfig
 
 
 ERROR_TEXT_CHARS = 500  # of an endpoint's error (which quotes its body) kept in a row's error
 ENDPOINT_BATCH_ROWS = 16  # rows one endpoint caller takes at a time (its requests run concurrently)
+
+
+def rows_per_call(judge: JudgeConfig | EvalJudgeConfig) -> int:
+    """The rows a judge (the feedback judge's config or the evaluation's) takes at a time: an endpoint caller's
+    batch when it asks an endpoint, its engine's batch otherwise; the blocks its requests are made in."""
+    return ENDPOINT_BATCH_ROWS if judge.endpoint is not None else judge.engine.batch_size
 
 
 class EndpointKeyError(ValueError):

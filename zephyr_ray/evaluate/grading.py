@@ -53,7 +53,7 @@ def judge_label(judge: EvalJudgeConfig) -> str:
 def judge_pass(requests: list[dict[str, Any]], judge: EvalJudgeConfig, recipe: Recipe, sharing: int = 1) -> Any:
     """The judge's raw answer to every request (rows keep their ``key``), by vLLM engine or endpoint, lazily (a Ray
     Dataset): ``take_all`` it, or run it beside another engine's pass (``sharing``, ``generate.take_side_by_side``)."""
-    from ..endpoint import ENDPOINT_BATCH_ROWS, chat_via_endpoint, sampling_fields
+    from ..endpoint import chat_via_endpoint, rows_per_call, sampling_fields
     from ..generate import generate, rows_dataset
 
     sampling = judge.sampling.model_dump()
@@ -77,7 +77,7 @@ def judge_pass(requests: list[dict[str, Any]], judge: EvalJudgeConfig, recipe: R
                 params["structured_outputs"] = {"regex": output_regex(request["kind"], sampling["max_tokens"])}
             row["sampling_params"] = params
         rows.append(row)
-    ds = rows_dataset(rows, ENDPOINT_BATCH_ROWS if judge.endpoint is not None else judge.engine.batch_size)
+    ds = rows_dataset(rows, rows_per_call(judge))
     if judge.endpoint is not None:
         return chat_via_endpoint(ds, judge.endpoint)
     return generate(ds, judge.engine, recipe.hardware, sharing=sharing)

@@ -79,7 +79,7 @@ def agreement_pass(recipe: Recipe, stage_dir: Path, sharing: int = 1) -> Any:
     judge or no reply), to run beside another engine's (``sharing``)."""
     if recipe.judge is None:
         return None
-    from ..endpoint import ENDPOINT_BATCH_ROWS
+    from ..endpoint import rows_per_call
     from ..feedback.judge import judge_name, score, to_judgment
     from ..generate import rows_dataset
 
@@ -89,8 +89,7 @@ def agreement_pass(recipe: Recipe, stage_dir: Path, sharing: int = 1) -> Any:
             for r in read_rows(stage_dir / "exact_match") if r["reply"]]
     if not rows:
         return None
-    batch = ENDPOINT_BATCH_ROWS if cfg.kind == "openai" else cfg.engine.batch_size
-    return score(rows_dataset(rows, batch), cfg, recipe, sharing=sharing).map(
+    return score(rows_dataset(rows, rows_per_call(cfg)), cfg, recipe, sharing=sharing).map(
         to_judgment, fn_kwargs={"kind": cfg.kind, "judge": judge_name(cfg)})
 
 
