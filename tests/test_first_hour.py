@@ -187,17 +187,38 @@ def test_the_readmes_ray_job_lines_work_after_ray_start_head(demo_run, user_env,
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_verbose_shows_the_libraries_logs_on_the_terminal_instead(demo_run, user_env):
-    """`--verbose`: what went to the log file is on the terminal (Ray Data's own lines), and no log file is made."""
-    shutil.rmtree(demo_run / "binarize")
-    log = demo_run / "logs" / "stage-binarize.log"
-    done = subprocess.run(["bash", "-c", f"zephyr-ray stage binarize {demo_run / 'recipe.yaml'} --run-dir {demo_run} "
-                                         "--verbose"], env=user_env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600, check=False)
+def test_verbose_shows_the_libraries_logs_on_a_stage_that_joins_the_cluster_ray_start_left(demo_run, user_env):
+    """`--verbose`: what went to the log file is on the terminal (Ray Data's own lines), and no log file is made.
+    The stage is given no address after a plain `ray start --head` (no `RAY_ADDRESS` exported): it joins that
+    cluster, as `ray.init()` does and its `--address` help says, instead of failing ("When connecting to an existing
+    cluster, num_cpus and num_gpus must not be provided", for the local Ray's size it asked for before)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="zrv", dir="/tmp"))  # short: Ray's socket paths
+    # RAY_TMPDIR moves Ray's default /tmp/ray, where `ray start` records its cluster and `ray.init()` looks for one,
+    # off the test session's; free ports, as other Rays of the test run may hold the defaults
+    env, port = {**user_env, "RAY_TMPDIR": str(temp_dir)}, free_port()
+    ports = [f"--port={port}", f"--dashboard-port={free_port()}", *(f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"))]
+    head = subprocess.Popen(["bash", "-c", f"exec ray start --head --block --disable-usage-stats {' '.join(ports)}"],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        recorded, deadline = temp_dir / "ray" / "ray_current_cluster", time.time() + 180
+        while not recorded.exists():  # written once the head is up
+            assert head.poll() is None and time.time() < deadline, "`ray start --head` did not come up"
+            time.sleep(1)
+        shutil.rmtree(demo_run / "binarize")
+        log = demo_run / "logs" / "stage-binarize.log"
+        done = subprocess.run(["bash", "-c", f"zephyr-ray stage binarize {demo_run / 'recipe.yaml'} --run-dir "
+                                             f"{demo_run} --verbose"], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=600, check=False)
+    finally:
+        stop_process_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     shown = done.stdout + done.stderr
     assert done.returncode == 0, shown[-4000:]
     assert "Execution plan of Dataset" in shown and "zephyr_ray.stage: binarize:" in shown, shown[-4000:]
     assert not log.exists()
+    assert re.search(rf"joining the Ray cluster that `ray start` left running at \S+:{port} ", shown), shown[-4000:]
     result = done.stdout[done.stdout.rindex("\n{\n") + 1:] if "\n{\n" in done.stdout else done.stdout
     assert json.loads(result)["stage"] == "binarize"
 

@@ -29,9 +29,11 @@ def stage_functions() -> dict[str, Callable[[Recipe, Path], StageResult]]:
 
 
 def init_ray(hardware: Hardware, address: str | None = None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or a running one); else start a local Ray sized for
-    the recipe: more logical CPUs than cores on a CPU machine, since engines and light stages share them."""
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or the one `ray start` left running, as ``ray.init()``
+    finds it); else start a local Ray sized for the recipe: more logical CPUs than cores on a CPU machine, since
+    engines and light stages share them (a size Ray refuses for a cluster it joins)."""
     import ray
+    from ray._private.services import canonicalize_bootstrap_address
 
     from .data import configure_ray_data
 
@@ -40,6 +42,10 @@ def init_ray(hardware: Hardware, address: str | None = None) -> None:
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
+        elif running := canonicalize_bootstrap_address(None):  # Ray's own choice for ray.init() with no address
+            log.info("joining the Ray cluster that `ray start` left running at %s (--address or RAY_ADDRESS picks "
+                     "another; `ray stop` ends it)", running)
+            ray.init()
         elif hardware.accelerator == "cpu":
             ray.init(num_cpus=max(4, os.cpu_count() or 1))
         else:
