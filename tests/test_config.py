@@ -449,6 +449,48 @@ def test_a_recipe_with_a_base_is_its_base_with_its_own_keys_laid_over(tmp_path):
         load_recipe(missing)
 
 
+def test_a_variant_that_switches_a_judge_names_only_the_switch(tmp_path):
+    """The README's judge blocks pasted into `base: tiny-cpu.yaml` variants, as its "a variant names only what it
+    changes" invites: an `endpoint` drops the base's `engine` (and an `engine` the base's `endpoint`), another
+    `kind` drops the prompts the base wrote for its own kind, and everything else is kept. Before, the README's
+    blocks were refused ("remove `engine`", which lives in the base) and a logprob judge kept the rubric prompt."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    blocks = [yaml.safe_load(textwrap.dedent(block))
+              for _, block in re.findall(r"^( *)```yaml\n(.*?)^\1```", readme, re.MULTILINE | re.DOTALL)]
+    openai_judge = next(b for b in blocks if isinstance(b, dict) and b.get("judge", {}).get("kind") == "openai")
+    evaluation = next(b for b in blocks if isinstance(b, dict) and "evaluate" in b)
+    base = load_recipe(CONFIGS / "tiny-cpu.yaml")
+    assert base.judge.engine and base.judge.prompt and base.evaluate.judge.engine  # what a switch must drop
+
+    def variant(name: str, changes: dict, over: Path = CONFIGS / "tiny-cpu.yaml"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"base": str(over), "name": name, **changes}))
+        return load_recipe(path)
+
+    asked = variant("openai", openai_judge)
+    assert asked.judge.kind == "openai" and asked.judge.engine is None and asked.judge.prompt is None
+    assert asked.judge.endpoint.model == openai_judge["judge"]["endpoint"]["model"]
+    assert asked.complete == base.complete and asked.evaluate == base.evaluate
+    graded = variant("evaluate", {"evaluate": {"judge": evaluation["evaluate"]["judge"]}})
+    assert graded.evaluate.judge.engine is None and graded.evaluate.judge.endpoint.model == "gpt-4"
+    assert graded.evaluate.model == base.evaluate.model and graded.evaluate.mt_bench == base.evaluate.mt_bench
+    assert graded.evaluate.judge.sampling == base.evaluate.judge.sampling  # what the block leaves to the base
+    logprob = variant("logprob", {"judge": {"kind": "logprob"}, "binarize": {"score": "overall"}})
+    assert logprob.judge.engine == base.judge.engine and (logprob.judge.prompt, logprob.judge.system_prompt) == (
+        None, None), "the project's logprob prompt, not the one the base wrote for its rubric judge"
+    reward = variant("reward", {"judge": {"kind": "reward_model", "engine": {"model": "./m/reward"}},
+                                "binarize": {"score": "overall"}})
+    assert reward.judge.engine.model == "./m/reward"
+    assert reward.judge.engine.max_model_len == base.judge.engine.max_model_len  # the engine's mapping merges
+    same = variant("same-kind", {"judge": {"kind": base.judge.kind, "sampling": {"temperature": 0.5}}})
+    assert same.judge.prompt == base.judge.prompt and same.judge.sampling.temperature == 0.5
+    local = variant("local", {"judge": {"kind": "rubric", "engine": {"model": "HuggingFaceH4/zephyr-7b-beta"}}},
+                    over=CONFIGS / "zephyr-7b.yaml")
+    assert local.judge.endpoint is None and local.judge.engine.model == "HuggingFaceH4/zephyr-7b-beta"
+
+
 def test_a_mistake_in_a_base_is_reported_in_the_base_and_the_variants_own_in_the_variant(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("name: b\ntrain_sft:\n  model: m\n  learning_rate: 1.0e-5\n  global_batch_size: 16\n"

@@ -905,7 +905,8 @@ def recipe_files(path: str | Path) -> list[Path]:
 
 def _with_base(data: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe with ``base: <file>`` (relative to the recipe's directory) is that recipe with this one's keys laid
-    over it, section by section (mappings merge, other values replace): a variant names only what it changes."""
+    over it, section by section (mappings merge, other values replace, ``_laid_over``): a variant names only what it
+    changes."""
     base = data.pop("base", None)
     if base is None:
         return data
@@ -923,11 +924,26 @@ def _with_base(data: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) ->
     return _laid_over(_with_base(base_data, base_path, (*seen, path.resolve())), data)
 
 
-def _laid_over(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+# What a variant's change leaves meaningless in its base, so the merge drops it unless the variant sets it too: a
+# judge given an `endpoint` no longer runs the base's `engine` (and the reverse), and a feedback judge of another
+# `kind` is not asked with the prompt written for the base's kind (a reward model takes none).
+_ALTERNATIVE_KEYS = ("engine", "endpoint")
+_KIND_BOUND_KEYS = {("judge",): ("prompt", "system_prompt")}
+
+
+def _laid_over(base: dict[str, Any], changes: dict[str, Any], section: tuple[str, ...] = ()) -> dict[str, Any]:
     merged = dict(base)
+    for named, other in (_ALTERNATIVE_KEYS, _ALTERNATIVE_KEYS[::-1]):
+        if changes.get(named) is not None and other not in changes:
+            merged.pop(other, None)
+    bound = _KIND_BOUND_KEYS.get(section, ())
+    if bound and "kind" in changes and changes["kind"] != base.get("kind", JudgeConfig.model_fields["kind"].default):
+        for key in bound:
+            if key not in changes:
+                merged.pop(key, None)
     for key, value in changes.items():
-        merged[key] = (_laid_over(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
-                       else value)
+        merged[key] = (_laid_over(base[key], value, (*section, key))
+                       if isinstance(value, dict) and isinstance(base.get(key), dict) else value)
     return merged
 
 
