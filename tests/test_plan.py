@@ -132,11 +132,16 @@ def _product(shape: list[int]) -> int:
 
 
 def test_the_tiny_cpu_recipe_plans_one_engine_per_model_and_no_gpu():
-    planned = plan_json(plan_recipe(load_recipe(REPO / "jobs" / "configs" / "tiny-cpu.yaml"),
-                                    cluster_from_default()))
+    """On the machine's own cluster, and on the shipped GPU cluster.yaml (`plan --cluster cluster.yaml`): a CPU
+    recipe's engines take one CPU each and no GPU (they were counted as GPUs there: "1 of 16 GPUs")."""
+    recipe = load_recipe(REPO / "jobs" / "configs" / "tiny-cpu.yaml")
+    planned = plan_json(plan_recipe(recipe, cluster_from_default()))
     assert all(s["gpus_used"] == 0 and s["gpus_available"] == 0 for s in planned["stages"])
     complete = next(s for s in planned["stages"] if s["stage"] == "complete")
     assert complete["actors"].count("1 x vLLM engine (1 CPU)") == 4
+    on_gpus = plan_json(plan_recipe(recipe, cluster_from_yaml(REPO / "cluster.yaml")))
+    assert all(s["gpus_used"] == 0 and s["gpus_available"] == 16 and s["hours"] == 0 for s in on_gpus["stages"])
+    assert on_gpus["stages"][0]["actors"] == "teacher: 1 x vLLM engine (1 CPU)"
 
 
 def cluster_from_default():

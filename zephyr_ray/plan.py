@@ -210,7 +210,7 @@ def _generation_hours(engines: list[tuple[str, Engine, float, float]], hardware:
             actors.append(f"{label}: {replicas} x vLLM engine ({per_engine} {unit}{'s' if per_engine > 1 else ''})")
             weights = params * 2 / 2**30 / per_engine
             memory.append(f"{label}: {weights:.0f} GiB weights per GPU")
-            if weights > _a("weights_share_of_gpu") * cluster.gpu_memory_gib:
+            if hardware.accelerator == "gpu" and weights > _a("weights_share_of_gpu") * cluster.gpu_memory_gib:
                 plan.problems.append(f"{label}: {engine.model} needs {weights:.0f} GiB of weights per GPU, more than "
                                      f"a {cluster.gpu_memory_gib:g} GiB {cluster.gpu_type} leaves beside a KV cache "
                                      f"(raise tensor_parallel_size)")
@@ -218,8 +218,8 @@ def _generation_hours(engines: list[tuple[str, Engine, float, float]], hardware:
         used = max(used, wave_gpus)
     plan.hours, plan.gpus_used = hours, min(used, cluster.gpus)
     plan.actors, plan.memory = "; ".join(actors), "; ".join(memory)
-    if hardware.accelerator == "cpu":  # the throughput figures are GPUs'
-        plan.hours, plan.memory = 0.0, ""
+    if hardware.accelerator == "cpu":  # the throughput figures are GPUs', and CPU engines take none of a GPU node's
+        plan.hours, plan.memory, plan.gpus_used = 0.0, "", 0
     elif plan.gpus_used < cluster.gpus:
         plan.problems.append(f"uses {plan.gpus_used} of {cluster.gpus} GPUs: set concurrency to 'auto' or raise it")
 
