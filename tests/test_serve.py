@@ -692,3 +692,31 @@ def test_the_gpu_serve_config_passes_rays_schema_and_names_the_recipe_inside_the
     assert cfg.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 1}]
     assert cfg.engine_kwargs["dtype"] == "bfloat16"
     assert cfg.deployment_config["autoscaling_config"]["max_replicas"] == served.max_replicas
+
+
+def test_a_serve_config_with_run_dir_serves_the_runs_final_model(tiny_run, tmp_path, monkeypatch):
+    """`run_dir:` in place of `model:` (serve/zephyr-7b-gpu.yaml's way, and what serve/tiny-cpu.yaml's comment
+    offers): the run's dDPO model, its dSFT model while dDPO is unfinished, an error naming the run when it holds
+    neither; and serve/tiny-cpu.yaml's relative paths with `run_dir: runs/tiny-cpu` from another working directory
+    (as `serve run` finds them) name the demo's run. Read off the app Serve would deploy (no replica starts)."""
+    from conftest import DEMO_RUN, copy_of_tiny_run
+
+    from zephyr_ray.data import SUCCESS_MARKER
+    from zephyr_ray.serving import app_builder
+
+    def served(args: dict) -> str:
+        (llm,) = app_builder(args)._bound_deployment.init_kwargs["llm_deployments"].values()
+        return llm._bound_deployment.init_kwargs["llm_config"].model_loading_config.model_source
+
+    run = copy_of_tiny_run(tiny_run, tmp_path, stages=("train_sft", "train_dpo"))
+    recipe = str(REPO / "jobs" / "configs" / "tiny-cpu.yaml")
+    assert served({"recipe": recipe, "run_dir": str(run)}) == str(run / "train_dpo" / "model")
+    (run / "train_dpo" / "model" / SUCCESS_MARKER).unlink()  # dDPO unfinished: its half-written model is not served
+    assert served({"recipe": recipe, "run_dir": str(run)}) == str(run / "train_sft" / "model")
+    (run / "train_sft" / "model" / SUCCESS_MARKER).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{run} holds no finished train_dpo/model or train_sft/model"):
+        served({"recipe": recipe, "run_dir": str(run)})
+    (application,) = yaml.safe_load((REPO / "serve" / "tiny-cpu.yaml").read_text())["applications"]
+    args = {**{k: v for k, v in application["args"].items() if k != "model"}, "run_dir": "runs/tiny-cpu"}
+    monkeypatch.chdir(tmp_path)
+    assert served(args) == str(DEMO_RUN.resolve() / "train_dpo" / "model")
