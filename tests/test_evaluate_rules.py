@@ -92,6 +92,28 @@ def test_unclear_verdicts_are_failures_with_a_reason():
     assert parse_verdict('{"explanation": "x", "verdict": "D"}')[1] == "the judge's JSON verdict 'D' is not A, B or C"
 
 
+@pytest.mark.parametrize(("text", "rating", "verdict"), [
+    # answers to FastChat's own prompts are read as its gen_judgment.py reads them (fastchat/llm_judge/common.py),
+    # so that a GPT-4-judged MT-Bench score is the number published models report: the first [[n]], else [n]
+    ("[[3]] or [[9]]", 3.0, None),
+    ("It scores [7] on style. Rating: [[8]]", 8.0, None),  # a double-bracketed rating anywhere comes first
+    ("Rating: [7]", 7.0, None),
+    ("Rating: [[8.]]", 8.0, None),
+    ("Rating: [[ 8 ]]", None, None),  # FastChat's pattern takes no spaces: its score -1, a judge failure here
+    ("[" * 100_000, None, None),
+    # a pair: [[A]] anywhere, else [[B]], else [[C]]
+    ("[[A]] no, [[B]]", None, "first"),
+    ("B is better than A, so [[B]]. Had A been clearer: [[A]]", None, "first"),
+    ("[[C]] or [[B]]", None, "second"),
+    ("[[ A ]]", None, None),
+])
+def test_answers_to_fastchats_prompts_are_read_as_fastchat_reads_them(text, rating, verdict):
+    assert parse_rating(text, as_fastchat=True)[0] == rating
+    assert parse_verdict(text, as_fastchat=True)[0] == verdict
+    if rating is None:
+        assert parse_rating(text, as_fastchat=True)[1] == "no [[rating]] in the judge's answer"
+
+
 def test_the_constrained_output_fits_the_judges_token_budget_and_parses():
     for kind, sample in (("grade", "x" * explanation_chars(128) + "\n\nRating: [[10]]"),
                          ("pair", "Both are short.\n\nVerdict: [[C]]")):

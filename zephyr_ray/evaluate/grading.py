@@ -170,12 +170,13 @@ def pairwise_requests(cfg: EvaluateConfig, sets: EvaluationSets, answers: dict[s
 
 def to_judgment(request: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
     out = {**request["judgment"], "raw_judgment": answer.get("generated_text")}
+    fastchat = "prompt_name" in request  # asked with FastChat's prompts: read as FastChat reads their answers
     if answer.get("generation_error"):
         out["judge_error"] = f"judge failed: {answer['generation_error']}"
     elif request["kind"] == "grade":
-        out["rating"], out["judge_error"] = parse_rating(out["raw_judgment"] or "")
+        out["rating"], out["judge_error"] = parse_rating(out["raw_judgment"] or "", as_fastchat=fastchat)
     else:
-        verdict, out["judge_error"] = parse_verdict(out["raw_judgment"] or "")
+        verdict, out["judge_error"] = parse_verdict(out["raw_judgment"] or "", as_fastchat=fastchat)
         if verdict is not None:  # who won, from the model's side of the table
             model_position = "first" if out["order"] == "model_first" else "second"
             out["verdict"] = "tie" if verdict == "tie" else ("model" if verdict == model_position else "opponent")

@@ -54,6 +54,12 @@ VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 
 VERDICT_WINNER = {"A": "first", "B": "second", "C": "tie"}
 
+# How FastChat's gen_judgment.py reads an answer to its own prompts (fastchat/llm_judge/common.py): the first [[n]],
+# else the first [n], is the rating; a pair's verdict is A if "[[A]]" is anywhere in it, else B, else C (a tie)
+FASTCHAT_RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+
+FASTCHAT_RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+
 # Tokens the constrained judge keeps for its rating line ("\n\nRating: [[10]]" and the stop) after the explanation.
 RATING_LINE_TOKENS = 16
 
@@ -94,9 +100,11 @@ def _ratings(pattern: re.Pattern, text: str) -> set[float]:
 
 
 
-def parse_rating(text: str) -> tuple[float | None, str | None]:
+def parse_rating(text: str, as_fastchat: bool = False) -> tuple[float | None, str | None]:
     """The judge's ``[[n]]`` rating (1-10): (rating, None) or (None, why not). Any text gives one or the other
-    (``untrusted``: a number of more digits than any rating, or JSON nested too deep, is no rating)."""
+    (``untrusted``: a number of more digits than any rating, or JSON nested too deep, is no rating). Several
+    different ratings are no rating, unless ``as_fastchat`` (an answer to FastChat's prompts): then the first one
+    counts, as FastChat's MT-Bench scores were read."""
     # a JSON-schema answer is read by its field alone: its explanation may quote brackets ("returns [3] instead of
     # [1, 2, 3]"), which the [[n]] / [n] search would take for the rating
     answered = json_field(text, "rating")
@@ -105,6 +113,10 @@ def parse_rating(text: str) -> tuple[float | None, str | None]:
         found = {value} if value is not None else set()
         if not found:
             return None, f"the judge's JSON rating {_preview(answered)} is no rating"
+    elif as_fastchat:
+        first = FASTCHAT_RATING.search(text) or FASTCHAT_RATING_BACKUP.search(text)
+        value = rating(first.group(1).rstrip(".")) if first else None  # "8." is 8 to FastChat's literal_eval
+        found = {value} if value is not None else set()
     else:
         found = _ratings(RATING, text) or _ratings(RATING_BACKUP, text)
     if not found:
@@ -118,13 +130,17 @@ def parse_rating(text: str) -> tuple[float | None, str | None]:
 
 
 
-def parse_verdict(text: str) -> tuple[str | None, str | None]:
-    """'first', 'second' or 'tie' from ``[[A]]``, ``[[B]]``, ``[[C]]``: (verdict, None) or (None, why not)."""
+def parse_verdict(text: str, as_fastchat: bool = False) -> tuple[str | None, str | None]:
+    """'first', 'second' or 'tie' from ``[[A]]``, ``[[B]]``, ``[[C]]``: (verdict, None) or (None, why not).
+    Several different verdicts are none, unless ``as_fastchat``: then [[A]] wins over [[B]] over [[C]], as in
+    FastChat's reading of its pairwise prompts."""
     answered = json_field(text, "verdict")  # a JSON-schema answer: its field alone (as for ratings)
     if answered is not None:
         if not (isinstance(answered, str) and answered in VERDICT_WINNER):
             return None, f"the judge's JSON verdict {_preview(answered)} is not A, B or C"
         found = {answered}
+    elif as_fastchat:
+        found = next(({letter} for letter in VERDICT_WINNER if f"[[{letter}]]" in text), set())
     else:
         found = set(VERDICT.findall(text))
     if not found:
