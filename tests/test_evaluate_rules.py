@@ -114,6 +114,18 @@ def test_answers_to_fastchats_prompts_are_read_as_fastchat_reads_them(text, rati
         assert parse_rating(text, as_fastchat=True)[1] == "no [[rating]] in the judge's answer"
 
 
+def test_a_judgment_is_read_as_fastchat_reads_it_only_when_fastchats_prompt_asked_for_it():
+    answer = {"generated_text": "[[3]] or [[9]]"}
+    asked = {"kind": "grade", "judgment": {"set": "mt_bench", "turn": 1}}
+    assert to_judgment({**asked, "prompt_name": "single-v1"}, answer)["rating"] == 3.0
+    own = to_judgment(asked, answer)
+    assert own["rating"] is None and own["judge_error"].startswith("several different ratings")
+    pair = {"kind": "pair", "judgment": {"set": "pairwise", "order": "baseline_first"}}
+    fastchats = to_judgment({**pair, "prompt_name": "pair-v2"}, {"generated_text": "[[B]], no: [[A]]"})
+    assert fastchats["verdict"] == "opponent"  # A, the baseline's answer here
+    assert "verdict" not in to_judgment(pair, {"generated_text": "[[B]], no: [[A]]"})
+
+
 def test_the_constrained_output_fits_the_judges_token_budget_and_parses():
     for kind, sample in (("grade", "x" * explanation_chars(128) + "\n\nRating: [[10]]"),
                          ("pair", "Both are short.\n\nVerdict: [[C]]")):
