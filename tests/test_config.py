@@ -486,6 +486,9 @@ def test_a_variant_that_switches_a_judge_names_only_the_switch(tmp_path):
     assert reward.judge.engine.max_model_len == base.judge.engine.max_model_len  # the engine's mapping merges
     same = variant("same-kind", {"judge": {"kind": base.judge.kind, "sampling": {"temperature": 0.5}}})
     assert same.judge.prompt == base.judge.prompt and same.judge.sampling.temperature == 0.5
+    with pytest.raises(RecipeError, match=r"kind 'rubric' needs an `engine` \(an `endpoint` is asked by kind "
+                                          r"'openai' only: set `kind: openai`\)"):
+        variant("no-kind", {"judge": {"endpoint": openai_judge["judge"]["endpoint"]}})  # the switch half made
     local = variant("local", {"judge": {"kind": "rubric", "engine": {"model": "HuggingFaceH4/zephyr-7b-beta"}}},
                     over=CONFIGS / "zephyr-7b.yaml")
     assert local.judge.endpoint is None and local.judge.engine.model == "HuggingFaceH4/zephyr-7b-beta"

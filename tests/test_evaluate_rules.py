@@ -101,6 +101,7 @@ def test_unclear_verdicts_are_failures_with_a_reason():
     ("Rating: [[8.]]", 8.0, None),
     ("Rating: [[ 8 ]]", None, None),  # FastChat's pattern takes no spaces: its score -1, a judge failure here
     ("[" * 100_000, None, None),
+    ("[[" + "1" * 100_000, None, None),  # a hostile endpoint's digits: no rating, in linear time (not minutes)
     # a pair: [[A]] anywhere, else [[B]], else [[C]]
     ("[[A]] no, [[B]]", None, "first"),
     ("B is better than A, so [[B]]. Had A been clearer: [[A]]", None, "first"),

@@ -300,9 +300,11 @@ class JudgeConfig(_Section):
     @model_validator(mode="after")
     def _backend(self) -> JudgeConfig:
         if self.kind == "openai" and self.endpoint is None:
-            raise ValueError("kind 'openai' needs an `endpoint`")
+            raise ValueError("kind 'openai' needs an `endpoint`" + (
+                " (an `engine` is run by kinds rubric, logprob and reward_model)" if self.engine else ""))
         if self.kind != "openai" and self.engine is None:
-            raise ValueError(f"kind '{self.kind}' needs an `engine`")
+            raise ValueError(f"kind '{self.kind}' needs an `engine`" + (
+                " (an `endpoint` is asked by kind 'openai' only: set `kind: openai`)" if self.endpoint else ""))
         # the other backend would be read by `plan` and the cluster checks but never run: refused, not ignored
         if self.kind == "openai" and self.engine is not None:
             raise ValueError("kind 'openai' asks its `endpoint`; remove `engine` (no engine would run)")

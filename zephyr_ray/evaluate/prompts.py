@@ -56,9 +56,11 @@ VERDICT_WINNER = {"A": "first", "B": "second", "C": "tie"}
 
 # How FastChat's gen_judgment.py reads an answer to its own prompts (fastchat/llm_judge/common.py): the first [[n]],
 # else the first [n], is the rating; a pair's verdict is A if "[[A]]" is anywhere in it, else B, else C (a tie)
-FASTCHAT_RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+# (FastChat's \d+\.?\d* written so that no two parts can take the same digits: the same matches, in linear time on
+# an endpoint's run of 100,000 digits, where FastChat's form backtracks quadratically)
+FASTCHAT_RATING = re.compile(r"\[\[(\d+(?:\.\d*)?)\]\]")
 
-FASTCHAT_RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+FASTCHAT_RATING_BACKUP = re.compile(r"\[(\d+(?:\.\d*)?)\]")
 
 # Tokens the constrained judge keeps for its rating line ("\n\nRating: [[10]]" and the stop) after the explanation.
 RATING_LINE_TOKENS = 16
