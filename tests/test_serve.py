@@ -56,14 +56,20 @@ def endpoint(tiny_models, ray_local, tmp_path_factory):
         yield SimpleNamespace(url=url, key=os.environ[TEST_API_KEY_ENV], log=log_path, tmp=tmp,
                               health_while_deploying=deploying.seen, metrics=ray_local.metrics_url,
                               address=ray_local.address, session_dir=ray_local.session_dir)
-        serve.delete("zephyr-open")
+    # Ctrl-C took the CLI's app down, and only it: the open app beside it, on the cluster the CLI joined, still serves
+    from zephyr_ray.serving import APP_NAME
+
+    applications = serve.status().applications
+    assert APP_NAME not in applications and applications["zephyr-open"].status == "RUNNING", applications
+    assert requests.get(f"{url}/open/health", timeout=30).status_code == 200
+    serve.delete("zephyr-open")
 
 
 @contextlib.contextmanager
 def started_serve_cli(command: list[str], log_path: Path, **popen):
     """`zephyr-ray serve` in a subprocess (its output in ``log_path``), once it says the app is up; stopped with
-    Ctrl-C, as a user stops it (the CLI shuts Serve down, usually in ~10 s; a vLLM replica's graceful stop has taken
-    2 min in CI, so it is killed after 60 s)."""
+    Ctrl-C, as a user stops it (the CLI deletes its app, and shuts Serve down when no other app is left, usually in
+    ~10 s; a vLLM replica's graceful stop has taken 2 min in CI, so it is killed after 60 s)."""
     with open(log_path, "w") as log:
         cli = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
                                **popen)

@@ -249,7 +249,7 @@ def serve_model(
     except ValueError as err:
         _fail(f"{'--max-model-len' if max_model_len else f'{recipe}: serve.models[0].max_model_len'}: {err}")
     _quiet(log_path_for(None, "serve"), verbose)
-    init_ray(hardware, address)
+    joined = init_ray(hardware, address)
     try:
         url = serve_locally(config, hardware, host=host, port=port)
     except (ValueError, FileNotFoundError) as err:
@@ -264,7 +264,12 @@ def serve_model(
     finally:
         from ray import serve
 
-        serve.shutdown()
+        from .serving import APP_NAME
+
+        if joined:  # a cluster others use may serve other apps: Serve stays up for them
+            serve.delete(APP_NAME)
+        if not joined or not serve.status().applications:
+            serve.shutdown()
 
 
 def _stage_table(manifest: dict) -> str:

@@ -28,24 +28,28 @@ def stage_functions() -> dict[str, Callable[[Recipe, Path], StageResult]]:
             "binarize": run_binarize, "train_dpo": run_train_dpo, "evaluate": run_evaluate, "rounds": run_rounds}
 
 
-def init_ray(hardware: Hardware, address: str | None = None) -> None:
+def init_ray(hardware: Hardware, address: str | None = None) -> bool:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or the one `ray start` left running, as ``ray.init()``
     finds it); else start a local Ray sized for the recipe: more logical CPUs than cores on a CPU machine, since
-    engines and light stages share them (a size Ray refuses for a cluster it joins)."""
+    engines and light stages share them (a size Ray refuses for a cluster it joins). Returns whether this process
+    joined a cluster that others may use (False: it started its own, or Ray was already up here)."""
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
     from .data import configure_ray_data
 
+    joined = False
     if not ray.is_initialized():
         prepare_process_env(hardware)
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
+            joined = address != "local"
         elif running := canonicalize_bootstrap_address(None):  # Ray's own choice for ray.init() with no address
             log.info("joining the Ray cluster that `ray start` left running at %s (--address or RAY_ADDRESS picks "
                      "another; `ray stop` ends it)", running)
             ray.init()
+            joined = True
         elif hardware.accelerator == "cpu":
             ray.init(num_cpus=max(4, os.cpu_count() or 1))
         else:
@@ -58,6 +62,7 @@ def init_ray(hardware: Hardware, address: str | None = None) -> None:
                     "joins (an autoscaler starts one)", hardware.cpu_node_group)
     configure_ray_data(small_cluster=hardware.accelerator == "cpu", cpu_work_selector=selector,
                        cpu_work_cpus=sum(node["Resources"].get("CPU", 0) for node in group))
+    return joined
 
 
 def run_stage(name: str, recipe: Recipe, run_dir: Path, address: str | None = None) -> StageResult:
