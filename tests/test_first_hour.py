@@ -233,6 +233,23 @@ def test_verbose_shows_the_libraries_logs_on_a_stage_that_joins_the_cluster_ray_
     assert json.loads(result)["stage"] == "binarize"
 
 
+def test_a_stage_starts_its_own_ray_when_the_cluster_ray_start_recorded_is_gone(demo_run, user_env):
+    """A head killed without `ray stop` leaves its record (`ray_current_cluster`) behind, and `ray.init()` waits on
+    it for minutes (seen here: over 200 s). A stage given no address says the cluster does not answer and starts a
+    local Ray instead, as when none is recorded."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="zrw", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (temp_dir / "ray").mkdir()
+        (temp_dir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
+        shutil.rmtree(demo_run / "binarize")
+        shown = run(f"zephyr-ray stage binarize {demo_run / 'recipe.yaml'} --run-dir {demo_run}",
+                    {**user_env, "RAY_TMPDIR": str(temp_dir)}, timeout=300)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert re.search(r"the Ray cluster that `ray start` recorded at \S+ does not answer", shown), shown
+    assert re.search(r"^binarize: \d+ rows in", shown, re.MULTILINE) and "joining" not in shown, shown
+
+
 def test_serve_run_of_the_tiny_config_from_another_directory_answers(tiny_models, tmp_path):
     """`serve run serve/tiny-cpu.yaml` as a user types it, from a directory that is not the checkout: its relative
     recipe and model paths are found (inside the project), the app comes up, and the OpenAI client gets a reply."""

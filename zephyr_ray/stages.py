@@ -28,6 +28,18 @@ def stage_functions() -> dict[str, Callable[[Recipe, Path], StageResult]]:
             "binarize": run_binarize, "train_dpo": run_train_dpo, "evaluate": run_evaluate, "rounds": run_rounds}
 
 
+def _answers(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether anything listens at a Ray address (host:port), checked in seconds where Ray's own wait takes minutes."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def init_ray(hardware: Hardware, address: str | None = None) -> bool:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or the one `ray start` left running, as ``ray.init()``
     finds it); else start a local Ray sized for the recipe: more logical CPUs than cores on a CPU machine, since
@@ -45,15 +57,17 @@ def init_ray(hardware: Hardware, address: str | None = None) -> bool:
         if address:
             ray.init(address=address)
             joined = address != "local"
-        elif running := canonicalize_bootstrap_address(None):  # Ray's own choice for ray.init() with no address
+        elif (running := canonicalize_bootstrap_address(None)) and _answers(running):  # ray.init()'s own choice
             log.info("joining the Ray cluster that `ray start` left running at %s (--address or RAY_ADDRESS picks "
                      "another; `ray stop` ends it)", running)
             ray.init()
             joined = True
-        elif hardware.accelerator == "cpu":
-            ray.init(num_cpus=max(4, os.cpu_count() or 1))
         else:
-            ray.init()
+            if running:  # ray.init() would wait on it for minutes
+                log.warning("the Ray cluster that `ray start` recorded at %s does not answer (stopped without `ray "
+                            "stop`, which clears the record?): starting a local Ray instead", running)
+            size = {"num_cpus": max(4, os.cpu_count() or 1)} if hardware.accelerator == "cpu" else {}
+            ray.init(address="local", **size)
     selector = cpu_work_selector(hardware)
     group = [node for node in ray.nodes() if node["Alive"] and selector
              and selector.items() <= (node.get("Labels") or {}).items()]
