@@ -270,10 +270,19 @@ def rejudge(run_dir: Path, recipe, other: Path) -> tuple[list[dict], list[dict],
     return judgments, judgeable, [r for r in judgeable if r["judge_error"] is None]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port nothing listens on now, and not one this process has handed out before: the kernel can give a freed
+    port again at once, and a `ray start` given the same port twice refuses to start (CI run 91)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 16) -> None:

@@ -541,7 +541,9 @@ def test_the_chat_page_streams_a_reply_in_headless_chromium(endpoint):
         replies = page.locator(".msg.assistant .text").all_text_contents()
         assert page.locator(".msg.user .text").all_inner_texts() == ["How do bees make honey?",
                                                                        "And what do they eat?"]
-        assert len(replies) == 2 and all(r.strip() for r in replies), replies
+        # the tiny model samples its reply (the page sends no temperature) and may stop at once: an empty reply, seen
+        # in CI run 91; the page showed it as a finished reply, and the other one has words
+        assert len(replies) == 2 and any(r.strip() for r in replies), replies
         # Streaming, judged by what the server sent, not by how the chunks were batched on their way (the page
         # records, per server-sent event, the reply so far and whether [DONE] had come): each reply is built up
         # event by event and closed by [DONE]; a reply streamed when its first piece came in an event of its own,
