@@ -285,6 +285,13 @@ def free_port() -> int:
             return port
 
 
+def agent_port_flags() -> list[str]:
+    """`ray start` flags giving a head's agents free ports of their own: another Ray of the test run may hold the
+    defaults (the job agent's 52365, the metrics exporter's ...)."""
+    return [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "metrics-export-port", "runtime-env-agent-port")]
+
+
 def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 16) -> None:
     """Stop a process started in a session of its own, with everything in its group: ``sig`` (SIGTERM as `ray stop`
     sends, whose grace period is the default here; SIGINT as Ctrl-C), then after ``grace_s`` SIGKILL to whatever of

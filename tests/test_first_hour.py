@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO_RUN, REPO, copy_of_tiny_run, free_port, stop_process_group
+from conftest import DEMO_RUN, REPO, agent_port_flags, copy_of_tiny_run, free_port, stop_process_group
 
 from zephyr_ray.console import NOISE
 
@@ -138,10 +138,7 @@ def test_the_readmes_ray_job_lines_work_after_ray_start_head(demo_run, user_env,
             dashboard = free_port()
             temp_dir = Path(tempfile.mkdtemp(prefix="zrf", dir="/tmp"))  # Ray's socket paths must stay short
             ports = [f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-                     f"--temp-dir={temp_dir}", "--disable-usage-stats", "--num-cpus=4",
-                     *(f"--{name}={free_port()}" for name in (
-                         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-                         "runtime-env-agent-port"))]
+                     f"--temp-dir={temp_dir}", "--disable-usage-stats", "--num-cpus=4", *agent_port_flags()]
             env = {**user_env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
             head_log_path = tmp_path / f"head-{attempt}.log"
             head_log = open(head_log_path, "w")  # noqa: SIM115 - closed below
@@ -199,9 +196,7 @@ def test_verbose_shows_the_libraries_logs_on_a_stage_that_joins_the_cluster_ray_
     try:
         for attempt in (1, 2):  # a start that timed out (Ray's 30 s wait for its raylet) is run again, as a user would
             port = free_port()
-            ports = [f"--port={port}", f"--dashboard-port={free_port()}", *(f"--{name}={free_port()}" for name in (
-                "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-                "runtime-env-agent-port"))]
+            ports = [f"--port={port}", f"--dashboard-port={free_port()}", *agent_port_flags()]
             with open(head_log, "w") as log_file:
                 head = subprocess.Popen(["bash", "-c", f"exec ray start --head --block --disable-usage-stats "
                                          f"{' '.join(ports)}"], env=env, cwd=REPO, stdout=log_file,

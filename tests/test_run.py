@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import free_port, record_reliability, stop_process_group, tiny_recipe_data
+from conftest import agent_port_flags, free_port, record_reliability, stop_process_group, tiny_recipe_data
 
 from zephyr_ray.tiny import load_corpus
 
@@ -36,10 +36,8 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats",
-         # ports of its own: another Ray of the test run may hold the defaults, e.g. the job agent's 52365
-         *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "metrics-export-port", "runtime-env-agent-port"))], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+         "--disable-usage-stats", *agent_port_flags()], env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 180
     while ray_cli(["job", "list", "--address", url], token).returncode != 0:

@@ -930,7 +930,7 @@ def _with_base(data: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) ->
 # judge given an `endpoint` no longer runs the base's `engine` (and the reverse), and a feedback judge of another
 # `kind` is not asked with the prompt written for the base's kind (a reward model takes none).
 _ALTERNATIVE_KEYS = ("engine", "endpoint")
-_KIND_BOUND_KEYS = {("judge",): ("prompt", "system_prompt")}
+_JUDGE_PROMPT_KEYS = ("prompt", "system_prompt")
 
 
 def _laid_over(base: dict[str, Any], changes: dict[str, Any], section: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -938,9 +938,9 @@ def _laid_over(base: dict[str, Any], changes: dict[str, Any], section: tuple[str
     for named, other in (_ALTERNATIVE_KEYS, _ALTERNATIVE_KEYS[::-1]):
         if changes.get(named) is not None and other not in changes:
             merged.pop(other, None)
-    bound = _KIND_BOUND_KEYS.get(section, ())
-    if bound and "kind" in changes and changes["kind"] != base.get("kind", JudgeConfig.model_fields["kind"].default):
-        for key in bound:
+    if section == ("judge",) and "kind" in changes \
+            and changes["kind"] != base.get("kind", JudgeConfig.model_fields["kind"].default):
+        for key in _JUDGE_PROMPT_KEYS:
             if key not in changes:
                 merged.pop(key, None)
     for key, value in changes.items():
