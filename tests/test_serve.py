@@ -62,7 +62,7 @@ def endpoint(tiny_models, ray_local, tmp_path_factory):
     applications = serve.status().applications
     assert APP_NAME not in applications and applications["zephyr-open"].status == "RUNNING", applications
     assert requests.get(f"{url}/open/health", timeout=30).status_code == 200
-    serve.delete("zephyr-open")
+    serve.shutdown()  # the session's Ray without Serve, as the next test file in this process expects it
 
 
 @contextlib.contextmanager
@@ -244,6 +244,23 @@ def test_the_cli_prints_the_url_and_a_curl_line_that_works(endpoint):
     reply = subprocess.run(["bash", "-c", curl_line], check=True, capture_output=True, text=True, timeout=120)
     body = json.loads(reply.stdout)
     assert body["choices"][0]["message"]["content"], body
+
+
+def test_a_second_serve_on_the_same_cluster_is_refused_before_it_deploys(endpoint, tiny_models):
+    """`zephyr-ray serve` in a second terminal, on the cluster the first one joined. With another port: Serve has one
+    HTTP address per cluster and would ignore the new one (the CLI printed a URL that refused connections). With the
+    same port: it would replace the first one's app. Either way the CLI says so before it deploys anything, and the
+    first app keeps serving the first model."""
+    port = endpoint.url.rsplit(":", 1)[1]
+    for asked, said in ((free_port(), [f"HTTP on 127.0.0.1:{port}", f"serve with --port {port}"]),
+                        (port, ["already has an app named 'zephyr'", "Ctrl-C"])):
+        shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "serve", str(tiny_models["student"]),
+                                "--port", str(asked), "--address", endpoint.address], capture_output=True, text=True,
+                               timeout=300, cwd=REPO)
+        assert shown.returncode == 2 and all(s in shown.stderr for s in said), shown.stdout + shown.stderr
+        assert "Traceback" not in shown.stdout + shown.stderr
+    models = client(endpoint).models.list()
+    assert [m.id for m in models.data] == ["tiny-chat"], models
 
 
 def test_health_is_503_until_the_model_can_answer(endpoint):

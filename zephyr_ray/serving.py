@@ -537,10 +537,24 @@ def app_builder(args: dict[str, Any]) -> Any:
 def serve_locally(config: ServeConfig, hardware: Hardware, host: str = "127.0.0.1", port: int = 8000,
                   run_dir: Path | None = None) -> str:
     """Deploy the app on the Ray this process is connected to, HTTP on ``host:port``; returns the base URL once
-    every replica is up."""
+    every replica is up. Serve has one HTTP address per cluster and ignores another one asked for later (with a
+    warning in the log), so on a cluster where Serve already listens elsewhere the app would answer there and the
+    URL printed would be refused: that is an error naming the address Serve has. So is an app of this name already
+    there (another ``zephyr-ray serve``): deploying would replace it."""
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     serve.start(http_options={"host": host, "port": port})
+    running = _get_global_client().http_config
+    if running.port != port or running.host not in (host, "0.0.0.0"):
+        raise ValueError(f"Ray Serve already runs on this cluster with HTTP on {running.host}:{running.port}, and "
+                         f"Serve keeps one address per cluster: serve with --port {running.port}"
+                         f"{'' if running.host in (host, '0.0.0.0') else f' --host {running.host}'}, or on a cluster "
+                         "of its own (`serve shutdown` stops Serve and every app on it)")
+    if APP_NAME in serve.status().applications:  # serve.run would replace it, under the other CLI's feet
+        raise ValueError(f"Serve on this cluster already has an app named '{APP_NAME}' (another `zephyr-ray serve`, "
+                         "or one that was killed): stop that one with Ctrl-C, or run `serve shutdown`, which stops "
+                         "Serve and every app on it")
     serve.run(build_app(config, hardware, run_dir), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
