@@ -188,7 +188,10 @@ def test_verbose_shows_the_libraries_logs_on_a_stage_that_joins_the_cluster_ray_
     """`--verbose`: what went to the log file is on the terminal (Ray Data's own lines), and no log file is made.
     The stage is given no address after a plain `ray start --head` (no `RAY_ADDRESS` exported): it joins that
     cluster, as `ray.init()` does and its `--address` help says, instead of failing ("When connecting to an existing
-    cluster, num_cpus and num_gpus must not be provided", for the local Ray's size it asked for before)."""
+    cluster, num_cpus and num_gpus must not be provided", for the local Ray's size it asked for before).
+    The head is started in another directory, as a user may: the workers of a driver that joins it start in the
+    driver's directory, where the recipe's relative paths hold (they started in the head's, and an engine looked
+    for ./artifacts/tiny-models/... there)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="zrv", dir="/tmp"))  # short: Ray's socket paths
     # RAY_TMPDIR moves Ray's default /tmp/ray, where `ray start` records its cluster and `ray.init()` looks for one,
     # off the test session's; free ports, as other Rays of the test run may hold the defaults
@@ -199,7 +202,7 @@ def test_verbose_shows_the_libraries_logs_on_a_stage_that_joins_the_cluster_ray_
             ports = [f"--port={port}", f"--dashboard-port={free_port()}", *agent_port_flags()]
             with open(head_log, "w") as log_file:
                 head = subprocess.Popen(["bash", "-c", f"exec ray start --head --block --disable-usage-stats "
-                                         f"{' '.join(ports)}"], env=env, cwd=REPO, stdout=log_file,
+                                         f"{' '.join(ports)}"], env=env, cwd=temp_dir, stdout=log_file,
                                         stderr=subprocess.STDOUT, start_new_session=True)
             recorded, deadline = temp_dir / "ray" / "ray_current_cluster", time.time() + 180
             while not recorded.exists():  # written once the head is up
@@ -216,9 +219,16 @@ def test_verbose_shows_the_libraries_logs_on_a_stage_that_joins_the_cluster_ray_
         done = subprocess.run(["bash", "-c", f"zephyr-ray stage binarize {demo_run / 'recipe.yaml'} --run-dir "
                                              f"{demo_run} --verbose"], env=env, cwd=REPO, capture_output=True,
                               text=True, timeout=600, check=False)
+        # where a joining driver's workers run, as init_ray joins for every stage (binarize reads absolute paths)
+        probe = ("import os, ray\nfrom zephyr_ray.config import Hardware\nfrom zephyr_ray.stages import init_ray\n"
+                 "init_ray(Hardware(accelerator='cpu', num_workers=1))\n"
+                 "print(ray.get(ray.remote(lambda: [os.getcwd(), os.path.isdir('artifacts/tiny-models')]).remote()))")
+        workers = subprocess.run([str(VENV_BIN / "python"), "-c", probe], env=env, cwd=REPO, capture_output=True,
+                                 text=True, timeout=300, check=False)
     finally:
         stop_process_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+    assert workers.stdout.strip().splitlines()[-1:] == [str([str(REPO), True])], workers.stdout + workers.stderr
     shown = done.stdout + done.stderr
     assert done.returncode == 0, shown[-4000:]
     assert "Execution plan of Dataset" in shown and "zephyr_ray.stage: binarize:" in shown, shown[-4000:]
