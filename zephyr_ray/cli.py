@@ -249,7 +249,9 @@ def serve_model(
     except ValueError as err:
         _fail(f"{'--max-model-len' if max_model_len else f'{recipe}: serve.models[0].max_model_len'}: {err}")
     _quiet(log_path_for(None, "serve"), verbose)
-    joined = init_ray(hardware, address)
+    # Serve's controller, a detached actor, hands its runtime_env to every later app's replicas: no worker
+    # hook for it (served models get absolute paths instead)
+    joined = init_ray(hardware, address, workers_here=False)
     try:
         url = serve_locally(config, hardware, host=host, port=port)
     except (ValueError, FileNotFoundError) as err:

@@ -40,42 +40,17 @@ def _answers(address: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-DRIVER_DIRECTORY_ENV = "ZEPHYR_RAY_DRIVER_DIRECTORY"
-
-
-def enter_driver_directory() -> None:
-    """Ray worker setup hook (``worker_process_setup_hook``): start in the driver's directory where this node has it.
-
-    A worker starts in the directory its node's Ray was started in: on a cluster `ray start` began elsewhere, a
-    recipe's relative paths (``./artifacts/tiny-models/teacher``), which the driver checked in its own directory,
-    would be looked up in another one by the engines and trainers. (Serve replicas set their own hook: Serve is
-    handed absolute model paths.)"""
-    directory = os.environ.get(DRIVER_DIRECTORY_ENV)
-    if directory and os.path.isdir(directory):
-        os.chdir(directory)
-
-
-def _workers_in_this_directory() -> dict:
-    """The runtime_env of a driver that joins a cluster from outside a Ray job: its workers start in its directory.
-    Not inside a job: Ray runs a job's driver and workers in the job's working directory already."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
-        return {}
-    return {"env_vars": {DRIVER_DIRECTORY_ENV: os.getcwd()},
-            "worker_process_setup_hook": f"{__name__}.{enter_driver_directory.__name__}"}
-
-
-def init_ray(hardware: Hardware, address: str | None = None) -> bool:
+def init_ray(hardware: Hardware, address: str | None = None, workers_here: bool = True) -> bool:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or the one `ray start` left running, as ``ray.init()``
-    finds it), its workers starting in this directory where their node has it (``enter_driver_directory``); else
-    start a local Ray sized for the recipe: more logical CPUs than cores on a CPU machine, since engines and light
-    stages share them (a size Ray refuses for a cluster it joins). Returns whether this process joined a cluster
-    that others may use (False: it started its own, or Ray was already up here)."""
+    finds it), with ``workers_here`` its workers starting in this directory where their node has it
+    (``worker_directory``); else start a local Ray sized for the recipe: more logical CPUs than cores on a CPU
+    machine, since engines and light stages share them (a size Ray refuses for a cluster it joins). Returns whether
+    this process joined a cluster that others may use (False: it started its own, or Ray was already up here)."""
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
     from .data import configure_ray_data
+    from .worker_directory import workers_in_this_directory
 
     joined = False
     if not ray.is_initialized():
@@ -83,11 +58,11 @@ def init_ray(hardware: Hardware, address: str | None = None) -> bool:
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             joined = address != "local"
-            ray.init(address=address, runtime_env=_workers_in_this_directory() if joined else None)
+            ray.init(address=address, runtime_env=workers_in_this_directory() if joined and workers_here else None)
         elif (running := canonicalize_bootstrap_address(None)) and _answers(running):  # ray.init()'s own choice
             log.info("joining the Ray cluster that `ray start` left running at %s (--address or RAY_ADDRESS picks "
                      "another; `ray stop` ends it)", running)
-            ray.init(runtime_env=_workers_in_this_directory())
+            ray.init(runtime_env=workers_in_this_directory() if workers_here else None)
             joined = True
         else:
             if running:  # ray.init() would wait on it for minutes
