@@ -61,7 +61,9 @@ def trained(tiny_models, ray_local, tmp_path_factory):
     write_parquet_atomic(ray.data.from_items(pairs[HELD_OUT:]), run_dir / "binarize" / "preferences",
                          schema=PreferenceRow.arrow_schema())
     text = (REPO / "jobs" / "configs" / "tiny-cpu.yaml").read_text()
-    data = yaml.safe_load(text.replace("./artifacts/tiny-models", str(tiny_models["teacher"].parent)))
+    # model paths relative to the command's directory, as the shipped recipe writes them (Ray Train runs its workers
+    # in a directory of its own: a relative student path once led them nowhere)
+    data = yaml.safe_load(text.replace("./artifacts/tiny-models", os.path.relpath(tiny_models["teacher"].parent, REPO)))
     # the whole dialogues (the tiny recipe trains the assistant's turns only: its user simulator's are garbled; these
     # are the teacher's own, whose held-out loss falls as the student learns the chat; on the replies alone 8 epochs
     # of them overfit, CI run 18)

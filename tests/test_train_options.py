@@ -331,3 +331,18 @@ def test_every_zero_stage_change_resumes_or_is_refused_before_a_worker_starts(tm
                        "changes among 0, 1/2 and 3 refused with the checkpoint's path, its stage and both ways on, "
                        "by the driver before any worker starts (from zero_stage 0: by the workers)",
                        "nothing: the checkpoints are untouched, no step trains without its optimizer state")
+
+
+def test_training_workers_get_absolute_model_paths_and_hub_ids_as_written(tiny_models, tmp_path, monkeypatch):
+    """Ray Train runs its workers in a directory of its own (its `chdir` to the run's working directory), so a
+    recipe's relative model and reference paths, which the driver checked in its own directory, reach them absolute;
+    a hub id, which names nothing here, is passed as written."""
+    from zephyr_ray.train.loop import loop_config
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe_data(tiny_models)))
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    monkeypatch.chdir(tiny_models["student"].parent)
+    config = loop_config("train_dpo", recipe, "./student", [], tmp_path, reference="teacher")
+    assert (config["model"], config["reference"]) == (str(tiny_models["student"]), str(tiny_models["teacher"]))
+    config = loop_config("train_sft", recipe, "mistralai/Mistral-7B-v0.1", [], tmp_path)
+    assert (config["model"], config["reference"]) == ("mistralai/Mistral-7B-v0.1", None)

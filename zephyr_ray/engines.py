@@ -266,6 +266,15 @@ def detect_accelerator() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def local_path_or_hub_id(model: str) -> str:
+    """``model`` as an absolute path when it names something on this machine (relative to this directory), else as
+    given (a hub id): for processes that run in other directories (Ray Train's workers, Serve's replicas)."""
+    from pathlib import Path
+
+    local = Path(model).expanduser()
+    return str(local.resolve()) if local.exists() else model
+
+
 def check_model_dir(path: str) -> list[str]:
     """Problems that keep a local model directory from loading (empty list = fine). Weights must be safetensors."""
     from pathlib import Path

@@ -34,7 +34,7 @@ from ray.llm._internal.common.callbacks.base import CallbackBase
 
 from .chat import template_for, template_text
 from .config import Hardware, Recipe, ServeConfig, ServedModel
-from .engines import check_model_dir, placement_bundles, vllm_engine_kwargs
+from .engines import check_model_dir, local_path_or_hub_id, placement_bundles, vllm_engine_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,11 @@ def llm_config(served: ServedModel, source: str, hardware: Hardware) -> Any:
     recipe."""
     from ray.serve.llm import LLMConfig
 
-    local = Path(source).expanduser().exists()
+    source = local_path_or_hub_id(source)  # replicas run in other directories
+    local = Path(source).is_absolute()
     if local and (problems := check_model_dir(source)):
         raise ValueError("; ".join(problems))
-    engine = served.engine(str(Path(source).expanduser().resolve()) if local else source)
+    engine = served.engine(source)
     template = served_template(engine)
     return LLMConfig(
         model_loading_config={"model_id": served.model_id, "model_source": engine.model},

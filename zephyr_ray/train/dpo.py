@@ -46,10 +46,11 @@ def dpo_worker(config: dict[str, Any]) -> None:
     args = DPOConfig(**trainer_arguments(cfg, recipe.hardware, config["output_dir"], extra, universal,
                                          **dpo_arguments(cfg)))
     reference = None
-    if cfg.reference:  # loaded as TRL loads its default reference (after DPOConfig: under ZeRO-3 it is sharded)
+    if config["reference"]:  # loaded as TRL loads its default reference (after DPOConfig: under ZeRO-3 it is sharded)
         from trl.trainer.utils import create_model_from_path
 
-        reference = create_model_from_path(cfg.reference, **{**(args.model_init_kwargs or {}), "device_map": None})
+        reference = create_model_from_path(config["reference"],
+                                           **{**(args.model_init_kwargs or {}), "device_map": None})
     trainer = DPOTrainer(model=config["model"], ref_model=reference, args=args,
                          train_dataset=train.select_columns(["chosen", "rejected"]), processing_class=tokenizer)
     train_with_ray(trainer, resume_from, config, universal)
@@ -103,7 +104,8 @@ def run_train_dpo(recipe: Recipe, run_dir: Path) -> StageResult:
                          f"{counts['rejected']} of them over max_prompt_length): binarize pairs a prompt only when its "
                          "completions' scores differ; more completions per prompt (or a rounds' `samples`) give more")
     files = sorted(str(p) for p in kept.glob("*.parquet"))
-    result = run_torch_trainer("train_dpo", dpo_worker, loop_config("train_dpo", recipe, base, files, run_dir),
+    result = run_torch_trainer("train_dpo", dpo_worker,
+                               loop_config("train_dpo", recipe, base, files, run_dir, reference=cfg.reference),
                                recipe, cfg, run_dir)
     data = {"preferences": str(preferences), "rows": counts["kept"], "rejected_long_prompts": counts["rejected"]}
     return finish("train_dpo", result, recipe, cfg, base, data, run_dir, timer.seconds)

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..config import Hardware, Recipe, Training, derive_batch
 from ..data import SUCCESS_MARKER, write_text_atomic
+from ..engines import local_path_or_hub_id
 from ..stage import StageResult
 
 logger = logging.getLogger(__name__)
@@ -452,11 +453,15 @@ def train_with_ray(trainer: Any, resume_from: str | None, config: dict[str, Any]
     trainer.train(resume_from_checkpoint=resume_from)
 
 
-def loop_config(stage: str, recipe: Recipe, model: str, data_files: list[str], run_dir: Path) -> dict[str, Any]:
-    """What every Ray Train worker of ``stage`` gets: the recipe, the model to start from, its Parquet input, and
-    where to write (absolute paths: workers run elsewhere)."""
+def loop_config(stage: str, recipe: Recipe, model: str, data_files: list[str], run_dir: Path,
+                reference: str | None = None) -> dict[str, Any]:
+    """What every Ray Train worker of ``stage`` gets: the recipe, the model to start from (and DPO's reference), its
+    Parquet input, and where to write (absolute paths: Ray Train runs its workers in a directory of its own, where
+    a recipe's relative paths lead nowhere)."""
     stage_dir = (run_dir / stage).resolve()
-    return {"stage": stage, "recipe": recipe, "model": model, "data_files": [str(Path(f).resolve()) for f in data_files],
+    return {"stage": stage, "recipe": recipe, "model": local_path_or_hub_id(model),
+            "reference": local_path_or_hub_id(reference) if reference else None,
+            "data_files": [str(Path(f).resolve()) for f in data_files],
             "output_dir": str(ray_experiment_dir(stage, run_dir) / "hf"),
             "cache_dir": str(build_cache_dir()), "record_dir": str(stage_dir / "attempts"),
             "tensorboard_dir": str(stage_dir / "tensorboard")}
