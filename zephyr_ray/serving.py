@@ -547,10 +547,11 @@ def serve_locally(config: ServeConfig, hardware: Hardware, host: str = "127.0.0.
 
     serve.start(http_options={"host": host, "port": port})
     running = _get_global_client().http_config
-    if running.port != port or running.host not in (host, "0.0.0.0"):
+    host_served = running.host in (host, "0.0.0.0", "::")  # every interface (IPv4, IPv6) serves this one too
+    if running.port != port or not host_served:
         raise ValueError(f"Ray Serve already runs on this cluster with HTTP on {running.host}:{running.port}, and "
                          f"Serve keeps one address per cluster: serve with --port {running.port}"
-                         f"{'' if running.host in (host, '0.0.0.0') else f' --host {running.host}'}, or on a cluster "
+                         f"{'' if host_served else f' --host {running.host}'}, or on a cluster "
                          "of its own (`serve shutdown` stops Serve and every app on it)")
     if APP_NAME in serve.status().applications:  # serve.run would replace it, under the other CLI's feet
         raise ValueError(f"Serve on this cluster already has an app named '{APP_NAME}' (another `zephyr-ray serve`, "
