@@ -343,6 +343,7 @@ def test_training_workers_get_absolute_model_paths_and_hub_ids_as_written(tiny_m
     recipe = load_recipe(tmp_path / "recipe.yaml")
     monkeypatch.chdir(tiny_models["student"].parent)
     config = loop_config("train_dpo", recipe, "./student", [], tmp_path, reference="teacher")
-    assert (config["model"], config["reference"]) == (str(tiny_models["student"]), str(tiny_models["teacher"]))
+    assert (config["model"], config["reference"]) == (str(tiny_models["student"].resolve()),
+                                                      str(tiny_models["teacher"].resolve()))
     config = loop_config("train_sft", recipe, "mistralai/Mistral-7B-v0.1", [], tmp_path)
     assert (config["model"], config["reference"]) == ("mistralai/Mistral-7B-v0.1", None)

@@ -91,7 +91,7 @@ def llm_config(served: ServedModel, source: str, hardware: Hardware) -> Any:
     from ray.serve.llm import LLMConfig
 
     source = local_path_or_hub_id(source)  # replicas run in other directories
-    local = Path(source).is_absolute()
+    local = Path(source).expanduser().exists()  # else a hub id, or a path only the serving nodes have
     if local and (problems := check_model_dir(source)):
         raise ValueError("; ".join(problems))
     engine = served.engine(source)
