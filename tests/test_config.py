@@ -598,3 +598,27 @@ def test_direct_streaming_serves_one_model_and_validate_says_so(tmp_path):
     recipe["serve"]["models"] = [{"model_id": "a"}]
     path.write_text(yaml.safe_dump(recipe))
     assert load_recipe(path).serve.direct_streaming
+
+
+def test_a_port_another_program_listens_on_is_in_use_whatever_its_socket_options():
+    """``port_in_use``, which `zephyr-ray serve` asks before it starts Serve: a listener with SO_REUSEPORT (as Ray
+    Serve's proxy binds, which a second Serve would share silently) or without it, on the host asked or on every
+    interface, holds the port; once closed (its connections in TIME_WAIT) it is free again, as a server sees it."""
+    import socket
+
+    from zephyr_ray.serving import port_in_use
+
+    for listen_on in ("127.0.0.1", "0.0.0.0"):
+        for reuse_port in (True, False):
+            with socket.socket() as server:
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                server.bind((listen_on, 0))
+                server.listen()
+                port = server.getsockname()[1]
+                assert port_in_use("127.0.0.1", port) and port_in_use("0.0.0.0", port), (listen_on, reuse_port)
+                with socket.create_connection(("127.0.0.1", port)):
+                    accepted, _ = server.accept()
+                    accepted.close()  # the server side closes first: its end stays in TIME_WAIT
+            assert not port_in_use("127.0.0.1", port) and not port_in_use("0.0.0.0", port), (listen_on, reuse_port)

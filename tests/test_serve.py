@@ -263,6 +263,26 @@ def test_a_second_serve_on_the_same_cluster_is_refused_before_it_deploys(endpoin
     assert [m.id for m in models.data] == ["tiny-chat"], models
 
 
+def test_a_second_serve_with_a_ray_of_its_own_on_the_same_port_is_refused(endpoint, tiny_models, tmp_path):
+    """`zephyr-ray serve` in a second terminal that starts a Ray of its own (no cluster to join), on the port the
+    first one serves: Serve's proxy binds with SO_REUSEPORT, so the second Serve bound it too, printed its URL, and
+    the kernel split the connections between the two servers (seen: the second model's URL answering with the first
+    model). Refused before Ray Serve starts, and the first app keeps serving."""
+    port = endpoint.url.rsplit(":", 1)[1]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="zrp", dir="/tmp"))  # no `ray start` record there: a Ray of its own
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp)}
+    try:
+        shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "serve", str(tiny_models["student"]),
+                                "--port", port], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert shown.returncode == 2, shown.stdout + shown.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in shown.stderr and "--port" in shown.stderr, shown.stderr
+    assert "Traceback" not in shown.stdout + shown.stderr and "serving" not in shown.stdout
+    models = client(endpoint).models.list()
+    assert [m.id for m in models.data] == ["tiny-chat"], models
+
+
 def test_health_is_503_until_the_model_can_answer(endpoint):
     """What a load balancer or a script waiting for ``/health`` sees while the open app deploys: the route absent,
     then 503 while the ingress is up but the model's engine still loads, then 200, and 200 means a chat is answered

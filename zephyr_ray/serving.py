@@ -26,6 +26,7 @@ import base64
 import hmac
 import logging
 import os
+import socket
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -535,16 +536,39 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(config, recipe.hardware, run_dir)
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something on this machine listens on ``host:port`` (on it, or on every interface). Ray Serve's proxy
+    binds with ``SO_REUSEPORT``, so a second Serve (another Ray cluster's, say another `zephyr-ray serve`) binds the
+    same port without an error and the kernel spreads connections over both; a bind without it is refused there, as
+    for any other program listening (whose port Serve's proxy fails on with a Ray traceback)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT does not count
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def serve_locally(config: ServeConfig, hardware: Hardware, host: str = "127.0.0.1", port: int = 8000,
                   run_dir: Path | None = None) -> str:
     """Deploy the app on the Ray this process is connected to, HTTP on ``host:port``; returns the base URL once
     every replica is up. Serve has one HTTP address per cluster and ignores another one asked for later (with a
     warning in the log), so on a cluster where Serve already listens elsewhere the app would answer there and the
     URL printed would be refused: that is an error naming the address Serve has. So is an app of this name already
-    there (another ``zephyr-ray serve``): deploying would replace it."""
+    there (another ``zephyr-ray serve``): deploying would replace it. Where Serve is not running yet, a port that
+    another program on this machine listens on is an error too (``port_in_use``)."""
+    import ray
     from ray import serve
     from ray.serve.context import _get_global_client
 
+    serve_is_running = _get_global_client(raise_if_no_controller_running=False) is not None
+    on_this_machine = ray.util.get_node_ip_address() in {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    if not serve_is_running and on_this_machine and port_in_use(host, port):
+        raise ValueError(f"port {port} on {host} is already in use by another program, perhaps another `zephyr-ray "
+                         "serve` or `serve run` with a Ray of its own (Serve would share the port with another Serve "
+                         "and split the requests between them): stop it, or serve with another --port")
     serve.start(http_options={"host": host, "port": port})
     running = _get_global_client().http_config
     host_served = running.host in (host, "0.0.0.0", "::")  # every interface (IPv4, IPv6) serves this one too
