@@ -37,6 +37,25 @@ def test_the_7b_recipe_on_the_shipped_cluster_uses_every_gpu_and_has_no_problem(
     assert all(value["source"] for value in planned["assumptions"].values())
 
 
+def test_plan_prints_each_stage_and_the_totals_as_the_docs_tell_users_to_run_it():
+    """`zephyr-ray plan RECIPE --cluster cluster.yaml` as README and docs/cluster.md write it (text, no flag): a line
+    per stage with its GPUs, hours and cost, and the totals, GPU time and the time from the first stage to the last
+    (the GPT-4 judge's hours on CPU nodes included), as --json has them."""
+    command = [sys.executable, "-m", "zephyr_ray.cli", "plan", "jobs/configs/zephyr-7b.yaml",
+               "--cluster", "cluster.yaml"]
+    shown = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True).stdout
+    planned = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, cwd=REPO,
+                                        check=True).stdout)
+    for stage in planned["stages"]:
+        assert re.search(rf"^{stage['stage']}: {stage['gpus_used']} of 16 GPUs, {stage['hours']:.2f} h, \$[\d,]+$",
+                         shown, re.M), (stage["stage"], shown)
+    total = planned["total"]
+    assert total["elapsed_hours"] > total["hours"] + 10  # the judge at 5 requests/s: most of the elapsed time
+    assert shown.splitlines()[-1].startswith(f"total: {total['hours']:.1f} h of GPU time, ${total['cost_usd']:,.0f}; "
+                                             f"{total['elapsed_hours']:.1f} h from the first stage to the last"), shown
+    assert "problem:" not in shown
+
+
 def test_docs_cluster_md_shows_what_plan_prints():
     page = (REPO / "docs" / "cluster.md").read_text()
     table = re.search(r"<!-- plan: (.*?) -->\n(.*?)\n<!-- /plan -->", page, re.S)

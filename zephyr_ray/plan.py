@@ -444,7 +444,8 @@ def plan_text(plans: list[StagePlan]) -> str:
         lines += [f"  problem: {problem}" for problem in p.problems]
     total = plan_json(plans)["total"]
     cost = "cost unknown" if total["cost_usd"] is None else f"${total['cost_usd']:,.0f}"
-    lines.append(f"total: {total['hours']:.1f} h of GPU time, {cost}")
+    lines.append(f"total: {total['hours']:.1f} h of GPU time, {cost}; {total['elapsed_hours']:.1f} h from the first "
+                 "stage to the last (one after another, the stages on CPU included)")
     return "\n".join(lines)
 
 
@@ -452,7 +453,8 @@ def plan_json(plans: list[StagePlan]) -> dict[str, Any]:
     costs = [p.cost_usd for p in plans]
     return {"stages": [asdict(p) for p in plans],
             "total": {"hours": sum(p.hours for p in plans if p.gpus_used),
-                      "cost_usd": None if any(c is None for c in costs) else sum(costs)},
+                      "cost_usd": None if any(c is None for c in costs) else sum(costs),
+                      "elapsed_hours": sum(p.hours for p in plans)},  # the stages run one after another
             "assumptions": {name: {"value": value, "source": source} for name, (value, source) in ASSUMPTIONS.items()}}
 
 
