@@ -57,6 +57,8 @@ def test_the_demo_again_is_quiet_and_every_next_step_it_prints_works(demo_run, u
     with no flags (max_model_len from the model itself), the curl line serve prints, and the report."""
     shown = run(f"zephyr-ray demo --run-dir {demo_run}", user_env)
     assert "library logs: " + str(demo_run / "logs" / "demo.log") in shown
+    skipped = re.findall(r"^(\w+) +skipped +\(done before, in [\d.]+s\)$", shown, re.M)  # the stage table
+    assert skipped == ["synthesize", "train_sft", "complete", "judge", "binarize", "train_dpo", "evaluate"], shown
     log = (demo_run / "logs" / "demo.log").read_text()
     assert "vllm" in log.lower() and "ray" in log.lower(), "the libraries' logs went to the log file"
     next_line = next(line for line in shown.splitlines() if line.startswith("next: "))

@@ -275,9 +275,17 @@ def serve_model(
 
 
 def _stage_table(manifest: dict) -> str:
-    """One line per stage of a run manifest: name, status, seconds."""
-    return "\n".join(f"{stage:<10} {record['status']:<8} {record.get('seconds', 0):8.1f}s"
-                     for stage, record in manifest["stages"].items())
+    """One line per stage of a run manifest: name, status, seconds (a skipped stage's are those of the run that
+    did it, and say so: skipping takes no time)."""
+    width = max((len(stage) for stage in manifest["stages"]), default=0)  # rounds/<r>/<stage> too
+
+    def line(stage: str, record: dict) -> str:
+        seconds = record.get("seconds")
+        if record["status"] == "skipped":
+            return f"{stage:<{width}} skipped" + (f"  (done before, in {seconds:.1f}s)" if seconds is not None else "")
+        return f"{stage:<{width}} {record['status']:<8} {seconds or 0:8.1f}s"
+
+    return "\n".join(line(stage, record) for stage, record in manifest["stages"].items())
 
 
 @app.command("run")
