@@ -603,7 +603,8 @@ def test_direct_streaming_serves_one_model_and_validate_says_so(tmp_path):
 def test_a_port_another_program_listens_on_is_in_use_whatever_its_socket_options():
     """``port_in_use``, which `zephyr-ray serve` asks before it starts Serve: a listener with SO_REUSEPORT (as Ray
     Serve's proxy binds, which a second Serve would share silently) or without it, on the host asked or on every
-    interface, holds the port; once closed (its connections in TIME_WAIT) it is free again, as a server sees it."""
+    interface, holds the port; once closed (its connections in TIME_WAIT) it is free again, as a server sees it.
+    Another failure to bind (here: an address this machine does not have) is not "in use": Serve decides."""
     import socket
 
     from zephyr_ray.serving import port_in_use
@@ -622,3 +623,5 @@ def test_a_port_another_program_listens_on_is_in_use_whatever_its_socket_options
                     accepted, _ = server.accept()
                     accepted.close()  # the server side closes first: its end stays in TIME_WAIT
             assert not port_in_use("127.0.0.1", port) and not port_in_use("0.0.0.0", port), (listen_on, reuse_port)
+    # only "address in use" counts: an address of another machine is left to Serve, as any other failure to bind
+    assert not port_in_use("192.0.2.254", port)

@@ -264,21 +264,27 @@ def test_a_second_serve_on_the_same_cluster_is_refused_before_it_deploys(endpoin
 
 
 def test_a_second_serve_with_a_ray_of_its_own_on_the_same_port_is_refused(endpoint, tiny_models, tmp_path):
-    """`zephyr-ray serve` in a second terminal that starts a Ray of its own (no cluster to join), on the port the
-    first one serves: Serve's proxy binds with SO_REUSEPORT, so the second Serve bound it too, printed its URL, and
-    the kernel split the connections between the two servers (seen: the second model's URL answering with the first
-    model). Refused before Ray Serve starts, and the first app keeps serving."""
+    """`zephyr-ray serve` in a second terminal that would start a Ray of its own (no cluster to join), on the port
+    the first one serves: Serve's proxy binds with SO_REUSEPORT, so the second Serve bound it too, printed its URL,
+    and the kernel split the connections between the two servers (seen: the second model's URL answering with the
+    first model). Refused before any Ray starts, and the first app keeps serving."""
     port = endpoint.url.rsplit(":", 1)[1]
     ray_tmp = Path(tempfile.mkdtemp(prefix="zrp", dir="/tmp"))  # no `ray start` record there: a Ray of its own
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp)}
+    cli = subprocess.Popen([sys.executable, "-m", "zephyr_ray.cli", "serve", str(tiny_models["student"]), "--port",
+                            port], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                           start_new_session=True)
     try:
-        shown = subprocess.run([sys.executable, "-m", "zephyr_ray.cli", "serve", str(tiny_models["student"]),
-                                "--port", port], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+        stdout, stderr = cli.communicate(timeout=300)
+        started_ray = sorted(path.name for path in ray_tmp.iterdir())
     finally:
+        if cli.poll() is None:  # it went on to serve: its Ray, proxy and replica go with it
+            stop_process_group(cli, signal.SIGINT, grace_s=90)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert shown.returncode == 2, shown.stdout + shown.stderr
-    assert f"port {port} on 127.0.0.1 is already in use" in shown.stderr and "--port" in shown.stderr, shown.stderr
-    assert "Traceback" not in shown.stdout + shown.stderr and "serving" not in shown.stdout
+    assert cli.returncode == 2, stdout + stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in stderr and "--port" in stderr, stderr
+    assert "Traceback" not in stdout + stderr and "serving" not in stdout
+    assert started_ray == [], f"a Ray started before the refusal: {started_ray}"
     models = client(endpoint).models.list()
     assert [m.id for m in models.data] == ["tiny-chat"], models
 

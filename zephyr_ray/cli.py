@@ -228,8 +228,8 @@ def serve_model(
 
     from .config import Hardware, RecipeError, ServeConfig, ServedModel, load_recipe
     from .engines import context_length, detect_accelerator
-    from .serving import curl_example, serve_locally
-    from .stages import init_ray
+    from .serving import curl_example, refuse_a_port_in_use, serve_locally
+    from .stages import init_ray, starts_a_ray_of_its_own
 
     try:
         loaded = load_recipe(recipe) if recipe else None
@@ -249,6 +249,11 @@ def serve_model(
     except ValueError as err:
         _fail(f"{'--max-model-len' if max_model_len else f'{recipe}: serve.models[0].max_model_len'}: {err}")
     _quiet(log_path_for(None, "serve"), verbose)
+    if starts_a_ray_of_its_own(address):  # a port in use, said before a whole Ray starts (serve_locally asks again)
+        try:
+            refuse_a_port_in_use(host, port)
+        except ValueError as err:
+            _fail(str(err))
     # Serve's controller, a detached actor, hands its runtime_env to every later app's replicas: no worker
     # hook for it (served models get absolute paths instead)
     joined = init_ray(hardware, address, workers_here=False)

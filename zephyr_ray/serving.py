@@ -23,6 +23,7 @@ OpenAI app, and the same key, size limit, request checks, routes and chat page a
 # No `from __future__ import annotations` here: FastAPI reads the request types of the ingress' route methods
 # from their annotations at run time, and those classes are imported inside ``ingress_class``.
 import base64
+import errno
 import hmac
 import logging
 import os
@@ -540,15 +541,23 @@ def port_in_use(host: str, port: int) -> bool:
     """Whether something on this machine listens on ``host:port`` (on it, or on every interface). Ray Serve's proxy
     binds with ``SO_REUSEPORT``, so a second Serve (another Ray cluster's, say another `zephyr-ray serve`) binds the
     same port without an error and the kernel spreads connections over both; a bind without it is refused there, as
-    for any other program listening (whose port Serve's proxy fails on with a Ray traceback)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT does not count
-        try:
+    for any other program listening (whose port Serve's proxy fails on with a Ray traceback). Only "address in use"
+    counts: any other failure (a privileged port, an address of another machine) is left to Serve, as before."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT does not count
             probe.bind((host, port))
-        except OSError:
-            return True
+    except OSError as err:
+        return err.errno == errno.EADDRINUSE
     return False
+
+
+def refuse_a_port_in_use(host: str, port: int) -> None:
+    """A ValueError naming ``host:port`` when another program listens there (``port_in_use``)."""
+    if port_in_use(host, port):
+        raise ValueError(f"port {port} on {host} is already in use by another program, perhaps another `zephyr-ray "
+                         "serve` or `serve run` with a Ray of its own (Serve would share the port with another Serve "
+                         "and split the requests between them): stop it, or serve with another --port")
 
 
 def serve_locally(config: ServeConfig, hardware: Hardware, host: str = "127.0.0.1", port: int = 8000,
@@ -564,11 +573,9 @@ def serve_locally(config: ServeConfig, hardware: Hardware, host: str = "127.0.0.
     from ray.serve.context import _get_global_client
 
     serve_is_running = _get_global_client(raise_if_no_controller_running=False) is not None
-    on_this_machine = ray.util.get_node_ip_address() in {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-    if not serve_is_running and on_this_machine and port_in_use(host, port):
-        raise ValueError(f"port {port} on {host} is already in use by another program, perhaps another `zephyr-ray "
-                         "serve` or `serve run` with a Ray of its own (Serve would share the port with another Serve "
-                         "and split the requests between them): stop it, or serve with another --port")
+    if not serve_is_running and ray.util.get_node_ip_address() in {
+            node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}:  # this machine's proxy binds it
+        refuse_a_port_in_use(host, port)
     serve.start(http_options={"host": host, "port": port})
     running = _get_global_client().http_config
     host_served = running.host in (host, "0.0.0.0", "::")  # every interface (IPv4, IPv6) serves this one too

@@ -40,6 +40,18 @@ def _answers(address: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
+def starts_a_ray_of_its_own(address: str | None = None) -> bool:
+    """Whether ``init_ray(address=...)`` in a process without Ray would start a local Ray rather than join a
+    cluster: asked before it runs, by a command that can refuse its input without starting one."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return address == "local"
+    running = canonicalize_bootstrap_address(None)
+    return not (running and _answers(running))
+
+
 def init_ray(hardware: Hardware, address: str | None = None, workers_here: bool = True) -> bool:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or the one `ray start` left running, as ``ray.init()``
     finds it), with ``workers_here`` its workers starting in this directory where their node has it
